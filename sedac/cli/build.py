@@ -1,0 +1,46 @@
+"""sedac-build: compile a Hugging Face causal LM into an engine directory."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import click
+import yaml
+
+from sedac.cli.common import clean_errors
+from sedac.config import PRECISIONS, BuildConfig
+
+_BUILD_KEYS = {f.name for f in fields(BuildConfig)}
+
+
+def load_preset(path: str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ValueError(f"cannot read config {path}: {e}") from None
+    unknown = set(data) - _BUILD_KEYS
+    if not isinstance(data, dict) or unknown:
+        raise ValueError(f"config {path}: unknown keys {sorted(unknown)}; allowed: {sorted(_BUILD_KEYS)}")
+    return data
+
+
+@click.command()
+@click.option("--model", required=True, help="HF model dir, .gguf file, cached hub id, or smollm2-135m-instruct")
+@click.option("--output", required=True, help="engine directory to write")
+@click.option("--config", "config_file", help="YAML preset (see configs/); flags override it")
+@click.option("--precision", type=click.Choice(sorted(PRECISIONS)))
+@click.option("--max-batch-size", type=int)
+@click.option("--max-seq-len", type=int)
+@click.option("--max-num-tokens", type=int)
+@click.option("--kv-block-size", type=int)
+@clean_errors
+def main(model, output, config_file, **flags):
+    """Compile MODEL into a self-contained engine directory."""
+    from sedac.builder import build_engine
+    settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
+    report = build_engine(model, output, BuildConfig(**settings))
+    click.echo(json.dumps(report, indent=2))
+    click.echo(f"engine written to {output}")

@@ -1,0 +1,102 @@
+"""sedac-run: drive an engine (generate, chat, bench)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import click
+
+from sedac.cli.common import clean_errors
+
+ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+
+
+def sampling_options(fn):
+    for opt in reversed([
+        click.option("--max-tokens", type=int, default=128, show_default=True),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
+        click.option("--top-k", type=int, default=0), click.option("--top-p", type=float, default=1.0),
+        click.option("--seed", type=int), click.option("--stop", multiple=True, help="stop string (repeatable)")]):
+        fn = opt(fn)
+    return fn
+
+
+def make_params(max_tokens, temperature, top_k, top_p, seed, stop, **extra):
+    from sedac import SamplingParams
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                          seed=seed, stop=list(stop), **extra)
+
+
+@click.group()
+def main():
+    """Run a SEDAC engine."""
+
+
+@main.command()
+@ENGINE
+@DEVICE
+@click.option("--prompt", help="one prompt, streamed to the terminal")
+@click.option("--input", "input_file", type=click.Path(), help="JSONL with a 'prompt' (or 'messages') per line")
+@click.option("--output", "output_file", type=click.Path(), help="JSONL results for --input")
+@click.option("--chat/--raw", default=True, show_default=True, help="apply the chat template to --prompt")
+@sampling_options
+@clean_errors
+def generate(engine, device, prompt, input_file, output_file, chat, **sampling):
+    """Generate for one prompt (streamed) or a JSONL batch."""
+    from sedac import LLM
+    if bool(prompt) == bool(input_file):
+        raise ValueError("give exactly one of --prompt or --input")
+    if input_file and not output_file:
+        raise ValueError("--input needs --output")
+    params = make_params(**sampling)
+    llm = LLM(engine, device=device)
+    if prompt:
+        return _stream_one(llm, prompt, params, chat)
+    from sedac.cli.batch import run_batch
+    summary = run_batch(llm, input_file, output_file, params)
+    click.echo(json.dumps(summary), err=True)
+
+
+def _stream_one(llm, prompt, params, chat):
+    ids = llm.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+    started = time.perf_counter()
+    for delta in llm.stream(ids, params):
+        click.echo(delta, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    stats = llm.engine.last_finished
+    m = stats.metrics if stats else None
+    elapsed = time.perf_counter() - started
+    n = m.num_generated_tokens if m else 0
+    click.echo(f"[{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s, ttft {1000 * (m.ttft or 0):.0f} ms, "
+               f"tpot {1000 * (m.tpot or 0):.1f} ms, finish {stats.finish_reason if stats else '?'}]", err=True)
+
+
+@main.command()
+@ENGINE
+@DEVICE
+@sampling_options
+@clean_errors
+def chat(engine, device, **sampling):
+    """Interactive chat: /stats, /reset, /quit."""
+    from sedac.cli.chat import chat_loop
+    from sedac import LLM
+    chat_loop(LLM(engine, device=device), make_params(**sampling))
+
+
+@main.command()
+@ENGINE
+@DEVICE
+@click.option("--num-prompts", type=int, default=32, show_default=True, help="concurrent requests")
+@click.option("--output-len", type=int, default=128, show_default=True)
+@click.option("--batch1-prompts", type=int, default=4, show_default=True)
+@click.option("--max-prompt-len", type=int, default=256, show_default=True)
+@click.option("--baseline/--no-baseline", default=True, show_default=True, help="also run HF transformers generate")
+@click.option("--report", default="reports/bench", show_default=True, help="writes REPORT.json and REPORT.md")
+@clean_errors
+def bench(engine, device, **options):
+    """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate."""
+    from sedac.cli.bench import run_bench
+    run_bench(engine, device, **options)

@@ -1,0 +1,79 @@
+"""Engine configuration: what `sedac-build` writes to config.json and the runtime reads back.
+
+One dataclass for the model's shape (ModelConfig) and one for the build settings (BuildConfig);
+EngineConfig bundles them with a format version so old engines fail loudly instead of silently.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FORMAT_VERSION = 1
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    rope_scaling: dict | None = None  # HF rope_parameters when not the default rotary
+
+
+@dataclass
+class BuildConfig:
+    precision: str = "fp32"
+    max_batch_size: int = 32
+    max_seq_len: int = 2048
+    max_num_tokens: int = 2048
+    kv_block_size: int = 16
+
+    def validate(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer")
+        if self.max_num_tokens < self.max_batch_size:
+            raise ValueError("max_num_tokens must be at least max_batch_size")
+
+
+@dataclass
+class EngineConfig:
+    model: ModelConfig
+    build: BuildConfig
+    format_version: int = FORMAT_VERSION
+    sedac: dict | None = None  # exit components and thresholds, present when built with --sedac
+
+    def save(self, engine_dir: Path) -> None:
+        (Path(engine_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, engine_dir: Path) -> "EngineConfig":
+        path = Path(engine_dir) / "config.json"
+        if not path.is_file():
+            raise ValueError(f"not an engine directory (no config.json): {engine_dir}")
+        try:
+            raw = json.loads(path.read_text())
+            version = raw.get("format_version")
+            if version != FORMAT_VERSION:
+                raise ValueError(f"engine format version {version} is not {FORMAT_VERSION}; rebuild it")
+            return cls(model=ModelConfig(**raw["model"]), build=BuildConfig(**raw["build"]),
+                       format_version=version, sedac=raw.get("sedac"))
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"corrupt engine config {path}: {e}") from None

@@ -1,0 +1,81 @@
+"""Paged attention over a flat slot-indexed KV cache, one code path for CPU and CUDA.
+
+The runner builds one AttentionContext per step (nano-vllm style) instead of threading metadata
+through every layer. A step's tokens are laid out decodes first (one token each), then prefill
+chunks (a run of a sequence's tokens, possibly after cached context).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillChunk:
+    start: int            # first row of this chunk in the step's token batch
+    end: int              # one past the last row
+    slots: torch.Tensor   # [ctx_len] KV slots of the whole context, chunk included
+    mask: torch.Tensor | None  # [q_len, ctx_len] bool, None when the chunk is the whole context
+
+
+@dataclass
+class AttentionContext:
+    slot_mapping: torch.Tensor                  # [T] slot each new token's K/V is written to
+    num_decodes: int = 0
+    decode_slots: torch.Tensor | None = None    # [B, L] context slots of each decode (padded)
+    decode_mask: torch.Tensor | None = None     # [B, 1, 1, L] True where the slot is real
+    prefills: list[PrefillChunk] = field(default_factory=list)
+
+
+_CONTEXT: AttentionContext | None = None
+
+
+def set_context(ctx: AttentionContext | None) -> None:
+    global _CONTEXT
+    _CONTEXT = ctx
+
+
+def get_context() -> AttentionContext:
+    assert _CONTEXT is not None, "attention called outside a runner step"
+    return _CONTEXT
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """q [T, H, D], k/v [T, KV, D], caches [num_slots, KV, D] -> [T, H, D]."""
+    ctx = get_context()
+    k_cache.index_copy_(0, ctx.slot_mapping, k)
+    v_cache.index_copy_(0, ctx.slot_mapping, v)
+    out = torch.empty_like(q)
+    nd = ctx.num_decodes
+    if nd:
+        out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, ctx)
+    for chunk in ctx.prefills:
+        out[chunk.start:chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk)
+    return out
+
+
+def _decode_attention(q, k_cache, v_cache, ctx):
+    # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
+    # head become G "query positions" of that KV head; no KV expansion, no copy of q.
+    b, h, d = q.shape
+    kv = k_cache.shape[1]
+    keys = k_cache[ctx.decode_slots].transpose(1, 2)    # [B, KV, L, D]
+    values = v_cache[ctx.decode_slots].transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.view(b, kv, h // kv, d), keys, values, attn_mask=ctx.decode_mask)
+    return o.reshape(b, h, d)
+
+
+def _prefill_attention(q, k, v, k_cache, v_cache, chunk):
+    qc = q[chunk.start:chunk.end].transpose(0, 1)       # [H, Tq, D]
+    if chunk.mask is None:                               # no cached prefix: attend to the chunk itself
+        keys = k[chunk.start:chunk.end].transpose(0, 1)
+        values = v[chunk.start:chunk.end].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=True)
+    else:
+        keys = k_cache[chunk.slots].transpose(0, 1)      # [KV, L, D]
+        values = v_cache[chunk.slots].transpose(0, 1)
+        o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+    return o.transpose(0, 1)

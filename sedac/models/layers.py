@@ -1,0 +1,65 @@
+"""Building blocks with HF-identical arithmetic order (parity at fp32 depends on it)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Linear(nn.Module):
+    """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight
+        return torch.addmm(self.bias, x, self.weight)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None, max_pos: int):
+    """Inverse frequencies and attention scaling; scaled variants come from transformers itself."""
+    if not rope_scaling or rope_scaling.get("rope_type", "default") == "default":
+        exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (theta ** exponent), 1.0
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    params = {"rope_theta": theta, **rope_scaling}
+    cfg = LlamaConfig(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
+                      max_position_embeddings=max_pos, rope_parameters=params)
+    return ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, "cpu")
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float, max_pos: int, rope_scaling: dict | None):
+        super().__init__()
+        inv_freq, scale = rope_inv_freq(head_dim, theta, rope_scaling, max_pos)
+        freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, D]
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(self, positions, q, k):
+        """positions [T]; q [T, H, D]; k [T, KV, D]."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

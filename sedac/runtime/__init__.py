@@ -1,0 +1,1 @@
+"""Runtime: paged KV cache, inflight batching scheduler, sampler and the engine loop."""

@@ -1,0 +1,222 @@
+"""LLMEngine: add requests, step the batch, abort; the loop that LLM and the servers drive."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from sedac.config import EngineConfig
+from sedac.runtime import detokenizer
+from sedac.runtime.block_manager import BlockManager
+from sedac.runtime.model_runner import ModelRunner, resolve_device
+from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sedac.runtime.sampler import sample
+from sedac.runtime.sampling_params import SamplingParams
+from sedac.runtime.scheduler import Scheduler
+from sedac.runtime.sequence import Sequence, Status
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    metrics: RequestMetrics
+    aborted: bool = False
+
+
+class LLMEngine:
+    def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
+        self.engine_dir = Path(engine_dir)
+        if not self.engine_dir.is_dir():
+            raise ValueError(f"engine directory not found: {engine_dir}")
+        self.config = EngineConfig.load(self.engine_dir)
+        self.tokenizer = _load_tokenizer(self.engine_dir)
+        b = self.config.build
+        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory)
+        self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
+                                   max_num_batched_tokens or b.max_num_tokens)
+        self.requests: dict[str, Request] = {}
+        self.eos_ids = set(self.config.model.eos_token_ids)
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.last_finished: RequestOutput | None = None
+
+    # ---- requests -------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            if any(t < 0 or t >= self.config.model.vocab_size for t in ids):
+                raise ValueError(f"prompt token ids must be in [0, {self.config.model.vocab_size})")
+        else:
+            raise ValueError("prompt must be a string or a list of token ids")
+        if not ids:
+            raise ValueError("prompt is empty")
+        max_len = self.config.build.max_seq_len
+        if len(ids) >= max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but max_seq_len is {max_len} "
+                             "(at least one token must fit after it)")
+        return ids
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError("params must be a SamplingParams")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        ids = self.tokenize(prompt)
+        seq = Sequence(request_id, ids, params, arrival=arrival_time)
+        seq.detok_state = detokenizer.start(len(ids))
+        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids,
+                                            params, [seq], RequestMetrics(seq.arrival, num_prompt_tokens=len(ids)))
+        self.scheduler.add(seq)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        for seq in req.seqs:
+            if not seq.is_finished:
+                self._finish(seq, "abort")
+        req.aborted = True                  # unforked siblings will never exist
+        req.metrics.finish_time = time.perf_counter()
+        return self._output(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    # ---- the step -------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        batch = self.scheduler.schedule()
+        if not batch.seqs:
+            return []
+        batch.order_decodes_first()
+        self.runner.copy_blocks(self.blocks.pending_copies)
+        self.blocks.pending_copies.clear()
+        samplers, rows = self._sampling_rows(batch)
+        logits = self.runner.forward(batch, rows)
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+            self.blocks.register_computed(seq)
+        samplers, logit_rows = self._fork_children(samplers)
+        tokens, logprobs = sample(logits[logit_rows], samplers)
+        now = time.perf_counter()
+        for seq, token, lp in zip(samplers, tokens, logprobs):
+            self._append_token(seq, token, lp, now)
+        touched = {seq.request_id for seq in batch.seqs}
+        return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + \
+            self._collect_finished(touched)
+
+    def _sampling_rows(self, batch):
+        """Sequences whose scheduled tokens reach their end sample; their last row gives the logits."""
+        samplers, rows, end = [], [], 0
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            end += n
+            if seq.num_computed_tokens + n == seq.num_tokens:
+                samplers.append(seq)
+                rows.append(end - 1)
+        return samplers, rows
+
+    def _fork_children(self, samplers: list[Sequence]):
+        """n > 1: once the prompt is computed, siblings share its blocks and sample from its logits."""
+        out, logit_rows = [], []
+        for row, seq in enumerate(samplers):
+            out.append(seq)
+            logit_rows.append(row)
+            while seq.pending_forks:
+                child = seq.fork(seq.params.n - seq.pending_forks)
+                seq.pending_forks -= 1
+                child.detok_state = detokenizer.start(child.num_tokens)
+                self.blocks.share(child)
+                self.scheduler.add_running(child)
+                self.requests[seq.request_id].seqs.append(child)
+                out.append(child)
+                logit_rows.append(row)
+        return out, logit_rows
+
+    def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
+        req = self.requests[seq.request_id]
+        seq.token_ids.append(token)
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+        self.counters["generation_tokens"] += 1
+        seq.output_text += detokenizer.decode_new_text(self.tokenizer, seq.token_ids, seq.detok_state,
+                                                       seq.params.skip_special_tokens)
+        reason = self._stop_reason(seq, token)
+        if reason:
+            self._finish(seq, *reason)
+
+    def _stop_reason(self, seq: Sequence, token: int):
+        p = seq.params
+        if token in self.eos_ids and not p.ignore_eos:
+            return ("stop", None)
+        if token in p.stop_token_ids:
+            return ("stop", token)
+        for stop in p.stop:
+            at = seq.output_text.find(stop)
+            if at != -1:
+                seq.output_text = seq.output_text[:at]
+                return ("stop", stop)
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.build.max_seq_len:
+            return ("length", None)
+        return None
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
+        seq.finish_time = time.perf_counter()
+        self.scheduler.finish(seq)
+
+    def _collect_finished(self, touched: set[str]) -> list[RequestOutput]:
+        done = [rid for rid in touched if rid in self.requests and self._is_done(self.requests[rid])]
+        outputs = []
+        for rid in done:
+            req = self.requests.pop(rid)
+            req.metrics.finish_time = max(s.finish_time for s in req.seqs)
+            self.counters["prompt_tokens"] += len(req.prompt_token_ids)
+            self.counters["requests_finished"] += 1
+            outputs.append(self._output(req))
+            self.last_finished = outputs[-1]
+        return outputs
+
+    @staticmethod
+    def _is_done(req: Request) -> bool:
+        return (req.aborted or len(req.seqs) == req.params.n) and all(s.is_finished for s in req.seqs)
+
+    def _output(self, req: Request) -> RequestOutput:
+        done = self._is_done(req)
+        hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
+        outs = []
+        for seq in sorted(req.seqs, key=lambda s: s.index):
+            text = seq.output_text if seq.is_finished or not hold else seq.output_text[:max(0, len(seq.output_text) - hold)]
+            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
+                                         list(seq.logprobs) if seq.params.logprobs is not None else None,
+                                         seq.stop_reason))
+        req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
+        req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)
+
+    # ---- introspection ----------------------------------------------------------------------------
+    def stats(self) -> dict:
+        b = self.blocks
+        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
+                "kv_cache_usage": b.usage(), "kv_blocks_total": b.num_blocks, "kv_blocks_free": b.num_free_blocks,
+                "kv_cache_bytes": self.runner.kv_cache_bytes,
+                "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
+                "num_preemptions": self.scheduler.num_preemptions, **self.counters}
+
+
+def _load_tokenizer(engine_dir: Path):
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(engine_dir))
+    except Exception as e:
+        raise ValueError(f"engine tokenizer cannot be loaded from {engine_dir}: {e}") from None

@@ -1,0 +1,122 @@
+"""Loads the engine's weights, owns the KV pool, and turns a scheduled batch into logits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from sedac.config import PRECISIONS, EngineConfig
+from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
+from sedac.runtime.scheduler import ScheduledBatch
+
+WEIGHTS_FILE = "model.safetensors"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but CUDA is not available")
+    if not device.startswith(("cpu", "cuda")):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    return torch.device(device)
+
+
+class ModelRunner:
+    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, kv_cache_bytes: int | None):
+        self.config, self.device = config, device
+        self.dtype = getattr(torch, PRECISIONS[config.build.precision])
+        self.block_size = config.build.kv_block_size
+        self.model = self._load_model(engine_dir)
+        self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
+
+    def _load_model(self, engine_dir: Path) -> DecoderModel:
+        path = Path(engine_dir) / WEIGHTS_FILE
+        if not path.is_file():
+            raise ValueError(f"engine weights missing: {path}")
+        try:
+            weights = load_file(str(path), device=str(self.device))
+        except Exception as e:
+            raise ValueError(f"corrupt engine weights {path}: {e}") from None
+        model = DecoderModel(self.config.model, self.config.build.max_seq_len)
+        try:
+            model.load_state_dict(weights, strict=True, assign=True)
+        except RuntimeError as e:
+            raise ValueError(f"engine weights do not match its config: {str(e).splitlines()[0]}") from None
+        return model.to(self.device).eval()
+
+    def kv_bytes_per_block(self) -> int:
+        m = self.config.model
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+
+    def _allocate_kv_cache(self, budget: int | None) -> int:
+        b = self.config.build
+        per_block = self.kv_bytes_per_block()
+        wanted = b.max_batch_size * -(-b.max_seq_len // self.block_size)
+        num_blocks = wanted if budget is None else min(wanted, budget // per_block)
+        if num_blocks * self.block_size < b.max_seq_len:
+            raise ValueError(f"KV cache budget holds {num_blocks * self.block_size} tokens, "
+                             f"less than one max_seq_len={b.max_seq_len} sequence")
+        m = self.config.model
+        for layer in self.model.layers:
+            shape = (num_blocks * self.block_size, m.num_kv_heads, m.head_dim)
+            layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache_bytes = num_blocks * per_block
+        return num_blocks
+
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: duplicate whole blocks before this step writes into the copies."""
+        if not copies:
+            return
+        bs = self.block_size
+        src = torch.tensor([s * bs + i for s, _ in copies for i in range(bs)], device=self.device)
+        dst = torch.tensor([d * bs + i for _, d in copies for i in range(bs)], device=self.device)
+        for layer in self.model.layers:
+            layer.k_cache[dst] = layer.k_cache[src]
+            layer.v_cache[dst] = layer.v_cache[src]
+
+    @torch.inference_mode()
+    def forward(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
+        """Run the step; return logits [len(sample_rows), vocab] for the given token rows."""
+        input_ids, positions, ctx = self.prepare(batch)
+        set_context(ctx)
+        try:
+            hidden = self.model(input_ids, positions)
+        finally:
+            set_context(None)
+        return self.model.logits(hidden[sample_rows]).float()
+
+    def prepare(self, batch: ScheduledBatch):
+        """Decodes (one new token) first, then prefill chunks; returns ids, positions, context."""
+        bs, dev = self.block_size, self.device
+        ids, pos, slots = [], [], []
+        decode_ctx, prefills = [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            start = seq.num_computed_tokens
+            ids += seq.token_ids[start:start + n]
+            pos += range(start, start + n)
+            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
+            ctx_slots = [seq.block_table[p // bs] * bs + p % bs for p in range(start + n)]
+            if n == 1:
+                decode_ctx.append(ctx_slots)
+            else:
+                prefills.append((len(ids) - n, len(ids), ctx_slots, start))
+        ctx = AttentionContext(torch.tensor(slots, device=dev), num_decodes=len(decode_ctx))
+        if decode_ctx:
+            width = max(map(len, decode_ctx))
+            ctx.decode_slots = torch.tensor([s + [0] * (width - len(s)) for s in decode_ctx], device=dev)
+            lengths = torch.tensor([len(s) for s in decode_ctx], device=dev)
+            ctx.decode_mask = (torch.arange(width, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        for start, end, ctx_slots, cached in prefills:
+            ctx.prefills.append(_prefill_chunk(start, end, ctx_slots, cached, dev))
+        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx
+
+
+def _prefill_chunk(start, end, ctx_slots, cached, dev) -> PrefillChunk:
+    if cached == 0:
+        return PrefillChunk(start, end, torch.empty(0, dtype=torch.long), None)
+    q_pos = torch.arange(cached, cached + end - start, device=dev)
+    mask = torch.arange(len(ctx_slots), device=dev)[None, :] <= q_pos[:, None]   # causal after the cache
+    return PrefillChunk(start, end, torch.tensor(ctx_slots, device=dev), mask)

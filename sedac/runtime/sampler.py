@@ -1,0 +1,77 @@
+"""Batched sampling: penalties, temperature, top-k, top-p, min-p, per-request seeded generators."""
+from __future__ import annotations
+
+import torch
+
+from sedac.runtime.sequence import Sequence
+
+
+def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs."""
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+    logits = _apply_penalties(logits, seqs)
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+    if random_rows:
+        probs = _filtered_probs(logits[random_rows], [seqs[i].params for i in random_rows])
+        for row, i in enumerate(random_rows):
+            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using the request's own RNG.
+            noise = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator).to(probs.device)
+            tokens[i] = (probs[row] / noise).argmax()
+    token_list = tokens.tolist()
+    return token_list, _logprobs(raw_logprobs, token_list, seqs)
+
+
+def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
+            or s.params.presence_penalty or s.params.frequency_penalty]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        p, seq = seqs[i].params, seqs[i]
+        if p.repetition_penalty != 1.0:   # HF/vLLM: over prompt and output tokens
+            seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:  # OpenAI: output only
+            out = torch.tensor(seq.output_token_ids, device=logits.device)
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    logits = logits / temps
+    top_k = torch.tensor([p.top_k or logits.shape[1] for p in params], device=dev)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(logits.shape[1], device=dev)[None, :]
+    sorted_probs = sorted_logits.softmax(dim=-1)
+    drop = ranks >= top_k[:, None]
+    # top-p keeps the smallest head whose mass reaches p (the token that crosses p stays).
+    drop |= (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+    drop |= sorted_probs < min_p[:, None] * sorted_probs[:, :1]
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits).softmax(dim=-1)
+
+
+def _logprobs(raw, tokens: list[int], seqs: list[Sequence]):
+    if raw is None:
+        return [None] * len(seqs)
+    out = []
+    for i, (tok, seq) in enumerate(zip(tokens, seqs)):
+        k = seq.params.logprobs
+        if k is None:
+            out.append(None)
+            continue
+        entry = {tok: raw[i, tok].item()}
+        if k:
+            values, ids = raw[i].topk(k)
+            entry.update(zip(ids.tolist(), values.tolist()))
+        out.append(entry)
+    return out

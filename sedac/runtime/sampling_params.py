@@ -1,0 +1,74 @@
+"""SamplingParams with vLLM / TensorRT-LLM field names; invalid values raise ValueError at once."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0          # 0 = greedy
+    top_k: int = 0                    # 0 or -1 = off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None       # number of top logprobs per token (the sampled one is always included)
+    priority: int = 0                 # lower runs first (vLLM convention); FCFS among equals
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        _check_int("max_tokens", self.max_tokens, 1)
+        _check_int("n", self.n, 1)
+        _check_int("top_k", self.top_k, 0)
+        _check_int("priority", self.priority, None)
+        _check_num("temperature", self.temperature, 0.0, None)
+        _check_num("top_p", self.top_p, 0.0, 1.0, open_low=True)
+        _check_num("min_p", self.min_p, 0.0, 1.0)
+        _check_num("repetition_penalty", self.repetition_penalty, 0.0, None, open_low=True)
+        _check_num("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        _check_num("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        if self.seed is not None:
+            _check_int("seed", self.seed, 0)
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, 0)
+            if self.logprobs > 20:
+                raise ValueError("logprobs must be at most 20")
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError("stop must be a list of non-empty strings")
+        for t in self.stop_token_ids:
+            _check_int("stop_token_ids", t, 0)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def _check_int(name, value, low):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if low is not None and value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _check_num(name, value, low, high, open_low=False):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if (value <= low if open_low else value < low) or (high is not None and value > high):
+        bound = f"in ({low}, {high}]" if open_low and high is not None else (
+            f"in [{low}, {high}]" if high is not None else f"> {low}" if open_low else f">= {low}")
+        raise ValueError(f"{name} must be {bound}, got {value}")

@@ -1,0 +1,101 @@
+"""Sampling parameters: validation, determinism, filters, stops, n > 1 and logprobs."""
+import pytest
+import torch
+
+from sedac import LLM, SamplingParams
+from sedac.runtime.sampler import _filtered_probs
+
+PROMPT = [1, 520, 9531, 198, 33]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), device="cpu")
+
+
+@pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
+                                 dict(top_k=-2), dict(min_p=2), dict(n=0), dict(seed=-1), dict(logprobs=50),
+                                 dict(repetition_penalty=0), dict(presence_penalty=3), dict(max_tokens="5"),
+                                 dict(stop=[""]), dict(temperature=float("nan"))])
+def test_invalid_params_raise_value_error(bad):
+    with pytest.raises(ValueError):
+        SamplingParams(**bad)
+
+
+def test_seed_reproducible_and_varies(llm):
+    p = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
+    a, b, c = (llm.generate([PROMPT], p(s))[0].token_ids for s in (7, 7, 8))
+    assert a == b and a != c
+
+
+def test_seeded_sample_independent_of_batch(llm):
+    p = SamplingParams(max_tokens=12, temperature=0.9, top_p=0.9, seed=3, ignore_eos=True)
+    alone = llm.generate([PROMPT], p)[0].token_ids
+    batched = llm.generate([list(range(50, 90)), PROMPT, [4, 4]], p)[1].token_ids
+    assert alone == batched
+
+
+def test_top_k_one_is_greedy(llm):
+    greedy = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].token_ids
+    top1 = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, ignore_eos=True))[0]
+    assert top1.token_ids == greedy
+
+
+def test_filters_mask_the_right_tokens():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    probs = lambda **kw: _filtered_probs(logits, [SamplingParams(temperature=1.0, **kw)])[0]
+    assert (probs(top_k=2) > 0).tolist() == [True, True, False, False]
+    assert (probs(top_p=0.8) > 0).tolist() == [True, True, False, False]
+    assert (probs(top_p=0.81) > 0).tolist() == [True, True, True, False]
+    assert (probs(min_p=0.2) > 0).tolist() == [True, True, True, False]
+    assert torch.allclose(probs(top_k=2)[:2], torch.tensor([0.625, 0.375]))
+
+
+def test_stop_token_and_max_tokens(llm):
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    assert free.finish_reason == "length" and len(free.token_ids) == 12
+    stop_at = free.token_ids[5]
+    stopped = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                    stop_token_ids=[stop_at]))[0]
+    first = free.token_ids.index(stop_at)
+    assert stopped.token_ids == free.token_ids[:first + 1] and stopped.finish_reason == "stop"
+    assert stopped.outputs[0].stop_reason == stop_at
+
+
+def test_stop_string_truncates_text(llm):
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))[0]
+    needle = free.text[8:11]
+    assert needle
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, stop=[needle]))[0]
+    assert out.finish_reason == "stop" and out.text == free.text[:free.text.find(needle)]
+
+
+def test_n_samples_share_prompt_and_match_seeded_singles(llm):
+    p = SamplingParams(max_tokens=10, temperature=1.0, seed=11, n=3, ignore_eos=True)
+    out = llm.generate([list(range(30, 47))], p)[0]
+    assert [c.index for c in out.outputs] == [0, 1, 2]
+    for c in out.outputs:    # sample i uses seed + i, so it equals a single request with that seed
+        single = SamplingParams(max_tokens=10, temperature=1.0, seed=11 + c.index, ignore_eos=True)
+        assert c.token_ids == llm.generate([list(range(30, 47))], single)[0].token_ids
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_logprobs(llm):
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=5, temperature=0, logprobs=3, ignore_eos=True))[0]
+    lps = out.outputs[0].logprobs
+    assert len(lps) == 5
+    for tok, entry in zip(out.token_ids, lps):
+        assert tok in entry and 3 <= len(entry) <= 4
+        assert entry[tok] == max(entry.values()) <= 0.0        # greedy picks the top logprob
+
+
+def test_penalties_follow_hf_and_openai_rules():
+    from sedac.runtime.sampler import _apply_penalties
+    from sedac.runtime.sequence import Sequence
+    seq = Sequence("r", [0, 1], SamplingParams(repetition_penalty=2.0, frequency_penalty=0.5, presence_penalty=0.25))
+    seq.token_ids += [2, 2]                              # output tokens: 2 twice
+    logits = torch.tensor([[4.0, -4.0, 4.0, 4.0]])
+    out = _apply_penalties(logits, [seq])[0].tolist()
+    # repetition on prompt+output (positive / 2, negative * 2); frequency 0.5*2 + presence 0.25 on output only
+    assert out == [2.0, -8.0, 2.0 - 1.0 - 0.25, 4.0]
+    assert logits[0, 0] == 4.0                           # the caller's logits are untouched
