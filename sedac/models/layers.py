@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,6 +27,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # HF order: normalize in fp32, cast back, then scale; fp32 takes the fused kernel.
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
@@ -45,21 +49,24 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None, max_po
 
 
 class RotaryEmbedding(nn.Module):
+    """Rotary tables looked up once per step and applied to q and k in one pass (fewer small ops)."""
+
     def __init__(self, head_dim: int, theta: float, max_pos: int, rope_scaling: dict | None):
         super().__init__()
         inv_freq, scale = rope_inv_freq(head_dim, theta, rope_scaling, max_pos)
         freqs = torch.arange(max_pos).float()[:, None] * inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, D]
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+        sin = emb.sin() * scale
+        half = head_dim // 2
+        # rotate_half(x) * sin == roll(x, half) * signed_sin, exactly (a sign flip is exact in IEEE).
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)            # [max_pos, D]
+        self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
-    def forward(self, positions, q, k):
-        """positions [T]; q [T, H, D]; k [T, KV, D]."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+        """positions [T] -> cos, signed_sin [T, 1, D] for this step."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.signed_sin[positions].unsqueeze(1).to(dtype)
 
 
-def _rotate_half(x):
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, D]; HF's q * cos + rotate_half(q) * sin in four ops."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

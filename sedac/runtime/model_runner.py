@@ -40,10 +40,15 @@ class ModelRunner:
         except Exception as e:
             raise ValueError(f"corrupt engine weights {path}: {e}") from None
         model = DecoderModel(self.config.model, self.config.build.max_seq_len)
+        tied = self.config.model.tie_word_embeddings
         try:
-            model.load_state_dict(weights, strict=True, assign=True)
+            missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
         except RuntimeError as e:
             raise ValueError(f"engine weights do not match its config: {str(e).splitlines()[0]}") from None
+        if unexpected or set(missing) != ({"lm_head.weight"} if tied else set()):
+            raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
+        if tied:
+            model.tie_lm_head()
         return model.to(self.device).eval()
 
     def kv_bytes_per_block(self) -> int:
@@ -59,10 +64,12 @@ class ModelRunner:
             raise ValueError(f"KV cache budget holds {num_blocks * self.block_size} tokens, "
                              f"less than one max_seq_len={b.max_seq_len} sequence")
         m = self.config.model
+        # Zeroed, not empty: attention reads whole blocks and masks the unused slots, and a masked
+        # NaN left in uninitialized memory would still poison the weighted sum (0 * NaN = NaN).
         for layer in self.model.layers:
             shape = (num_blocks * self.block_size, m.num_kv_heads, m.head_dim)
-            layer.k_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_cache_bytes = num_blocks * per_block
         return num_blocks
 
@@ -92,31 +99,31 @@ class ModelRunner:
         """Decodes (one new token) first, then prefill chunks; returns ids, positions, context."""
         bs, dev = self.block_size, self.device
         ids, pos, slots = [], [], []
-        decode_ctx, prefills = [], []
+        decodes, prefills = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
             pos += range(start, start + n)
             slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            ctx_slots = [seq.block_table[p // bs] * bs + p % bs for p in range(start + n)]
+            blocks = seq.block_table[:-(-(start + n) // bs)]
             if n == 1:
-                decode_ctx.append(ctx_slots)
+                decodes.append((blocks, start + 1))
             else:
-                prefills.append((len(ids) - n, len(ids), ctx_slots, start))
-        ctx = AttentionContext(torch.tensor(slots, device=dev), num_decodes=len(decode_ctx))
-        if decode_ctx:
-            width = max(map(len, decode_ctx))
-            ctx.decode_slots = torch.tensor([s + [0] * (width - len(s)) for s in decode_ctx], device=dev)
-            lengths = torch.tensor([len(s) for s in decode_ctx], device=dev)
-            ctx.decode_mask = (torch.arange(width, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
-        for start, end, ctx_slots, cached in prefills:
-            ctx.prefills.append(_prefill_chunk(start, end, ctx_slots, cached, dev))
+                prefills.append((len(ids) - n, len(ids), blocks, start))
+        ctx = AttentionContext(torch.tensor(slots, device=dev), bs, num_decodes=len(decodes))
+        if decodes:
+            width = max(len(b) for b, _ in decodes)
+            ctx.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b, _ in decodes], device=dev)
+            lengths = torch.tensor([n for _, n in decodes], device=dev)
+            ctx.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        for start, end, blocks, cached in prefills:
+            ctx.prefills.append(_prefill_chunk(start, end, blocks, cached, bs, dev))
         return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx
 
 
-def _prefill_chunk(start, end, ctx_slots, cached, dev) -> PrefillChunk:
+def _prefill_chunk(start, end, blocks, cached, bs, dev) -> PrefillChunk:
     if cached == 0:
         return PrefillChunk(start, end, torch.empty(0, dtype=torch.long), None)
     q_pos = torch.arange(cached, cached + end - start, device=dev)
-    mask = torch.arange(len(ctx_slots), device=dev)[None, :] <= q_pos[:, None]   # causal after the cache
-    return PrefillChunk(start, end, torch.tensor(ctx_slots, device=dev), mask)
+    mask = torch.arange(len(blocks) * bs, device=dev)[None, :] <= q_pos[:, None]   # causal after the cache
+    return PrefillChunk(start, end, torch.tensor(blocks, device=dev), mask)

@@ -1,0 +1,69 @@
+"""AsyncLLM: concurrent callers share one engine loop; early exit aborts; a full queue refuses."""
+import asyncio
+
+import pytest
+
+from sedac import LLM, SamplingParams
+from sedac.runtime.async_engine import AsyncLLM, QueueFullError
+
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama):
+    return LLM(str(tiny_llama), device="cpu")
+
+
+async def collect(engine, prompt, params=GREEDY):
+    last = None
+    async for out in engine.generate(prompt, params):
+        last = out
+    return last
+
+
+def test_concurrent_requests_match_offline(llm, tiny_llama):
+    prompts = [list(range(5, 5 + n)) for n in range(1, 17)]
+    expected = [o.token_ids for o in llm.generate(prompts, GREEDY)]
+    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu").engine)
+
+    async def main():
+        return await asyncio.gather(*(collect(engine, p) for p in prompts))
+    try:
+        outs = asyncio.run(main())
+        assert [o.token_ids for o in outs] == expected and all(o.finished for o in outs)
+        stats = asyncio.run(engine.stats())
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    finally:
+        engine.shutdown()
+
+
+def test_early_exit_aborts_and_bad_request_fails_alone(tiny_llama):
+    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu").engine)
+
+    async def leave_early():
+        async for _ in engine.generate([1, 2, 3], SamplingParams(max_tokens=200, temperature=0, ignore_eos=True)):
+            break
+
+    async def main():
+        with pytest.raises(ValueError, match="max_seq_len"):
+            await collect(engine, list(range(400)))
+        await leave_early()
+        return await collect(engine, [4, 5, 6])
+    try:
+        assert asyncio.run(main()).finished
+        stats = asyncio.run(engine.stats())
+        assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests_running"] == 0
+    finally:
+        engine.shutdown()
+
+
+def test_full_queue_refuses(tiny_llama):
+    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu", max_num_seqs=1).engine, max_queue=0)
+
+    async def main():
+        with pytest.raises(QueueFullError):
+            await asyncio.gather(*(collect(engine, [i + 1] * 5) for i in range(4)))
+    try:
+        asyncio.run(main())
+    finally:
+        engine.shutdown()
