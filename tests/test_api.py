@@ -92,3 +92,11 @@ def test_missing_and_corrupt_engines_raise(tmp_path, tiny_llama):
     (broken / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="format version"):
         LLM(str(broken))
+
+
+def test_sedac_modes_need_a_sedac_engine(llm):
+    with pytest.raises(ValueError, match="--sedac"):
+        llm.generate("hi", SamplingParams(max_tokens=2, sedac_mode="lossless"))
+    with pytest.raises(ValueError, match="sedac_mode"):
+        SamplingParams(sedac_mode="fast")
+    assert llm.generate("hi", SamplingParams(max_tokens=2, sedac_mode="off"))[0].finish_reason

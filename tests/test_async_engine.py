@@ -58,7 +58,7 @@ def test_early_exit_aborts_and_bad_request_fails_alone(tiny_llama):
 
 
 def test_full_queue_refuses(tiny_llama):
-    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu", max_num_seqs=1).engine, max_queue=0)
+    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu", max_num_seqs=1).engine, max_queue=1)
 
     async def main():
         with pytest.raises(QueueFullError):

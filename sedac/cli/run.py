@@ -89,6 +89,22 @@ def chat(engine, device, **sampling):
 @main.command()
 @ENGINE
 @DEVICE
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--api-key", help="require 'Authorization: Bearer KEY'")
+@click.option("--max-queue", type=int, help="waiting requests before answering 503")
+@click.option("--max-num-seqs", type=int, help="running sequences per step (default: the engine's max batch size)")
+@click.option("--served-model-name", help="model id in the API (default: the engine directory name)")
+@clean_errors
+def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name):
+    """OpenAI-compatible HTTP server with Prometheus metrics."""
+    from sedac.serving.app import serve as run_server
+    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs)
+
+
+@main.command()
+@ENGINE
+@DEVICE
 @click.option("--num-prompts", type=int, default=32, show_default=True, help="concurrent requests")
 @click.option("--output-len", type=int, default=128, show_default=True)
 @click.option("--batch1-prompts", type=int, default=4, show_default=True)

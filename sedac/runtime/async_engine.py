@@ -34,23 +34,27 @@ class AsyncLLM:
         self._thread.start()
 
     # ---- caller side (any asyncio loop) ---------------------------------------------------------
+    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None,
+                     on_finish=None) -> "RequestStream":
+        """Add a request now (ValueError / QueueFullError raise here) and return its output stream;
+        on_finish(output) runs once with the finished output."""
+        rid = request_id or f"req-{next(self._ids)}"
+        stream = RequestStream(self, rid, on_finish)
+        await self._call(self._add, rid, prompt, params, asyncio.get_running_loop(), stream.queue)
+        return stream
+
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they change; the last one has finished=True."""
-        rid = request_id or f"req-{next(self._ids)}"
-        stream: asyncio.Queue = asyncio.Queue()
-        await self._call(self._add, rid, prompt, params, asyncio.get_running_loop(), stream)
-        finished = False
+        stream = await self.submit(prompt, params, request_id)
         try:
-            while not finished:
-                out = await stream.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            if not finished:
-                self._commands.put((self._abort, (rid,), None))
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put((self._abort, (request_id,), None))
 
     async def stats(self) -> dict:
         return await self._call(self.engine.stats)
@@ -120,3 +124,41 @@ class AsyncLLM:
             loop, stream = self._streams.pop(rid)
             self.engine.abort_request(rid)
             loop.call_soon_threadsafe(stream.put_nowait, RuntimeError(f"engine step failed: {error}"))
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; abort() (or leaving early) cancels the request."""
+
+    def __init__(self, owner: AsyncLLM, request_id: str, on_finish=None):
+        self.owner, self.request_id, self.on_finish = owner, request_id, on_finish
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self.queue.get()
+        if isinstance(out, BaseException):
+            self.finished = True
+            raise out
+        self.finished = out.finished
+        if self.finished and self.on_finish is not None:
+            self.on_finish(out)
+        return out
+
+    async def final(self) -> RequestOutput:
+        out = None
+        try:
+            async for out in self:
+                pass
+        finally:
+            self.abort()
+        return out
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.owner.abort(self.request_id)

@@ -70,6 +70,8 @@ class LLMEngine:
             raise ValueError("params must be a SamplingParams")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        if params.sedac_mode not in (None, "off") and self.config.sedac is None:
+            raise ValueError(f"sedac_mode={params.sedac_mode!r} needs an engine built with --sedac")
         ids = self.tokenize(prompt)
         seq = Sequence(request_id, ids, params, arrival=arrival_time)
         seq.detok_state = detokenizer.start(len(ids))

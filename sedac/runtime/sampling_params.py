@@ -22,6 +22,8 @@ class SamplingParams:
     logprobs: int | None = None       # number of top logprobs per token (the sampled one is always included)
     priority: int = 0                 # lower runs first (vLLM convention); FCFS among equals
     skip_special_tokens: bool = True
+    sedac_mode: str | None = None     # "off", "lossless" or "lossy"; None = the engine's default
+    sedac_agreement: float | None = None  # lossy mode's target token agreement with the full model
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -52,6 +54,10 @@ class SamplingParams:
             raise ValueError("stop must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
+        if self.sedac_mode not in (None, "off", "lossless", "lossy"):
+            raise ValueError(f"sedac_mode must be off, lossless or lossy, got {self.sedac_mode!r}")
+        if self.sedac_agreement is not None:
+            _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 
     @property
     def greedy(self) -> bool:

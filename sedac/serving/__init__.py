@@ -1,0 +1,1 @@
+"""Serving: an OpenAI-compatible HTTP server with Prometheus metrics over one AsyncLLM loop."""

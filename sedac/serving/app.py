@@ -1,0 +1,211 @@
+"""The HTTP server: OpenAI routes, the original SEDAC routes, health and metrics, all on one AsyncLLM."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+
+from sedac.runtime.async_engine import AsyncLLM, QueueFullError
+from sedac.runtime.sampling_params import SamplingParams
+from sedac.serving.metrics import ServerMetrics
+from sedac.serving.openai_api import OpenAIHandlers
+from sedac.serving.protocol import BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
+
+MAX_BODY_BYTES = 1 << 20
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error", headers=None):
+        super().__init__(message)
+        self.status, self.message, self.kind, self.headers = status, message, kind, headers
+
+
+class Server:
+    """What the routes share: the engine loop, the tokenizer, validation and metrics."""
+
+    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None, max_body_bytes: int):
+        self.llm, self.model_name, self.api_key, self.max_body_bytes = llm, model_name, api_key, max_body_bytes
+        engine = llm.engine
+        self.tokenizer, self.max_seq_len = engine.tokenizer, engine.config.build.max_seq_len
+        self.metrics = ServerMetrics(model_name)
+        self._sent: dict[tuple[str, int], int] = {}
+
+    async def parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
+        body = await request.body()
+        if len(body) > self.max_body_bytes:
+            raise HTTPError(413, f"request body is over {self.max_body_bytes} bytes")
+        try:
+            data = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise HTTPError(400, "request body is not valid UTF-8") from None
+        except json.JSONDecodeError as e:
+            raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+        try:
+            req = schema.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            raise HTTPError(400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+        if getattr(req, "model", None) not in (None, self.model_name):
+            raise HTTPError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
+                            "model_not_found")
+        return req
+
+    def params(self, req, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+        try:
+            return req.sampling_params(default_max_tokens, logprobs)
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+
+    def tokenized(self, prompts: list, params: SamplingParams) -> list[list[int]]:
+        """Token ids per prompt; a prompt that cannot fit with max_tokens is a 400 (as in vLLM)."""
+        out = []
+        for p in prompts:
+            try:
+                ids = self.llm.engine.tokenize(p)
+            except ValueError as e:
+                raise HTTPError(400, str(e)) from None
+            if len(ids) + params.max_tokens > self.max_seq_len:
+                raise HTTPError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                                     f"max_seq_len {self.max_seq_len}")
+            out.append(ids)
+        return out
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        try:
+            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        except Exception as e:
+            raise HTTPError(400, f"invalid chat messages: {e}") from None
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    async def submit(self, prompt_ids: list[int], params: SamplingParams):
+        try:
+            return await self.llm.submit(prompt_ids, params, on_finish=self.metrics.observe_finished)
+        except QueueFullError as e:
+            raise HTTPError(503, f"server is busy: {e}", "server_busy", {"Retry-After": "1"}) from None
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+
+    def deltas(self, stream_index: int, out):
+        """(choice, new text) pairs since the last output of this request."""
+        for c in out.outputs:
+            key = (out.request_id, c.index)
+            sent = self._sent.get(key, 0)
+            if len(c.text) > sent or c.finish_reason:
+                yield c, c.text[sent:]
+            if c.finish_reason:
+                self._sent.pop(key, None)
+            else:
+                self._sent[key] = len(c.text)
+
+
+def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
+              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+    app = FastAPI(title="SEDAC server")
+    server = Server(llm, model_name, api_key, max_body_bytes)
+    app.state.server = server
+    openai = OpenAIHandlers(server)
+
+    @app.exception_handler(HTTPError)
+    async def http_error(_, e: HTTPError):
+        body = {"error": {"message": e.message, "type": e.kind, "param": None, "code": e.status}}
+        return JSONResponse(body, status_code=e.status, headers=e.headers)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        open_paths = ("/health", "/metrics", "/metrics/prometheus")
+        if api_key and request.url.path not in open_paths and \
+                request.headers.get("authorization") != f"Bearer {api_key}":
+            return await http_error(request, HTTPError(401, "missing or wrong API key", "authentication_error"))
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > max_body_bytes:
+            return await http_error(request, HTTPError(413, f"request body is over {max_body_bytes} bytes"))
+        return await call_next(request)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "sedac",
+                                            "max_model_len": server.max_seq_len}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await openai.completions(await server.parse(request, CompletionRequest))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await openai.chat(await server.parse(request, ChatCompletionRequest))
+
+    @app.post("/generate")
+    async def generate(request: Request):
+        req = await server.parse(request, GenerateRequest)
+        return (await _native_generate(server, req, [req.prompt]))[0]
+
+    @app.post("/batch_generate")
+    async def batch_generate(request: Request):
+        req = await server.parse(request, BatchGenerateRequest)
+        return {"results": await _native_generate(server, req, req.prompts, fail_alone=True)}
+
+    @app.get("/health")
+    async def health():
+        if llm.error is not None:
+            return JSONResponse({"status": "error", "detail": str(llm.error)}, status_code=503)
+        return {"status": "ok", "model": model_name}
+
+    @app.get("/metrics")
+    async def metrics_json():
+        return await llm.stats()
+
+    @app.get("/metrics/prometheus")
+    async def metrics_prometheus():
+        return Response(server.metrics.render(await llm.stats()), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+async def _native_generate(server: Server, req, prompts: list, fail_alone: bool = False) -> list[dict]:
+    if req.max_new_tokens is not None:
+        req.max_tokens = req.max_new_tokens
+    params = server.params(req, default_max_tokens=128, logprobs=None)
+
+    async def one(prompt):
+        try:
+            stream = await server.submit(server.tokenized([prompt], params)[0], params)
+        except HTTPError as e:
+            if fail_alone and e.status == 400:
+                return {"error": e.message}
+            raise
+        out = await stream.final()
+        return {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
+                "metrics": out.metrics.as_dict()}
+    return list(await asyncio.gather(*(one(p) for p in prompts)))
+
+
+def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue: int | None, device: str,
+          model_name: str | None = None, max_num_seqs: int | None = None) -> None:
+    """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0."""
+    import uvicorn
+    from pathlib import Path
+    from sedac.runtime.engine import LLMEngine
+
+    class GracefulServer(uvicorn.Server):
+        @contextlib.contextmanager
+        def capture_signals(self):
+            # uvicorn re-raises the signal after shutting down, which would skip our cleanup.
+            previous = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, handler in previous.items():
+                    signal.signal(s, handler)
+
+    llm = AsyncLLM(LLMEngine(engine_dir, device=device, max_num_seqs=max_num_seqs), max_queue=max_queue)
+    app = build_app(llm, model_name or Path(engine_dir).resolve().name, api_key)
+    try:
+        GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                      timeout_graceful_shutdown=5)).run()
+    finally:
+        llm.shutdown()

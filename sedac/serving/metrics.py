@@ -1,0 +1,57 @@
+"""Prometheus metrics with vLLM's names (prefix `sedac:`), fed from finished requests and engine stats."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_PER_TOKEN = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = r = CollectorRegistry()
+        labels = ["model_name"]
+        self.running = Gauge("sedac:num_requests_running", "Requests in the running batch", labels, registry=r)
+        self.waiting = Gauge("sedac:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
+        self.kv_usage = Gauge("sedac:kv_cache_usage_perc", "Fraction of KV cache blocks in use", labels, registry=r)
+        self.prefix_queries = Gauge("sedac:prefix_cache_queries", "Prefix cache lookups (blocks)", labels, registry=r)
+        self.prefix_hits = Gauge("sedac:prefix_cache_hits", "Prefix cache hits (blocks)", labels, registry=r)
+        self.prefix_hit_rate = Gauge("sedac:prefix_cache_hit_rate", "Prefix cache hit rate", labels, registry=r)
+        self.preemptions = Gauge("sedac:num_preemptions", "Preemptions so far", labels, registry=r)
+        self.ttft = Histogram("sedac:time_to_first_token_seconds", "TTFT", labels, buckets=_LATENCY, registry=r)
+        self.tpot = Histogram("sedac:time_per_output_token_seconds", "TPOT", labels, buckets=_PER_TOKEN, registry=r)
+        self.e2e = Histogram("sedac:e2e_request_latency_seconds", "End-to-end latency", labels, buckets=_LATENCY,
+                             registry=r)
+        self.prompt_tokens = Counter("sedac:prompt_tokens", "Prompt tokens processed", labels, registry=r)
+        self.generation_tokens = Counter("sedac:generation_tokens", "Tokens generated", labels, registry=r)
+        self.requests = Counter("sedac:request_success", "Finished requests", labels + ["finished_reason"],
+                                registry=r)
+        self.skip_ratio = Gauge("sedac:sedac_skip_ratio", "SEDAC fraction of layers skipped", labels, registry=r)
+        self.acceptance = Gauge("sedac:sedac_acceptance_rate", "SEDAC draft acceptance rate", labels, registry=r)
+        self.model = model_name
+
+    def observe_finished(self, out) -> None:
+        m, label = out.metrics, self.model
+        if m.ttft is not None:
+            self.ttft.labels(label).observe(m.ttft)
+        if m.tpot is not None:
+            self.tpot.labels(label).observe(m.tpot)
+        if m.e2e is not None:
+            self.e2e.labels(label).observe(m.e2e)
+        self.prompt_tokens.labels(label).inc(m.num_prompt_tokens)
+        self.generation_tokens.labels(label).inc(m.num_generated_tokens)
+        for c in out.outputs:
+            self.requests.labels(label, c.finish_reason or "unknown").inc()
+
+    def render(self, stats: dict) -> bytes:
+        label = self.model
+        self.running.labels(label).set(stats["num_requests_running"])
+        self.waiting.labels(label).set(stats["num_requests_waiting"])
+        self.kv_usage.labels(label).set(stats["kv_cache_usage"])
+        self.prefix_queries.labels(label).set(stats["prefix_cache_queries"])
+        self.prefix_hits.labels(label).set(stats["prefix_cache_hits"])
+        self.prefix_hit_rate.labels(label).set(stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"]))
+        self.preemptions.labels(label).set(stats["num_preemptions"])
+        self.skip_ratio.labels(label).set(stats.get("sedac_skip_ratio", 0.0))
+        self.acceptance.labels(label).set(stats.get("sedac_acceptance_rate", 0.0))
+        return generate_latest(self.registry)

@@ -1,0 +1,154 @@
+"""The OpenAI-compatible server on loopback: official openai client, SSE, metrics, bad-input battery."""
+import asyncio
+import json
+import signal
+import threading
+
+import httpx
+import openai
+import pytest
+
+from sedac import LLM, SamplingParams
+from tests.servers import sedac_server
+
+PROMPT_IDS = [1, 520, 9531, 198, 33, 44]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llama):
+    with sedac_server(tiny_llama, "--served-model-name", "tiny") as (base, proc):
+        yield base
+
+
+@pytest.fixture(scope="module")
+def offline(tiny_llama):
+    return LLM(str(tiny_llama), device="cpu")
+
+
+def client(base, **kw):
+    return openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60, **kw)
+
+
+def assert_pool_free(base):
+    stats = httpx.get(base + "/metrics", timeout=10).json()
+    assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests_running"] == 0
+
+
+def test_models_and_completions_match_offline(server, offline):
+    c = client(server)
+    assert [m.id for m in c.models.list().data] == ["tiny"]
+    r = c.completions.create(model="tiny", prompt=PROMPT_IDS, max_tokens=10, temperature=0,
+                             extra_body={"ignore_eos": True})
+    expected = offline.generate([PROMPT_IDS], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0]
+    assert r.choices[0].text == expected.text and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 10 and r.usage.prompt_tokens == len(PROMPT_IDS)
+
+
+def test_chat_stream_and_n_and_logprobs(server, offline):
+    c = client(server)
+    msgs = [{"role": "user", "content": "Say hi"}]
+    full = c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, logprobs=True,
+                                     top_logprobs=2)
+    chunks = list(c.chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert len(full.choices[0].logprobs.content) == full.usage.completion_tokens
+    many = c.completions.create(model="tiny", prompt="Hello", max_tokens=5, n=3, temperature=1.0, seed=5)
+    assert sorted(ch.index for ch in many.choices) == [0, 1, 2]
+    lp = c.completions.create(model="tiny", prompt="Hello", max_tokens=3, temperature=0, logprobs=2)
+    assert len(lp.choices[0].logprobs.token_logprobs) == 3
+
+
+def test_async_client_concurrent_streams(server, offline):
+    prompts = [[7 + i, 8, 9, 10 + i] for i in range(12)]
+    expected = [o.text for o in offline.generate(prompts, SamplingParams(max_tokens=12, temperature=0,
+                                                                          ignore_eos=True))]
+
+    async def one(c, p):
+        text = ""
+        async for ch in await c.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0,
+                                                     stream=True, extra_body={"ignore_eos": True}):
+            text += ch.choices[0].text
+        return text
+
+    async def main():
+        c = openai.AsyncOpenAI(base_url=server + "/v1", api_key="none", max_retries=0, timeout=60)
+        return await asyncio.gather(*(one(c, p) for p in prompts))
+    assert asyncio.run(main()) == expected
+    assert_pool_free(server)
+
+
+def test_native_endpoints_and_prometheus(server):
+    r = httpx.post(server + "/generate", json={"prompt": "Hello", "max_new_tokens": 4, "temperature": 0}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["token_ids"]) >= 1
+    r = httpx.post(server + "/batch_generate", json={"prompts": ["a", "x " * 400, "b"], "max_tokens": 3}, timeout=30)
+    results = r.json()["results"]
+    assert r.status_code == 200 and "error" in results[1] and "text" in results[0] and "text" in results[2]
+    assert httpx.get(server + "/health").json()["status"] == "ok"
+    text = httpx.get(server + "/metrics/prometheus").text
+    for name in ("sedac:num_requests_running", "sedac:num_requests_waiting", "sedac:kv_cache_usage_perc",
+                 "sedac:prefix_cache_hit_rate", "sedac:time_to_first_token_seconds_bucket",
+                 "sedac:time_per_output_token_seconds_bucket", "sedac:e2e_request_latency_seconds_count",
+                 "sedac:prompt_tokens_total", "sedac:generation_tokens_total", "sedac:sedac_skip_ratio",
+                 "sedac:sedac_acceptance_rate"):
+        assert name in text, name
+
+
+BAD = [
+    (b"{not json", 400), (b"\xff\xfe{}", 400),
+    (json.dumps({"prompt": "hi", "max_tokens": "ten"}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": -5}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 10**9}).encode(), 400),
+    (json.dumps({"prompt": "word " * 400, "max_tokens": 5}).encode(), 400),
+    (json.dumps({"prompt": "hi", "temperature": -1}).encode(), 400),
+    (json.dumps({"prompt": 5}).encode(), 400),
+    (json.dumps({"prompt": "hi", "model": "gpt-17"}).encode(), 404),
+    (json.dumps({"prompt": "hi", "sedac_mode": "lossy"}).encode(), 400),
+    (b"x" * (10 * 1024 * 1024), 413),
+]
+
+
+@pytest.mark.parametrize("body,status", BAD)
+def test_bad_input_battery(server, body, status):
+    r = httpx.post(server + "/v1/completions", content=body, headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == status
+    assert r.json()["error"]["message"]
+    ok = httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    with httpx.stream("POST", server + "/v1/completions", timeout=30,
+                      json={"prompt": "Hi", "max_tokens": 200, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        assert next(l for l in lines if l.startswith("data:"))
+    # the connection is closed here, mid-stream: the server must abort the request
+    for _ in range(100):
+        stats = httpx.get(server + "/metrics", timeout=10).json()
+        if stats["num_requests_running"] == 0:
+            break
+        threading.Event().wait(0.1)
+    assert_pool_free(server)
+    assert httpx.post(server + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30).status_code == 200
+
+
+def test_api_key_queue_limit_and_sigterm(tiny_llama):
+    with sedac_server(tiny_llama, "--api-key", "sekret", "--max-queue", "1", "--max-num-seqs", "1") as (base, proc):
+        assert httpx.post(base + "/v1/completions", json={"prompt": "hi"}).status_code == 401
+        bad = httpx.post(base + "/v1/completions", json={"prompt": "hi"}, headers={"Authorization": "Bearer no"})
+        assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error"
+        auth = {"Authorization": "Bearer sekret"}
+        body = {"prompt": "hi", "max_tokens": 150, "ignore_eos": True}
+
+        async def burst():
+            async with httpx.AsyncClient(headers=auth, timeout=60) as c:
+                return await asyncio.gather(*(c.post(base + "/v1/completions", json=body) for _ in range(6)))
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 503 in codes
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "server_busy"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
