@@ -36,20 +36,37 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> N
 
 
 @contextmanager
-def sedac_server(engine: Path, *extra: str):
-    """`sedac-run serve` in a subprocess; yields (base_url, process)."""
-    port = free_port()
-    proc = subprocess.Popen([str(BIN / "sedac-run"), "serve", "--engine", str(engine), "--port", str(port),
-                             "--device", "cpu", *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+def launched(command: list[str], ready_url: str, timeout: float = 120.0):
+    """Run a server process until the block ends, then SIGTERM it (kill if it does not stop)."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_up(base + "/health", proc)
-        yield base, proc
+        wait_until_up(ready_url, proc, timeout)
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=40)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@contextmanager
+def sedac_server(engine: Path, *extra: str):
+    """`sedac-run serve` in a subprocess; yields (base_url, process)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    command = [str(BIN / "sedac-run"), "serve", "--engine", str(engine), "--port", str(port), "--device", "cpu", *extra]
+    with launched(command, base + "/health") as proc:
+        yield base, proc
+
+
+@contextmanager
+def triton_server(repo: Path):
+    """`sedac-run triton serve` (the real tritonserver); yields (http_url, grpc_address, metrics_url, process)."""
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    command = [str(BIN / "sedac-run"), "triton", "serve", "--repo", str(repo), "--http-port", str(http),
+               "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    with launched(command, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180) as proc:
+        yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", proc

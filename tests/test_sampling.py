@@ -99,3 +99,13 @@ def test_penalties_follow_hf_and_openai_rules():
     # repetition on prompt+output (positive / 2, negative * 2); frequency 0.5*2 + presence 0.25 on output only
     assert out == [2.0, -8.0, 2.0 - 1.0 - 0.25, 4.0]
     assert logits[0, 0] == 4.0                           # the caller's logits are untouched
+
+
+def test_bad_words_are_never_generated(llm):
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0]
+    banned_word = llm.tokenizer.decode([free.token_ids[2]])
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True,
+                                                bad_words=[banned_word]))[0]
+    banned_ids = llm.engine._bad_words_ids(SamplingParams(bad_words=[banned_word]))
+    assert out.token_ids[:2] == free.token_ids[:2] and out.token_ids[2] != free.token_ids[2]
+    assert not any(ids == [t] for ids in banned_ids for t in out.token_ids)

@@ -152,3 +152,16 @@ def test_api_key_queue_limit_and_sigterm(tiny_llama):
         assert busy.headers["retry-after"] == "1" and busy.json()["error"]["type"] == "server_busy"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
+
+
+def test_client_cli_talks_to_server(server, offline):
+    from click.testing import CliRunner
+    from sedac.cli.run import main
+    msgs = [{"role": "user", "content": "Hello"}]
+    expected = offline.chat(msgs, SamplingParams(max_tokens=6, temperature=0))[0].text
+    for flag in ("--stream", "--no-stream"):
+        result = CliRunner().invoke(main, ["client", "--url", server, "--prompt", "Hello", "--max-tokens", "6", flag])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == expected.strip()
+    bad = CliRunner().invoke(main, ["client", "--url", "ftp://x", "--prompt", "Hello"])
+    assert bad.exit_code != 0 and "--url must start with" in bad.output

@@ -102,6 +102,57 @@ def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_m
     run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs)
 
 
+@main.group()
+def triton():
+    """Triton Inference Server: export a model repository, launch tritonserver."""
+
+
+@triton.command("export")
+@ENGINE
+@click.option("--repo", required=True, type=click.Path(), help="model repository directory to write")
+@click.option("--name", default="sedac", show_default=True, help="model name (sedac flavour)")
+@click.option("--flavour", type=click.Choice(["sedac", "tensorrtllm"]), default="sedac", show_default=True)
+@click.option("--trtllm-engine-dir", help="TensorRT-LLM engine directory (tensorrtllm flavour)")
+@clean_errors
+def triton_export(engine, repo, name, flavour, trtllm_engine_dir):
+    """Write a Triton model repository for ENGINE (every config.pbtxt validated)."""
+    from sedac.serving.triton_repo import export_sedac, export_tensorrtllm
+    if flavour == "tensorrtllm":
+        if not trtllm_engine_dir:
+            raise ValueError("--flavour tensorrtllm needs --trtllm-engine-dir")
+        written = export_tensorrtllm(engine, repo, trtllm_engine_dir)
+    else:
+        written = export_sedac(engine, repo, name)
+    for path in written:
+        click.echo(f"wrote {path}")
+
+
+@triton.command("serve")
+@click.option("--repo", required=True, type=click.Path(), help="model repository from `triton export`")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@clean_errors
+def triton_serve(repo, http_port, grpc_port, metrics_port):
+    """Launch tritonserver (on PATH, else the one bundled in nvidia-pytriton) on 127.0.0.1."""
+    from sedac.serving.triton_launcher import run_tritonserver
+    sys.exit(run_tritonserver(repo, http_port, grpc_port, metrics_port))
+
+
+@main.command()
+@click.option("--url", required=True, help="http://HOST:PORT (sedac server) or grpc://HOST:PORT (Triton)")
+@click.option("--prompt", required=True)
+@click.option("--stream/--no-stream", default=False)
+@click.option("--model", help="model name (default: the server's only model / 'sedac' on Triton)")
+@click.option("--api-key")
+@sampling_options
+@clean_errors
+def client(url, prompt, stream, model, api_key, **sampling):
+    """Send one prompt to a sedac server (OpenAI API) or to Triton (tritonclient gRPC)."""
+    from sedac.serving.client import run_client
+    run_client(url, prompt, stream, model, api_key, sampling)
+
+
 @main.command()
 @ENGINE
 @DEVICE

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 from concurrent.futures import Future
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from sedac.runtime.engine import LLMEngine
 from sedac.runtime.outputs import RequestOutput
 from sedac.runtime.sampling_params import SamplingParams
+
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFullError(RuntimeError):
@@ -26,7 +30,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine, self.max_queue = engine, max_queue
         self._commands: queue.Queue = queue.Queue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._sinks: dict[str, Callable[[object], None]] = {}   # request id -> receives outputs / errors
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
@@ -40,8 +44,17 @@ class AsyncLLM:
         on_finish(output) runs once with the finished output."""
         rid = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(self, rid, on_finish)
-        await self._call(self._add, rid, prompt, params, asyncio.get_running_loop(), stream.queue)
+        loop = asyncio.get_running_loop()
+        await self._call(self._add, rid, prompt, params, lambda item: loop.call_soon_threadsafe(stream.queue.put_nowait, item))
         return stream
+
+    def submit_nowait(self, prompt, params: SamplingParams, sink: Callable[[object], None],
+                      request_id: str | None = None) -> str:
+        """For plain threads (the Triton model): sink(output) is called from the engine thread for
+        each output, or sink(exception) once if the request is refused or fails."""
+        rid = request_id or f"req-{next(self._ids)}"
+        self._commands.put((self._add_or_report, (rid, prompt, params, sink), None))
+        return rid
 
     async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
                        ) -> AsyncIterator[RequestOutput]:
@@ -70,14 +83,20 @@ class AsyncLLM:
         return await asyncio.wrap_future(future)
 
     # ---- engine thread --------------------------------------------------------------------------
-    def _add(self, rid, prompt, params, loop, stream) -> None:
+    def _add(self, rid, prompt, params, sink) -> None:
         if self.max_queue is not None and len(self.engine.scheduler.waiting) >= self.max_queue:
             raise QueueFullError(f"{len(self.engine.scheduler.waiting)} requests are already waiting")
         self.engine.add_request(rid, prompt, params)
-        self._streams[rid] = (loop, stream)
+        self._sinks[rid] = sink
+
+    def _add_or_report(self, rid, prompt, params, sink) -> None:
+        try:
+            self._add(rid, prompt, params, sink)
+        except (ValueError, QueueFullError) as e:
+            sink(e)
 
     def _abort(self, rid) -> None:
-        self._streams.pop(rid, None)
+        self._sinks.pop(rid, None)
         self.engine.abort_request(rid)
 
     def _run_command(self, command) -> None:
@@ -111,19 +130,20 @@ class AsyncLLM:
                 self._deliver(out)
 
     def _deliver(self, out) -> None:
-        target = self._streams.get(out.request_id)
-        if target is None:
+        sink = self._sinks.pop(out.request_id, None) if out.finished else self._sinks.get(out.request_id)
+        if sink is None:
             return
-        if out.finished:
-            del self._streams[out.request_id]
-        loop, stream = target
-        loop.call_soon_threadsafe(stream.put_nowait, out)
+        try:
+            sink(out)
+        except Exception:                     # a broken receiver loses its request, not the engine loop
+            logger.exception("output delivery failed for request %s; aborting it", out.request_id)
+            self._abort(out.request_id)
 
     def _fail_all(self, error: BaseException) -> None:
-        for rid in list(self._streams):
-            loop, stream = self._streams.pop(rid)
+        for rid in list(self._sinks):
+            sink = self._sinks.pop(rid)
             self.engine.abort_request(rid)
-            loop.call_soon_threadsafe(stream.put_nowait, RuntimeError(f"engine step failed: {error}"))
+            sink(RuntimeError(f"engine step failed: {error}"))
 
 
 class RequestStream:

@@ -73,11 +73,19 @@ class LLMEngine:
         if params.sedac_mode not in (None, "off") and self.config.sedac is None:
             raise ValueError(f"sedac_mode={params.sedac_mode!r} needs an engine built with --sedac")
         ids = self.tokenize(prompt)
-        seq = Sequence(request_id, ids, params, arrival=arrival_time)
+        seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params))
         seq.detok_state = detokenizer.start(len(ids))
+        metrics = RequestMetrics(seq.arrival, num_prompt_tokens=len(ids),
+                                 layers_per_token=float(self.config.model.num_layers))   # the full model
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                            params, [seq], RequestMetrics(seq.arrival, num_prompt_tokens=len(ids)))
+                                            params, [seq], metrics)
         self.scheduler.add(seq)
+
+    def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
+        """Each bad word as token ids, with and without a leading space (as vLLM does)."""
+        variants = {tuple(self.tokenizer.encode(form, add_special_tokens=False))
+                    for word in params.bad_words for form in (word, " " + word.lstrip())}
+        return [list(v) for v in variants if v]
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

@@ -12,6 +12,9 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
+    layers_per_token: float = 0.0        # mean decoder layers run per generated token
+    skip_ratio: float = 0.0              # fraction of layers SEDAC skipped (0 with sedac_mode off)
+    acceptance_rate: float | None = None  # lossless mode's draft acceptance (None when no drafts ran)
 
     @property
     def ttft(self) -> float | None:
@@ -29,7 +32,9 @@ class RequestMetrics:
 
     def as_dict(self) -> dict:
         return {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e, "prompt_tokens": self.num_prompt_tokens,
-                "generated_tokens": self.num_generated_tokens, "cached_tokens": self.num_cached_tokens}
+                "generated_tokens": self.num_generated_tokens, "cached_tokens": self.num_cached_tokens,
+                "layers_per_token": self.layers_per_token, "skip_ratio": self.skip_ratio,
+                "acceptance_rate": self.acceptance_rate}
 
 
 @dataclass

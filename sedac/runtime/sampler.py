@@ -9,7 +9,7 @@ from sedac.runtime.sequence import Sequence
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-    logits = _apply_penalties(logits, seqs)
+    logits = _ban_bad_words(_apply_penalties(logits, seqs), seqs)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
@@ -38,6 +38,17 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
             out = torch.tensor(seq.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _ban_bad_words(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    banned = [(i, ids[-1]) for i, s in enumerate(seqs) for ids in s.bad_words_ids
+              if len(ids) == 1 or s.token_ids[-(len(ids) - 1):] == ids[:-1]]
+    if not banned:
+        return logits
+    logits = logits.clone()
+    rows, cols = zip(*banned)
+    logits[list(rows), list(cols)] = float("-inf")
     return logits
 
 

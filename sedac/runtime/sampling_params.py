@@ -17,6 +17,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
+    bad_words: list[str] = field(default_factory=list)   # never generated (as in vLLM / TRT-LLM bad_words)
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None       # number of top logprobs per token (the sampled one is always included)
@@ -29,6 +30,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop, self.stop_token_ids = list(self.stop or []), list(self.stop_token_ids or [])
+        self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
         if self.top_k == -1:
             self.top_k = 0
         self._validate()
@@ -50,8 +52,9 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, 0)
             if self.logprobs > 20:
                 raise ValueError("logprobs must be at most 20")
-        if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError("stop must be a list of non-empty strings")
+        for name in ("stop", "bad_words"):
+            if not all(isinstance(s, str) and s for s in getattr(self, name)):
+                raise ValueError(f"{name} must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
         if self.sedac_mode not in (None, "off", "lossless", "lossy"):

@@ -20,7 +20,7 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 index: int = 0, arrival: float | None = None):
+                 index: int = 0, arrival: float | None = None, bad_words_ids: list[list[int]] | None = None):
         self.seq_id = next(_ids)
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_token_ids)
@@ -41,6 +41,7 @@ class Sequence:
         self.generator = _generator(params.seed, index)
         self.pending_forks = params.n - 1 if index == 0 else 0  # children forked after the prompt
         self.detok_state: object = None
+        self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
 
     @property
     def num_tokens(self) -> int:
@@ -60,7 +61,7 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sample sharing this sequence's prompt and blocks (the caller bumps block refs)."""
-        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival)
+        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival, self.bad_words_ids)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.block_table = list(self.block_table)

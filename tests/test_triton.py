@@ -1,0 +1,117 @@
+"""Triton: repository export (configs parsed by Triton's own protobuf) and a real tritonserver run."""
+import asyncio
+import json
+import queue
+import re
+import signal
+from functools import partial
+
+import httpx
+import numpy as np
+import pytest
+
+from sedac import LLM, SamplingParams
+from sedac.serving.client import triton_inputs
+from sedac.serving.triton_repo import export_sedac, export_tensorrtllm, validate_config
+from tests.servers import triton_server
+
+ENSEMBLE_TENSORS = {"text_input", "max_tokens", "stream", "temperature", "top_k", "top_p", "stop_words", "bad_words"}
+
+
+def test_export_both_flavours_parse_with_triton_protobuf(tmp_path, tiny_llama):
+    configs = export_sedac(tiny_llama, tmp_path / "repo", name="mymodel")
+    parsed = validate_config(configs[0].read_text(), configs[0])
+    assert parsed.name == "mymodel" and parsed.model_transaction_policy.decoupled
+    assert ENSEMBLE_TENSORS <= {i.name for i in parsed.input} and "text_output" in {o.name for o in parsed.output}
+    assert (tmp_path / "repo" / "mymodel" / "1" / "model.py").is_file()
+    trt = export_tensorrtllm(tiny_llama, tmp_path / "trt", "/engines/trtllm")
+    assert sorted(p.parent.name for p in trt) == ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm"]
+    models = {p.parent.name: validate_config(p.read_text(), p) for p in trt}
+    assert ENSEMBLE_TENSORS <= {i.name for i in models["ensemble"].input}
+    assert [s.model_name for s in models["ensemble"].ensemble_scheduling.step] == \
+        ["preprocessing", "tensorrt_llm", "postprocessing"]
+    assert models["tensorrt_llm"].parameters["gpt_model_path"].string_value == "/engines/trtllm"
+    with pytest.raises(ValueError, match="invalid Triton config"):
+        validate_config('name: "x"\nbackend: "python"\nmax_batch_sise: 0\n', tmp_path / "bad")
+
+
+@pytest.fixture(scope="module")
+def triton(tiny_llama, tmp_path_factory):
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    export_sedac(tiny_llama, repo)
+    with triton_server(repo) as handles:
+        yield handles
+
+
+def greedy_offline(engine, prompts, max_tokens):
+    llm = LLM(str(engine), device="cpu")
+    return [o.text for o in llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0))]
+
+
+def test_generate_endpoints_match_offline(triton, tiny_llama):
+    http, _, _, _ = triton
+    body = {"text_input": "Hello world", "max_tokens": 10, "temperature": 0.0}
+    r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    expected = greedy_offline(tiny_llama, ["Hello world"], 10)[0]
+    assert r.json()["text_output"] == expected and r.json()["output_tokens"] >= 1
+    with httpx.stream("POST", http + "/v2/models/sedac/generate_stream", json={**body, "stream": True},
+                      timeout=60) as s:
+        events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
+    assert "".join(e["text_output"] for e in events) == expected and events[-1]["finish_reason"]
+
+
+def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
+    import tritonclient.grpc as grpcclient
+    _, grpc_address, metrics_url, _ = triton
+    prompts = [f"Request number {i} says" for i in range(64)]
+    expected = greedy_offline(tiny_llama, prompts, 8)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(grpc_address)
+    client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), results))
+    sampling = dict(max_tokens=8, temperature=0.0, top_k=0, top_p=1.0, seed=None, stop=())
+    for i, p in enumerate(prompts):
+        client.async_stream_infer("sedac", triton_inputs(grpcclient, p, True, sampling), request_id=str(i))
+    texts, done = [""] * 64, 0
+    while done < 64:
+        result, error = results.get(timeout=300)
+        assert error is None, error
+        i = int(result.get_response().id)
+        texts[i] += result.as_numpy("text_output")[0].decode()
+        done += result.as_numpy("finish_reason")[0] != b""
+    client.stop_stream()
+    assert texts == expected
+    metrics = httpx.get(metrics_url, timeout=10).text
+    free = re.search(r'sedac_kv_blocks\{state="free"\} (\d+)', metrics).group(1)
+    total = re.search(r'sedac_kv_blocks\{state="total"\} (\d+)', metrics).group(1)
+    assert free == total
+
+
+@pytest.mark.parametrize("body", [{"max_tokens": 5}, {"text_input": "hi", "max_tokens": -1},
+                                  {"text_input": "hi", "temperature": -2.0}, {"text_input": "word " * 400}])
+def test_bad_requests_fail_alone(triton, body):
+    http, _, _, _ = triton
+    r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
+    assert 400 <= r.status_code < 500 and "error" in r.json()
+    ok = httpx.post(http + "/v2/models/sedac/generate", json={"text_input": "hi", "max_tokens": 2}, timeout=60)
+    assert ok.status_code == 200
+
+
+def test_sigterm_stops_triton(tiny_llama, tmp_path):
+    repo = tmp_path / "repo"
+    export_sedac(tiny_llama, repo)
+    with triton_server(repo) as (http, _, _, proc):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+
+
+def test_client_cli_streams_from_triton(triton, tiny_llama):
+    from click.testing import CliRunner
+    from sedac.cli.run import main
+    _, grpc_address, _, _ = triton
+    expected = greedy_offline(tiny_llama, ["Hello world"], 6)[0]
+    for flag in ("--stream", "--no-stream"):
+        result = CliRunner().invoke(main, ["client", "--url", f"grpc://{grpc_address}", "--prompt", "Hello world",
+                                           "--max-tokens", "6", flag])
+        assert result.exit_code == 0, result.output
+        assert result.output.strip() == expected.strip()
