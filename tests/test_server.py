@@ -165,3 +165,15 @@ def test_client_cli_talks_to_server(server, offline):
         assert result.output.strip() == expected.strip()
     bad = CliRunner().invoke(main, ["client", "--url", "ftp://x", "--prompt", "Hello"])
     assert bad.exit_code != 0 and "--url must start with" in bad.output
+
+
+def test_bounded_load_run_has_no_errors(server):
+    from click.testing import CliRunner
+    from sedac.cli.run import main
+    result = CliRunner().invoke(main, ["load", "--url", server, "--clients", "4", "--duration", "3",
+                                       "--max-tokens", "8"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["errors"] == 0, report["first_errors"]
+    assert report["requests"] >= 4 and report["ttft_p99_ms"] >= report["ttft_p50_ms"] > 0
+    assert_pool_free(server)

@@ -154,6 +154,25 @@ def client(url, prompt, stream, model, api_key, **sampling):
 
 
 @main.command()
+@click.option("--url", required=True, help="http://HOST:PORT of a running `sedac-run serve`")
+@click.option("--clients", type=int, default=8, show_default=True)
+@click.option("--duration", type=float, default=30.0, show_default=True, help="seconds to keep sending")
+@click.option("--max-tokens", type=int, default=32, show_default=True)
+@click.option("--api-key")
+@clean_errors
+def load(url, clients, duration, max_tokens, api_key):
+    """Bounded load run: CLIENTS streaming clients for DURATION seconds on ShareGPT prompts."""
+    import asyncio
+    from sedac.builder.datasets import sharegpt_conversations
+    from sedac.serving.loadtest import run_load
+    if clients < 1 or duration <= 0 or duration > 3600:
+        raise ValueError("need --clients >= 1 and 0 < --duration <= 3600")
+    conversations = [m[:1] for m, _ in zip(sharegpt_conversations("bench"), range(256))]
+    click.echo(json.dumps(asyncio.run(run_load(url, clients, duration, max_tokens, api_key, conversations)),
+                          indent=2))
+
+
+@main.command()
 @ENGINE
 @DEVICE
 @click.option("--num-prompts", type=int, default=32, show_default=True, help="concurrent requests")
