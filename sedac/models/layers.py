@@ -7,14 +7,25 @@ from torch import nn
 
 
 class Linear(nn.Module):
-    """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured)."""
+    """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured).
+
+    On CPU at fp32 the runner prepacks the weight for oneDNN (`pack_for_cpu`): measured on 2 AVX2
+    cores, as fast as MKL at 1 row and 1.6-2x faster at 2-32 rows (decode batches, verify passes).
+    """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
+        self.packed: torch.Tensor | None = None
+
+    def pack_for_cpu(self, batch_hint: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), batch_hint)
+        self.weight = None      # the packed copy replaces it: one copy of the weights in memory
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)

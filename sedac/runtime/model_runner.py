@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 
 from sedac.config import PRECISIONS, EngineConfig
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
+from sedac.models.layers import Linear
 from sedac.runtime.scheduler import ScheduledBatch
 
 WEIGHTS_FILE = "model.safetensors"
@@ -49,7 +50,12 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
-        return model.to(self.device).eval()
+        model = model.to(self.device).eval()
+        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            for module in model.modules():
+                if isinstance(module, Linear):
+                    module.pack_for_cpu(self.config.build.max_batch_size)
+        return model
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
