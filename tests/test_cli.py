@@ -104,3 +104,21 @@ def test_console_scripts_installed():
     done = subprocess.run([str(bin_dir / "sedac-run"), "generate", "--engine", "/nonexistent", "--prompt", "x"],
                           capture_output=True, text=True)
     assert done.returncode == 1 and done.stderr.strip().count("\n") == 0 and "not found" in done.stderr
+
+
+def test_build_from_cached_hub_id(tmp_path, tiny_models):
+    """A hub id resolves from the local HF cache layout (models--org--name/snapshots/REV), offline."""
+    import os
+    import shutil
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    snapshot = repo / "snapshots" / "0123456789abcdef"
+    shutil.copytree(tiny_models["llama"], snapshot)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123456789abcdef")
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([str(Path(sys.executable).parent / "sedac-build"), "--model", "tiny-org/tiny-llama",
+                           "--output", str(tmp_path / "eng"), "--max-seq-len", "128"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "eng" / "build_report.json").read_text())
+    assert report["source"].endswith("0123456789abcdef") and report["architecture"] == "llama"

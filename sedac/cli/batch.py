@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import time
 
-from tqdm import tqdm
 
 
 def read_prompts(llm, path: str) -> list:
@@ -32,7 +31,7 @@ def run_batch(llm, input_file: str, output_file: str, params) -> dict:
     outputs = dict(zip(good, llm.generate([items[i] for i in good], params, use_tqdm=True)))
     tokens = errors = 0
     with open(output_file, "w") as f:
-        for i, item in tqdm(list(enumerate(items)), desc="writing", leave=False, disable=True):
+        for i, item in enumerate(items):
             out = outputs.get(i)
             if out is None or out.error:
                 errors += 1

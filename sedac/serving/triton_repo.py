@@ -52,7 +52,7 @@ class TritonPythonModel:
 '''
 
 
-def _tensors(kind: str, specs) -> str:
+def tensor_block(kind: str, specs) -> str:
     items = []
     for name, dtype, dims, *optional in specs:
         opt = "\n    optional: true" if optional and optional[0] else ""
@@ -60,16 +60,16 @@ def _tensors(kind: str, specs) -> str:
     return f"{kind} [\n" + ",\n".join(items) + "\n]\n"
 
 
-def _parameters(values: dict) -> str:
+def parameter_block(values: dict) -> str:
     return "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in values.items())
 
 
 def sedac_config(name: str, engine_dir: Path) -> str:
     return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
             "model_transaction_policy {\n  decoupled: true\n}\n"
-            + _tensors("input", REQUEST_INPUTS + SEDAC_INPUTS) + _tensors("output", SEDAC_OUTPUTS)
+            + tensor_block("input", REQUEST_INPUTS + SEDAC_INPUTS) + tensor_block("output", SEDAC_OUTPUTS)
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
-            + _parameters({"engine_dir": str(engine_dir.resolve())}))
+            + parameter_block({"engine_dir": str(engine_dir.resolve())}))
 
 
 def validate_config(text: str, path: Path):

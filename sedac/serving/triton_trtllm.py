@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sedac.serving.triton_repo import _parameters, _tensors
+from sedac.serving.triton_repo import parameter_block, tensor_block
 
 _S, _I, _F, _B, _U = "TYPE_STRING", "TYPE_INT32", "TYPE_FP32", "TYPE_BOOL", "TYPE_UINT64"
 _SAMPLING = [("temperature", _F), ("repetition_penalty", _F), ("presence_penalty", _F),
@@ -28,38 +28,38 @@ def _steps(steps) -> str:
 def trtllm_configs(tokenizer_dir: Path, trtllm_engine_dir: str, batch: int, max_seq_len: int) -> dict[str, str]:
     cpu = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
     preprocessing = (_head("preprocessing", "python", batch)
-                     + _tensors("input", [("QUERY", _S, "[ 1 ]"), ("REQUEST_OUTPUT_LEN", _I, "[ 1 ]"),
+                     + tensor_block("input", [("QUERY", _S, "[ 1 ]"), ("REQUEST_OUTPUT_LEN", _I, "[ 1 ]"),
                                           ("BAD_WORDS_DICT", _S, "[ -1 ]", True), ("STOP_WORDS_DICT", _S, "[ -1 ]", True),
                                           ("END_ID", _I, "[ 1 ]", True), ("PAD_ID", _I, "[ 1 ]", True)])
-                     + _tensors("output", [("INPUT_ID", _I, "[ -1 ]"), ("REQUEST_INPUT_LEN", _I, "[ 1 ]"),
+                     + tensor_block("output", [("INPUT_ID", _I, "[ -1 ]"), ("REQUEST_INPUT_LEN", _I, "[ 1 ]"),
                                            ("BAD_WORDS_IDS", _I, "[ 2, -1 ]"), ("STOP_WORDS_IDS", _I, "[ 2, -1 ]"),
                                            ("REQUEST_OUTPUT_LEN", _I, "[ -1 ]"), ("OUT_END_ID", _I, "[ 1 ]"),
                                            ("OUT_PAD_ID", _I, "[ 1 ]")])
-                     + _parameters({"tokenizer_dir": tokenizer_dir, "add_special_tokens": "False"}) + cpu)
+                     + parameter_block({"tokenizer_dir": tokenizer_dir, "add_special_tokens": "False"}) + cpu)
     tensorrt_llm = (_head("tensorrt_llm", "tensorrtllm", batch, decoupled=True)
-                    + _tensors("input", [("input_ids", _I, "[ -1 ]"), ("input_lengths", _I, "[ 1 ]"),
+                    + tensor_block("input", [("input_ids", _I, "[ -1 ]"), ("input_lengths", _I, "[ 1 ]"),
                                          ("request_output_len", _I, "[ 1 ]"), ("end_id", _I, "[ 1 ]", True),
                                          ("pad_id", _I, "[ 1 ]", True), ("stop_words_list", _I, "[ 2, -1 ]", True),
                                          ("bad_words_list", _I, "[ 2, -1 ]", True), ("runtime_top_k", _I, "[ 1 ]", True),
                                          ("runtime_top_p", _F, "[ 1 ]", True), ("streaming", _B, "[ 1 ]", True)]
                                + [(n, t, "[ 1 ]", True) for n, t in _SAMPLING])
-                    + _tensors("output", [("output_ids", _I, "[ -1, -1 ]"), ("sequence_length", _I, "[ -1 ]"),
+                    + tensor_block("output", [("output_ids", _I, "[ -1, -1 ]"), ("sequence_length", _I, "[ -1 ]"),
                                           ("cum_log_probs", _F, "[ -1 ]"), ("output_log_probs", _F, "[ -1, -1 ]")])
                     + "instance_group [\n  {\n    count: 1\n    kind: KIND_GPU\n  }\n]\n"
-                    + _parameters({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": trtllm_engine_dir,
+                    + parameter_block({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": trtllm_engine_dir,
                                    "batch_scheduler_policy": "max_utilization", "enable_kv_cache_reuse": "true",
                                    "kv_cache_free_gpu_mem_fraction": "0.9", "max_attention_window_size": max_seq_len}))
     postprocessing = (_head("postprocessing", "python", batch)
-                      + _tensors("input", [("TOKENS_BATCH", _I, "[ -1, -1 ]"), ("SEQUENCE_LENGTH", _I, "[ -1 ]")])
-                      + _tensors("output", [("OUTPUT", _S, "[ -1 ]")])
-                      + _parameters({"tokenizer_dir": tokenizer_dir, "skip_special_tokens": "True"}) + cpu)
+                      + tensor_block("input", [("TOKENS_BATCH", _I, "[ -1, -1 ]"), ("SEQUENCE_LENGTH", _I, "[ -1 ]")])
+                      + tensor_block("output", [("OUTPUT", _S, "[ -1 ]")])
+                      + parameter_block({"tokenizer_dir": tokenizer_dir, "skip_special_tokens": "True"}) + cpu)
     ensemble = (f'name: "ensemble"\nplatform: "ensemble"\nmax_batch_size: {batch}\n'
-                + _tensors("input", [("text_input", _S, "[ 1 ]"), ("max_tokens", _I, "[ 1 ]"),
+                + tensor_block("input", [("text_input", _S, "[ 1 ]"), ("max_tokens", _I, "[ 1 ]"),
                                      ("bad_words", _S, "[ -1 ]", True), ("stop_words", _S, "[ -1 ]", True),
                                      ("end_id", _I, "[ 1 ]", True), ("pad_id", _I, "[ 1 ]", True),
                                      ("top_k", _I, "[ 1 ]", True), ("top_p", _F, "[ 1 ]", True),
                                      ("stream", _B, "[ 1 ]", True)] + [(n, t, "[ 1 ]", True) for n, t in _SAMPLING])
-                + _tensors("output", [("text_output", _S, "[ -1 ]")])
+                + tensor_block("output", [("text_output", _S, "[ -1 ]")])
                 + _steps([
                     ("preprocessing", [("QUERY", "text_input"), ("REQUEST_OUTPUT_LEN", "max_tokens"),
                                        ("BAD_WORDS_DICT", "bad_words"), ("STOP_WORDS_DICT", "stop_words"),

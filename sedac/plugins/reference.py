@@ -1,0 +1,22 @@
+"""Reference implementations of the SEDAC ops in plain torch (the spec the kernels are tested against)."""
+from __future__ import annotations
+
+import torch
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] -> Shannon entropy (nats) of softmax(logits) per row, fp32 [N]."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A token exits when its exit-head entropy is at or below its threshold: -> (entropy [N], exit [N] bool)."""
+    h = entropy(logits)
+    return h, h <= thresholds.float()
+
+
+def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Ghost KV: deeper layers' K/V for exited tokens from their exit hidden state.
+    hidden [N, H], weight [H, O], bias [O] -> [N, O] (O = skipped layers x 2 x kv_heads x head_dim)."""
+    return torch.addmm(bias, hidden, weight)

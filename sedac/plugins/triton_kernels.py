@@ -1,0 +1,83 @@
+"""Triton kernels for the SEDAC ops (CUDA; tested on CPU with TRITON_INTERPRET=1)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _entropy_kernel(logits_ptr, row_stride, n_cols, thresholds_ptr, entropy_ptr, exit_ptr,
+                    HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
+    # One program per row, one pass over the vocabulary with an online max:
+    # H = m + log(s) - t / s with s = sum(exp(x - m)), t = sum(exp(x - m) * x).
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * row_stride
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    t = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        valid = offs < n_cols
+        x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=0))
+        scale = tl.exp(m - m_new)
+        e = tl.where(valid, tl.exp(x - m_new), 0.0)
+        s = s * scale + tl.sum(e, axis=0)
+        t = t * scale + tl.sum(e * tl.where(valid, x, 0.0), axis=0)   # masked lanes: e = 0, x -> 0
+        m = m_new
+    h = m + tl.log(s) - t / s
+    tl.store(entropy_ptr + row, h)
+    if HAS_THRESHOLD:
+        tl.store(exit_ptr + row, (h <= tl.load(thresholds_ptr + row)).to(tl.int8))
+
+
+def _entropy_launch(logits: torch.Tensor, thresholds: torch.Tensor | None):
+    n, v = logits.shape
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    exits = torch.empty(n, dtype=torch.int8, device=logits.device)
+    thr = thresholds.float().contiguous() if thresholds is not None else out
+    if n:
+        _entropy_kernel[(n,)](logits, logits.stride(0), v, thr, out, exits,
+                              HAS_THRESHOLD=thresholds is not None, BLOCK=1024)
+    return out, exits.bool()
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    return _entropy_launch(logits, None)[0]
+
+
+def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _entropy_launch(logits, thresholds)
+
+
+@triton.jit
+def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, swk, swn, som, son,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = tl.load(x_ptr + rm[:, None] * sxm + (k0 + rk)[None, :] * sxk,
+                    mask=(rm[:, None] < M) & ((k0 + rk)[None, :] < K), other=0.0)
+        b = tl.load(w_ptr + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
+                    mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
+        acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    m, k = hidden.shape
+    n = weight.shape[1]
+    out = torch.empty(m, n, dtype=hidden.dtype, device=hidden.device)
+    if m:
+        grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
+        _linear_kernel[grid](hidden, weight, bias, out, m, n, k, hidden.stride(0), hidden.stride(1),
+                             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
+                             BM=32, BN=64, BK=32)
+    return out
