@@ -115,3 +115,15 @@ def test_client_cli_streams_from_triton(triton, tiny_llama):
                                            "--max-tokens", "6", flag])
         assert result.exit_code == 0, result.output
         assert result.output.strip() == expected.strip()
+
+
+def test_tritonclient_http_sees_the_model(triton):
+    import tritonclient.http as httpclient
+    http, _, _, _ = triton
+    client = httpclient.InferenceServerClient(http.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("sedac")
+    meta = client.get_model_metadata("sedac")
+    assert {t["name"] for t in meta["inputs"]} >= ENSEMBLE_TENSORS
+    assert {t["name"] for t in meta["outputs"]} >= {"text_output", "finish_reason", "sedac_skip_ratio"}
+    config = client.get_model_config("sedac")
+    assert config["model_transaction_policy"]["decoupled"] is True
