@@ -57,9 +57,13 @@ def test_kv_pool_within_budget_and_all_blocks_free_after(tiny_llama):
     peak = 0
     for i, p in enumerate(PROMPTS):
         llm.engine.add_request(str(i), p, SamplingParams(max_tokens=30, temperature=0.8, seed=i, n=2))
+    finished = []
     while llm.engine.has_unfinished_requests():
-        llm.engine.step()
+        outs = llm.engine.step()
+        assert len({o.request_id for o in outs}) == len(outs)          # one output per request per step
+        finished += [o.request_id for o in outs if o.finished]
         peak = max(peak, llm.engine.blocks.num_blocks - llm.engine.blocks.num_free_blocks)
+    assert sorted(finished) == sorted(str(i) for i in range(len(PROMPTS)))
     assert 0 < peak <= llm.engine.blocks.num_blocks
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
     assert all(r == 0 for r in llm.engine.blocks.ref_counts)

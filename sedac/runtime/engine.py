@@ -120,8 +120,8 @@ class LLMEngine:
         for seq, token, lp in zip(samplers, tokens, logprobs):
             self._append_token(seq, token, lp, now)
         touched = {seq.request_id for seq in batch.seqs}
-        return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + \
-            self._collect_finished(touched)
+        finished = self._collect_finished(touched)          # pops them: one output per request per step
+        return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
 
     def _sampling_rows(self, batch):
         """Sequences whose scheduled tokens reach their end sample; their last row gives the logits."""
@@ -159,20 +159,21 @@ class LLMEngine:
             seq.first_token_time = now
             req.metrics.first_token_time = req.metrics.first_token_time or now
         self.counters["generation_tokens"] += 1
+        previous_len = len(seq.output_text)
         seq.output_text += detokenizer.decode_new_text(self.tokenizer, seq.token_ids, seq.detok_state,
                                                        seq.params.skip_special_tokens)
-        reason = self._stop_reason(seq, token)
+        reason = self._stop_reason(seq, token, previous_len)
         if reason:
             self._finish(seq, *reason)
 
-    def _stop_reason(self, seq: Sequence, token: int):
+    def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
         p = seq.params
         if token in self.eos_ids and not p.ignore_eos:
             return ("stop", None)
         if token in p.stop_token_ids:
             return ("stop", token)
-        for stop in p.stop:
-            at = seq.output_text.find(stop)
+        for stop in p.stop:    # only where the new text could complete it
+            at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
             if at != -1:
                 seq.output_text = seq.output_text[:at]
                 return ("stop", stop)
