@@ -177,3 +177,14 @@ def test_bounded_load_run_has_no_errors(server):
     assert report["errors"] == 0, report["first_errors"]
     assert report["requests"] >= 4 and report["ttft_p99_ms"] >= report["ttft_p50_ms"] > 0
     assert_pool_free(server)
+
+
+def test_streamed_n_choices_finish_once_each(server):
+    c = client(server)
+    chunks = list(c.completions.create(model="tiny", prompt="Hello", max_tokens=6, n=3, temperature=1.0, seed=2,
+                                       stream=True))
+    finishes = [ch.choices[0].index for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert sorted(finishes) == [0, 1, 2]
+    full = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, n=3, temperature=1.0, seed=2)
+    for choice in full.choices:
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == choice.index) == choice.text

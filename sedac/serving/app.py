@@ -33,7 +33,6 @@ class Server:
         engine = llm.engine
         self.tokenizer, self.max_seq_len = engine.tokenizer, engine.config.build.max_seq_len
         self.metrics = ServerMetrics(model_name)
-        self._sent: dict[tuple[str, int], int] = {}
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
         body = await request.body()
@@ -89,18 +88,6 @@ class Server:
             raise HTTPError(503, f"server is busy: {e}", "server_busy", {"Retry-After": "1"}) from None
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-
-    def deltas(self, stream_index: int, out):
-        """(choice, new text) pairs since the last output of this request."""
-        for c in out.outputs:
-            key = (out.request_id, c.index)
-            sent = self._sent.get(key, 0)
-            if len(c.text) > sent or c.finish_reason:
-                yield c, c.text[sent:]
-            if c.finish_reason:
-                self._sent.pop(key, None)
-            else:
-                self._sent[key] = len(c.text)
 
 
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,

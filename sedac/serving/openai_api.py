@@ -34,9 +34,9 @@ class OpenAIHandlers:
                              "model": self.server.model_name, "choices": choices, "usage": _usage(finals)})
 
     async def _completion_chunks(self, streams, rid, created, req) -> AsyncIterator[dict]:
-        finals = []
+        finals, sent = [], {}
         async for i, out in _merge(streams):
-            for c, delta in self.server.deltas(i, out):
+            for c, delta in _deltas(out, sent):
                 yield {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name,
                        "choices": [{"index": i * req.n + c.index, "text": delta, "logprobs": None,
                                     "finish_reason": c.finish_reason}]}
@@ -78,9 +78,9 @@ class OpenAIHandlers:
         for i in range(req.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-        final = None
+        final, sent = None, {}
         async for _, out in _merge([stream]):
-            for c, delta in self.server.deltas(0, out):
+            for c, delta in _deltas(out, sent):
                 yield {**head, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
                                             "logprobs": None, "finish_reason": c.finish_reason}]}
             final = out
@@ -122,6 +122,18 @@ async def _merge(streams) -> AsyncIterator[tuple[int, object]]:
             t.cancel()
         for s in streams:
             s.abort()
+
+
+def _deltas(out, sent: dict):
+    """(choice, new text) pairs since this stream's last output; `sent` belongs to one response."""
+    for c in out.outputs:
+        key = (out.request_id, c.index)
+        done = sent.get(key, 0)
+        if done is None:                      # this choice already sent its finish chunk
+            continue
+        if len(c.text) > done or c.finish_reason:
+            yield c, c.text[done:]
+        sent[key] = None if c.finish_reason else len(c.text)
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
