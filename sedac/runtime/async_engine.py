@@ -45,7 +45,10 @@ class AsyncLLM:
         rid = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(self, rid, on_finish)
         loop = asyncio.get_running_loop()
-        await self._call(self._add, rid, prompt, params, lambda item: loop.call_soon_threadsafe(stream.queue.put_nowait, item))
+
+        def sink(item):                       # called on the engine thread
+            loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        await self._call(self._add, rid, prompt, params, sink)
         return stream
 
     def submit_nowait(self, prompt, params: SamplingParams, sink: Callable[[object], None],
