@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"      # converted weights inside an engine directory
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -12,9 +12,7 @@ from safetensors.torch import save_file
 
 from sedac.builder.convert import convert_checkpoint, model_config_from_hf
 from sedac.builder.sources import resolve_source
-from sedac.config import PRECISIONS, BuildConfig, EngineConfig
-
-WEIGHTS_FILE = "model.safetensors"
+from sedac.config import PRECISIONS, WEIGHTS_FILE, BuildConfig, EngineConfig
 
 
 def build_engine(model: str, output: str | Path, build: BuildConfig) -> dict:

@@ -6,8 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sedac.builder.build import WEIGHTS_FILE
-from sedac.config import EngineConfig, ModelConfig
+from sedac.config import WEIGHTS_FILE, EngineConfig, ModelConfig
 
 
 def hf_config(cfg: ModelConfig):

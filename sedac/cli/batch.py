@@ -5,7 +5,6 @@ import json
 import time
 
 
-
 def read_prompts(llm, path: str) -> list:
     """Each line: {"prompt": str | [ids]} or {"messages": [...]}; a bad line becomes an error string."""
     items = []

@@ -6,12 +6,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sedac.config import PRECISIONS, EngineConfig
+from sedac.config import PRECISIONS, WEIGHTS_FILE, EngineConfig
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
 from sedac.models.layers import Linear
 from sedac.runtime.scheduler import ScheduledBatch
-
-WEIGHTS_FILE = "model.safetensors"
 
 
 def resolve_device(device: str) -> torch.device:
