@@ -3,9 +3,10 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -q --disable-pip-version-check
 ENGINE := engines/smollm2
+SEDAC_ENGINE := engines/smollm2-sedac
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-sedac clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +30,12 @@ test: install
 
 bench: install $(ENGINE)/config.json
 	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --report reports/bench
+
+$(SEDAC_ENGINE)/sedac.safetensors: | install
+	$(VENV)/bin/sedac-build --model smollm2-135m-instruct --output $(SEDAC_ENGINE) --sedac
+
+bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
+	$(VENV)/bin/sedac-run bench --engine $(SEDAC_ENGINE) --sedac-modes off,lossless,lossy --report reports/sedac_bench
 
 clean:
 	rm -rf $(VENV) engines reports

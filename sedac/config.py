@@ -12,6 +12,7 @@ from pathlib import Path
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"      # converted weights inside an engine directory
+SEDAC_WEIGHTS_FILE = "sedac.safetensors"  # trained exit heads (engines built with --sedac)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 

@@ -85,3 +85,26 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     with torch.inference_mode():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, len(prompt_ids):].tolist()
+
+
+TINY_SEDAC = dict(exit_layers="1,2", calib_tokens=512, train_tokens=2048, epochs=1, exit_vocab=2048, seq_len=128)
+
+
+@pytest.fixture(scope="session")
+def tiny_sedac_engine(tmp_path_factory, tiny_models) -> Path:
+    """The tiny Llama with SEDAC exit heads trained and calibrated (exits at layers 1 and 2 of 3)."""
+    from sedac.builder import SedacOptions
+    path = tmp_path_factory.mktemp("sedac") / "llama"
+    build_engine(str(tiny_models["llama"]), path, BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256,
+                                                              kv_block_size=4), SedacOptions(**TINY_SEDAC))
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_sedac_engine() -> Path:
+    """The real SmolLM2 engine built with --sedac at default settings, once (shared with the README bench)."""
+    from sedac.builder import SedacOptions
+    path = ROOT / "engines" / "smollm2-sedac"
+    if not (path / "sedac.safetensors").is_file():
+        build_engine("smollm2-135m-instruct", path, BuildConfig(), SedacOptions())
+    return path

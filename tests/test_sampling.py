@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from sedac import LLM, SamplingParams
-from sedac.runtime.sampler import _filtered_probs
+from sedac.runtime.sampler import filtered_probs
 
 PROMPT = [1, 520, 9531, 198, 33]
 
@@ -43,7 +43,7 @@ def test_top_k_one_is_greedy(llm):
 
 def test_filters_mask_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    probs = lambda **kw: _filtered_probs(logits, [SamplingParams(temperature=1.0, **kw)])[0]
+    probs = lambda **kw: filtered_probs(logits, [SamplingParams(temperature=1.0, **kw)])[0]
     assert (probs(top_k=2) > 0).tolist() == [True, True, False, False]
     assert (probs(top_p=0.8) > 0).tolist() == [True, True, False, False]
     assert (probs(top_p=0.81) > 0).tolist() == [True, True, True, False]

@@ -11,13 +11,16 @@ import torch
 from safetensors.torch import save_file
 
 from sedac.builder.convert import convert_checkpoint, model_config_from_hf
+from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
 from sedac.config import PRECISIONS, WEIGHTS_FILE, BuildConfig, EngineConfig
 
 
-def build_engine(model: str, output: str | Path, build: BuildConfig) -> dict:
-    """Compile `model` into the engine directory `output`; returns the build report."""
+def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: SedacOptions | None = None) -> dict:
+    """Compile `model` into the engine directory `output` (with SEDAC exits when `sedac` is given)."""
     build.validate()
+    if sedac is not None:
+        sedac.validate()
     started = time.time()
     source = resolve_source(model)
     tokenizer = source.load_tokenizer()
@@ -46,6 +49,9 @@ def build_engine(model: str, output: str | Path, build: BuildConfig) -> dict:
         "build": asdict(build), "build_seconds": round(time.time() - started, 2),
         "torch": torch.__version__,
     }
+    if sedac is not None:
+        report["sedac"] = add_sedac(tmp, sedac)
+        report["build_seconds"] = round(time.time() - started, 2)
     (tmp / "build_report.json").write_text(json.dumps(report, indent=2))
     shutil.rmtree(out, ignore_errors=True)   # an engine is replaced whole, never half-written
     tmp.rename(out)

@@ -36,11 +36,18 @@ def load_preset(path: str | None) -> dict:
 @click.option("--max-seq-len", type=int)
 @click.option("--max-num-tokens", type=int)
 @click.option("--kv-block-size", type=int)
+@click.option("--sedac", is_flag=True, help="train SEDAC exit heads and calibrate early-exit thresholds")
+@click.option("--exit-layers", default="auto", show_default=True, help="'auto' or comma-separated exit layers")
+@click.option("--calib-data", default="sharegpt", show_default=True, help="'sharegpt' or a text file, one document a line")
+@click.option("--calib-tokens", default=8192, show_default=True, help="generated tokens for calibration")
+@click.option("--train-tokens", default=65536, show_default=True, help="teacher-forced tokens for exit training")
+@click.option("--exit-epochs", default=2, show_default=True)
 @clean_errors
-def main(model, output, config_file, **flags):
+def main(model, output, config_file, sedac, exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs, **flags):
     """Compile MODEL into a self-contained engine directory."""
-    from sedac.builder import build_engine
+    from sedac.builder import SedacOptions, build_engine
     settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
-    report = build_engine(model, output, BuildConfig(**settings))
+    options = SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs) if sedac else None
+    report = build_engine(model, output, BuildConfig(**settings), options)
     click.echo(json.dumps(report, indent=2))
     click.echo(f"engine written to {output}")

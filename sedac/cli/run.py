@@ -18,15 +18,18 @@ def sampling_options(fn):
         click.option("--max-tokens", type=int, default=128, show_default=True),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
         click.option("--top-k", type=int, default=0), click.option("--top-p", type=float, default=1.0),
-        click.option("--seed", type=int), click.option("--stop", multiple=True, help="stop string (repeatable)")]):
+        click.option("--seed", type=int), click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--sedac-mode", type=click.Choice(["off", "lossless", "lossy"]), default="off", show_default=True,
+                     help="SEDAC early exit (lossless/lossy need an engine built with --sedac)"),
+        click.option("--sedac-agreement", type=float, help="lossy mode's target agreement (default: the engine's)")]):
         fn = opt(fn)
     return fn
 
 
-def make_params(max_tokens, temperature, top_k, top_p, seed, stop, **extra):
+def make_params(max_tokens, temperature, top_k, top_p, seed, stop, sedac_mode="off", sedac_agreement=None, **extra):
     from sedac import SamplingParams
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                          seed=seed, stop=list(stop), **extra)
+                          seed=seed, stop=list(stop), sedac_mode=sedac_mode, sedac_agreement=sedac_agreement, **extra)
 
 
 @click.group()
@@ -71,7 +74,10 @@ def _stream_one(llm, prompt, params, chat):
     elapsed = time.perf_counter() - started
     n = m.num_generated_tokens if m else 0
     click.echo(f"[{n} tokens in {elapsed:.2f}s, {n / elapsed:.1f} tok/s, ttft {1000 * (m.ttft or 0):.0f} ms, "
-               f"tpot {1000 * (m.tpot or 0):.1f} ms, finish {stats.finish_reason if stats else '?'}]", err=True)
+               f"tpot {1000 * (m.tpot or 0):.1f} ms, finish {stats.finish_reason if stats else '?'}"
+               + (f", {params.sedac_mode}: {m.layers_per_token:.1f} layers/token, skip {m.skip_ratio:.0%}"
+                  + (f", acceptance {m.acceptance_rate:.0%}" if m.acceptance_rate is not None else "")
+                  if m and params.sedac_mode != "off" else "") + "]", err=True)
 
 
 @main.command()
@@ -181,8 +187,21 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--max-prompt-len", type=int, default=256, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="also run HF transformers generate")
 @click.option("--report", default="reports/bench", show_default=True, help="writes REPORT.json and REPORT.md")
+@click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
+@click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @clean_errors
-def bench(engine, device, **options):
-    """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate."""
+def bench(engine, device, sedac_modes, batch_size, agreement, **options):
+    """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
+    or with --sedac-modes the SEDAC modes side by side."""
+    if sedac_modes:
+        from sedac.cli.sedac_bench import run_sedac_bench
+        modes = [m.strip() for m in sedac_modes.split(",") if m.strip()]
+        if not modes or set(modes) - {"off", "lossless", "lossy"}:
+            raise ValueError(f"--sedac-modes takes off, lossless and lossy, got {sedac_modes!r}")
+        report = options["report"] if options["report"] != "reports/bench" else "reports/sedac_bench"
+        run_sedac_bench(engine, device, modes, options["output_len"], options["batch1_prompts"], batch_size,
+                        options["max_prompt_len"], agreement, report)
+        return
     from sedac.cli.bench import run_bench
     run_bench(engine, device, **options)

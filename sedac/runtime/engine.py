@@ -12,7 +12,9 @@ from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import sample
 from sedac.runtime.sampling_params import SamplingParams
-from sedac.runtime.scheduler import Scheduler
+from sedac.runtime.early_exit import ExitController, early_exit_step
+from sedac.runtime.scheduler import ScheduledBatch, Scheduler
+from sedac.runtime.speculative import speculative_step
 from sedac.runtime.sequence import Sequence, Status
 
 
@@ -25,11 +27,15 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     aborted: bool = False
+    layer_rows: int = 0          # decoder-layer passes spent on generated tokens (SEDAC metrics)
+    drafted: int = 0
+    accepted: int = 0
 
 
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None):
+                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
+                 sedac_mode: str = "off"):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
@@ -39,10 +45,14 @@ class LLMEngine:
         self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory)
         self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
-                                   max_num_batched_tokens or b.max_num_tokens)
+                                   max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
+        self.sedac_mode = self._check_mode(sedac_mode)
+        self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
+        self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0}
+        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
+                         "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0}
         self.last_finished: RequestOutput | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -70,8 +80,7 @@ class LLMEngine:
             raise ValueError("params must be a SamplingParams")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        if params.sedac_mode not in (None, "off") and self.config.sedac is None:
-            raise ValueError(f"sedac_mode={params.sedac_mode!r} needs an engine built with --sedac")
+        self._check_mode(params.sedac_mode)
         ids = self.tokenize(prompt)
         seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params))
         seq.detok_state = detokenizer.start(len(ids))
@@ -80,6 +89,23 @@ class LLMEngine:
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids,
                                             params, [seq], metrics)
         self.scheduler.add(seq)
+
+    def _check_mode(self, mode: str | None) -> str | None:
+        if mode not in (None, "off", "lossless", "lossy"):
+            raise ValueError(f"sedac_mode must be off, lossless or lossy, got {mode!r}")
+        if mode not in (None, "off") and self.config.sedac is None:
+            raise ValueError(f"sedac_mode={mode!r} needs an engine built with --sedac")
+        return mode
+
+    def mode_of(self, seq: Sequence) -> str:
+        return seq.params.sedac_mode or self.sedac_mode
+
+    def _draft_len(self, seq: Sequence) -> int:
+        """Drafts this lossless decode step (0 for other modes); never past max_tokens or max_seq_len."""
+        if self.mode_of(seq) != "lossless" or seq.pending_forks or seq.num_computed_tokens != seq.num_tokens - 1:
+            return 0
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.config.build.max_seq_len - seq.num_tokens) - 1
+        return max(0, min(self.config.sedac["draft_len"], room))
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, with and without a leading space (as vLLM does)."""
@@ -109,19 +135,72 @@ class LLMEngine:
         batch.order_decodes_first()
         self.runner.copy_blocks(self.blocks.pending_copies)
         self.blocks.pending_copies.clear()
-        samplers, rows = self._sampling_rows(batch)
-        logits = self.runner.forward(batch, rows)
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            seq.num_computed_tokens += n
-            self.blocks.register_computed(seq)
-        samplers, logit_rows = self._fork_children(samplers)
-        tokens, logprobs = sample(logits[logit_rows], samplers)
+        full, lossless, lossy = self._split_by_mode(batch)
+        new_tokens = self._full_step(full) if full.seqs else []
+        if lossless:
+            new_tokens += self._lossless_step(lossless)
+        if lossy:
+            new_tokens += self._lossy_step(lossy)
         now = time.perf_counter()
-        for seq, token, lp in zip(samplers, tokens, logprobs):
-            self._append_token(seq, token, lp, now)
+        for seq, tokens, logprobs in new_tokens:
+            for token, lp in zip(tokens, logprobs):
+                if not seq.is_finished:          # a stop inside an accepted draft ends it there
+                    self._append_token(seq, token, lp, now)
         touched = {seq.request_id for seq in batch.seqs}
         finished = self._collect_finished(touched)          # pops them: one output per request per step
         return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
+
+    def _split_by_mode(self, batch: ScheduledBatch):
+        """Decodes in lossless or lossy mode take SEDAC's paths; everything else runs the full model."""
+        full, lossless, lossy = ScheduledBatch(), [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            mode = self.mode_of(seq)
+            decoding = n == 1 and not seq.pending_forks and seq.num_computed_tokens == seq.num_tokens - 1
+            if decoding and mode == "lossless":
+                lossless.append(seq)
+            elif decoding and mode == "lossy":
+                lossy.append(seq)
+            else:
+                full.add(seq, n)
+        return full, lossless, lossy
+
+    def _full_step(self, batch: ScheduledBatch):
+        samplers, rows = self._sampling_rows(batch)
+        logits = self.runner.forward(batch, rows)
+        self._computed(batch.seqs, batch.num_new_tokens)
+        samplers, logit_rows = self._fork_children(samplers)
+        tokens, logprobs = sample(logits[logit_rows], samplers)
+        for seq in samplers:
+            self.requests[seq.request_id].layer_rows += self.config.model.num_layers
+        return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)]
+
+    def _lossless_step(self, seqs: list[Sequence]):
+        results = speculative_step(self.runner, seqs, [self._draft_len(s) for s in seqs], self.config.sedac["draft_layer"])
+        self._computed(seqs, [len(r.tokens) for r in results])
+        for seq, r in zip(seqs, results):
+            req = self.requests[seq.request_id]
+            req.layer_rows += r.layer_rows
+            req.drafted += r.drafted
+            req.accepted += r.accepted
+            self.counters["sedac_drafted_tokens"] += r.drafted
+            self.counters["sedac_accepted_tokens"] += r.accepted
+        return [(seq, r.tokens, r.logprobs) for seq, r in zip(seqs, results)]
+
+    def _lossy_step(self, seqs: list[Sequence]):
+        levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
+        results = early_exit_step(self.runner, seqs, levels, self.exit_controller, self.config.sedac["lossy_layers"])
+        self._computed(seqs, [1] * len(seqs))
+        self.counters["sedac_lossy_tokens"] += len(seqs)
+        for seq, r in zip(seqs, results):
+            self.requests[seq.request_id].layer_rows += r.exit_layer
+            if r.exit_layer in self.exit_histogram:
+                self.exit_histogram[r.exit_layer] += 1
+        return [(seq, [r.token], [r.logprob]) for seq, r in zip(seqs, results)]
+
+    def _computed(self, seqs: list[Sequence], counts: list[int]) -> None:
+        for seq, n in zip(seqs, counts):
+            seq.num_computed_tokens += n
+            self.blocks.register_computed(seq)
 
     def _sampling_rows(self, batch):
         """Sequences whose scheduled tokens reach their end sample; their last row gives the logits."""
@@ -212,17 +291,33 @@ class LLMEngine:
                                          list(seq.logprobs) if seq.params.logprobs is not None else None,
                                          seq.stop_reason))
         req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
+        self._sedac_metrics(req)
         req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)
 
+    def _sedac_metrics(self, req: Request) -> None:
+        num_layers, m = self.config.model.num_layers, req.metrics
+        if m.num_generated_tokens:
+            m.layers_per_token = req.layer_rows / m.num_generated_tokens
+            m.skip_ratio = max(0.0, 1.0 - m.layers_per_token / num_layers)
+        m.acceptance_rate = req.accepted / req.drafted if req.drafted else None
+
     # ---- introspection ----------------------------------------------------------------------------
+    def _sedac_rates(self) -> dict:
+        c, num_layers = self.counters, self.config.model.num_layers
+        skipped = sum((num_layers - layer) * n for layer, n in self.exit_histogram.items())
+        return {"sedac_acceptance_rate": c["sedac_accepted_tokens"] / max(1, c["sedac_drafted_tokens"]),
+                "sedac_skip_ratio": skipped / max(1, num_layers * c["sedac_lossy_tokens"])}
+
     def stats(self) -> dict:
         b = self.blocks
         return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": b.usage(), "kv_blocks_total": b.num_blocks, "kv_blocks_free": b.num_free_blocks,
                 "kv_cache_bytes": self.runner.kv_cache_bytes,
                 "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
-                "num_preemptions": self.scheduler.num_preemptions, **self.counters}
+                "num_preemptions": self.scheduler.num_preemptions, **self.counters,
+                "sedac_exit_layer_tokens": dict(self.exit_histogram), **self._sedac_rates(),
+                "sedac_controller": self.exit_controller.stats() if self.exit_controller else None}
 
 
 def _load_tokenizer(engine_dir: Path):

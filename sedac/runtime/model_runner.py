@@ -6,8 +6,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sedac.config import PRECISIONS, WEIGHTS_FILE, EngineConfig
+from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
+from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
 from sedac.runtime.scheduler import ScheduledBatch
 
@@ -28,6 +29,7 @@ class ModelRunner:
         self.dtype = getattr(torch, PRECISIONS[config.build.precision])
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
+        self.exit_heads = self._load_exit_heads(engine_dir) if config.sedac else {}
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
 
     def _load_model(self, engine_dir: Path) -> DecoderModel:
@@ -49,11 +51,33 @@ class ModelRunner:
         if tied:
             model.tie_lm_head()
         model = model.to(self.device).eval()
-        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        if self._packs_for_cpu():
             for module in model.modules():
                 if isinstance(module, Linear):
                     module.pack_for_cpu(self.config.build.max_batch_size)
         return model
+
+    def _load_exit_heads(self, engine_dir: Path) -> dict[int, ExitHead]:
+        path = Path(engine_dir) / SEDAC_WEIGHTS_FILE
+        if not path.is_file():
+            raise ValueError(f"engine config has SEDAC exits but {path} is missing")
+        weights = load_file(str(path), device=str(self.device))
+        m, heads = self.config.model, {}
+        for layer in self.config.sedac["exit_layers"]:
+            state = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"exit.{layer}.")}
+            head = ExitHead(m.hidden_size, self.config.sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
+            head.load_state_dict(state, assign=True)
+            head = head.to(device=self.device, dtype=self.dtype).eval()
+            head.vocab_ids = head.vocab_ids.long()
+            if self._packs_for_cpu():
+                for module in head.modules():
+                    if isinstance(module, Linear):
+                        module.pack_for_cpu(self.config.build.max_batch_size)
+            heads[layer] = head
+        return heads
+
+    def _packs_for_cpu(self) -> bool:
+        return self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
@@ -92,37 +116,51 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
         """Run the step; return logits [len(sample_rows), vocab] for the given token rows."""
         input_ids, positions, ctx = self.prepare(batch)
-        set_context(ctx)
-        try:
-            hidden = self.model(input_ids, positions)
-        finally:
-            set_context(None)
+        hidden = self.run(input_ids, None, positions, ctx)
         return self.model.logits(hidden[sample_rows]).float()
 
     def prepare(self, batch: ScheduledBatch):
         """Decodes (one new token) first, then prefill chunks; returns ids, positions, context."""
-        bs, dev = self.block_size, self.device
-        ids, pos, slots = [], [], []
-        decodes, prefills = [], []
+        ids, decodes, chunks = [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
             ids += seq.token_ids[start:start + n]
-            pos += range(start, start + n)
-            slots += [seq.block_table[p // bs] * bs + p % bs for p in range(start, start + n)]
-            blocks = seq.block_table[:-(-(start + n) // bs)]
             if n == 1:
-                decodes.append((blocks, start + 1))
+                decodes.append((seq.block_table, start))
             else:
-                prefills.append((len(ids) - n, len(ids), blocks, start))
+                chunks.append((seq.block_table, start, n))
+        positions, ctx = self.context(decodes, chunks)
+        return torch.tensor(ids, device=self.device), positions, ctx
+
+    def context(self, decodes: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]] = ()):
+        """Attention context for rows laid out as decodes (block table, position), then chunks
+        (block table, first position, length); -> (positions [T], context)."""
+        bs, dev = self.block_size, self.device
+        pos = [p for _, p in decodes] + [p for _, start, n in chunks for p in range(start, start + n)]
+        tables = [t for t, _ in decodes] + [t for t, _, n in chunks for _ in range(n)]
+        slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
         ctx = AttentionContext(torch.tensor(slots, device=dev), bs, num_decodes=len(decodes))
         if decodes:
-            width = max(len(b) for b, _ in decodes)
-            ctx.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b, _ in decodes], device=dev)
-            lengths = torch.tensor([n for _, n in decodes], device=dev)
+            blocks = [t[:p // bs + 1] for t, p in decodes]
+            width = max(len(b) for b in blocks)
+            ctx.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b in blocks], device=dev)
+            lengths = torch.tensor([p + 1 for _, p in decodes], device=dev)
             ctx.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
-        for start, end, blocks, cached in prefills:
-            ctx.prefills.append(_prefill_chunk(start, end, blocks, cached, bs, dev))
-        return torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx
+        row = len(decodes)
+        for table, start, n in chunks:
+            ctx.prefills.append(_prefill_chunk(row, row + n, table[:-(-(start + n) // bs)], start, bs, dev))
+            row += n
+        return torch.tensor(pos, device=dev), ctx
+
+    def run(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, positions: torch.Tensor, ctx,
+            start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H]."""
+        set_context(ctx)
+        try:
+            h = self.model.embed(ids) if hidden is None else hidden
+            return self.model.run_layers(h, positions, start, end)
+        finally:
+            set_context(None)
 
 
 def _prefill_chunk(start, end, blocks, cached, bs, dev) -> PrefillChunk:

@@ -9,17 +9,26 @@ from sedac.runtime.sequence import Sequence
 def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
-    logits = _ban_bad_words(_apply_penalties(logits, seqs), seqs)
+    logits = process(logits, seqs)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
-        probs = _filtered_probs(logits[random_rows], [seqs[i].params for i in random_rows])
+        probs = filtered_probs(logits[random_rows], [seqs[i].params for i in random_rows])
         for row, i in enumerate(random_rows):
-            # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, using the request's own RNG.
-            noise = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator).to(probs.device)
-            tokens[i] = (probs[row] / noise).argmax()
+            tokens[i] = draw(probs[row], seqs[i].generator)
     token_list = tokens.tolist()
-    return token_list, _logprobs(raw_logprobs, token_list, seqs)
+    return token_list, token_logprobs(raw_logprobs, token_list, seqs)
+
+
+def process(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """Penalties and bad words: the logits every decision (greedy or sampled) is taken from."""
+    return _ban_bad_words(_apply_penalties(logits, seqs), seqs)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from probs [V]. Exponential race: argmax(p / E), E ~ Exp(1), on the request's own RNG."""
+    noise = torch.empty(probs.shape[0]).exponential_(generator=generator).to(probs.device)
+    return int((probs / noise).argmax())
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -52,7 +61,7 @@ def _ban_bad_words(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     return logits
 
 
-def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     dev = logits.device
     temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
     logits = logits / temps
@@ -71,7 +80,7 @@ def _filtered_probs(logits: torch.Tensor, params: list) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(1, order, sorted_logits).softmax(dim=-1)
 
 
-def _logprobs(raw, tokens: list[int], seqs: list[Sequence]):
+def token_logprobs(raw, tokens: list[int], seqs: list[Sequence]):
     if raw is None:
         return [None] * len(seqs)
     out = []

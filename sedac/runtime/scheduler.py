@@ -33,8 +33,10 @@ def _order(seq: Sequence):
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 lookahead=lambda seq: 0):
         self.blocks = block_manager
+        self.lookahead = lookahead     # seq -> extra KV slots its step may write (lossless drafts)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -60,10 +62,11 @@ class Scheduler:
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self._make_room(seq, n, batch):
+            extra = self.lookahead(seq) if n == 1 else 0
+            if not self._make_room(seq, n + extra, batch):
                 continue
             batch.add(seq, n)
-            budget -= n
+            budget -= min(budget, n + extra)
         if not batch.preempted:
             self._admit_waiting(batch, budget)
         return batch

@@ -28,6 +28,8 @@ class ServerMetrics:
                                 registry=r)
         self.skip_ratio = Gauge("sedac:sedac_skip_ratio", "SEDAC fraction of layers skipped", labels, registry=r)
         self.acceptance = Gauge("sedac:sedac_acceptance_rate", "SEDAC draft acceptance rate", labels, registry=r)
+        self.exits = Gauge("sedac:sedac_exit_tokens", "Lossy-mode tokens that exited at each layer (histogram)",
+                           labels + ["layer"], registry=r)
         self.model = model_name
 
     def observe_finished(self, out) -> None:
@@ -54,4 +56,6 @@ class ServerMetrics:
         self.preemptions.labels(label).set(stats["num_preemptions"])
         self.skip_ratio.labels(label).set(stats.get("sedac_skip_ratio", 0.0))
         self.acceptance.labels(label).set(stats.get("sedac_acceptance_rate", 0.0))
+        for layer, count in stats.get("sedac_exit_layer_tokens", {}).items():
+            self.exits.labels(label, str(layer)).set(count)
         return generate_latest(self.registry)

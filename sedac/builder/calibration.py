@@ -1,0 +1,100 @@
+"""Learn-then-Test calibration of lossy-mode exit thresholds, and the cost model that picks exits.
+
+Risk of a threshold setting = the fraction of generated tokens whose early-exit prediction differs
+from the full model's (1 - token agreement). The calibration tokens are split in two: the "learn"
+half maps a scalar t to per-layer entropy thresholds (each layer exits only where its own error rate
+among exiting tokens is <= t); the "test" half runs fixed-sequence testing over increasing t with an
+exact binomial p-value, so with probability >= 1 - epsilon the chosen thresholds keep risk <= delta
+(Angelopoulos et al., Learn then Test; CALM's use of it for early exit).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+AGREEMENT_LEVELS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
+T_GRID = [0.0] + [10 ** (e / 8) for e in range(-32, -3)]     # 1e-4 .. ~0.42, increasing
+NEVER = -1.0                                                  # entropy is >= 0: a layer that never exits
+
+
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) <= k), summed in log space (n up to ~1e6 is fine)."""
+    if k >= n:
+        return 1.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
+
+
+def thresholds_for(t: float, entropy: torch.Tensor, agree: torch.Tensor) -> float:
+    """Largest entropy threshold whose exiting tokens (entropy <= it) have error rate <= t."""
+    order = entropy.argsort()
+    errors = (~agree[order]).float().cumsum(0)
+    rate = errors / torch.arange(1, len(order) + 1)
+    ok = (rate <= t).nonzero()
+    return float(entropy[order][ok.max()]) if len(ok) else NEVER
+
+
+def cascade(thresholds: list[float], entropy: list[torch.Tensor], agree: list[torch.Tensor]):
+    """Exit each token at the first layer under its threshold -> (exit layer index or -1 [N], wrong [N])."""
+    n = len(entropy[0])
+    where = torch.full((n,), -1, dtype=torch.long)
+    wrong = torch.zeros(n, dtype=torch.bool)
+    for i, (tau, h, a) in enumerate(zip(thresholds, entropy, agree)):
+        exits = (where < 0) & (h <= tau)
+        where[exits] = i
+        wrong |= exits & ~a
+    return where, wrong
+
+
+def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delta: float,
+                    epsilon: float = 0.05) -> dict:
+    """Per-layer thresholds with P(agreement >= 1 - delta) >= 1 - epsilon, and the curve they came from."""
+    n = len(entropy[0])
+    learn = torch.arange(n) % 2 == 0        # interleaved halves: both see every part of the data
+    test = ~learn
+    chosen, curve = [NEVER] * len(entropy), []
+    for t in T_GRID:
+        taus = [thresholds_for(t, h[learn], a[learn]) for h, a in zip(entropy, agree)]
+        where, wrong = cascade(taus, [h[test] for h in entropy], [a[test] for a in agree])
+        m, errors = int(test.sum()), int(wrong.sum())
+        p_value = binomial_cdf(errors, m, delta)
+        curve.append({"t": t, "thresholds": taus, "agreement": 1 - errors / m,
+                      "exit_fraction": [float((where == i).float().mean()) for i in range(len(entropy))],
+                      "p_value": p_value})
+        if p_value > epsilon:               # fixed-sequence testing stops at the first non-rejection
+            break
+        chosen = taus
+    return {"thresholds": chosen, "curve": curve}
+
+
+def lossless_speedup(alpha: float, exit_layer: int, draft_len: int, costs: dict) -> float:
+    """Expected batch-1 speedup of self-speculative decoding (weights streamed per token as the cost):
+    drafting runs layers [0, E) and the exit head per draft, and the verify pass reuses them."""
+    tokens = sum(alpha ** i for i in range(draft_len + 1))
+    full = costs["layers"] + costs["lm_head"]
+    cycle = (draft_len + 1) * exit_layer + draft_len * costs["exit_head"] + (costs["layers"] - exit_layer) + costs["lm_head"]
+    return tokens * full / cycle
+
+
+def lossy_cost(where: torch.Tensor, exit_layers: list[int], costs: dict) -> float:
+    """Mean per-token cost (in decoder-layer units) of a cascade's exit pattern over tokens."""
+    total, n = 0.0, len(where)
+    for i, layer in enumerate(exit_layers):
+        count = int((where == i).sum())
+        total += count * (layer + (i + 1) * costs["exit_head"] + (costs["layers"] - layer) * costs["kv_fill"])
+    stay = int((where < 0).sum())
+    total += stay * (costs["layers"] + costs["lm_head"] + len(exit_layers) * costs["exit_head"])
+    return total / n
+
+
+def cost_units(cfg, adapter_rank: int, kept_vocab: int) -> dict:
+    """Parameter counts relative to one decoder layer: the bytes each part streams per decode step."""
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    q = cfg.num_heads * cfg.head_dim
+    layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
+    return {"layers": cfg.num_layers, "lm_head": h * cfg.vocab_size / layer,
+            "exit_head": (2 * h * adapter_rank + h * kept_vocab) / layer,
+            "kv_fill": h * (q + 2 * kv) / layer}

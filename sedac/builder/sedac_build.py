@@ -1,0 +1,130 @@
+"""`sedac-build --sedac`: train exit heads, pick exits by the cost model, calibrate lossy thresholds.
+
+Training data: ShareGPT conversations (train split) under teacher forcing. Calibration data: the
+model's own greedy answers to held-out (calib split) prompts, the distribution SEDAC runs on.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from sedac.builder import calibration as cal
+from sedac.builder import exit_training as et
+from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
+
+CALIBRATION_FILE = "sedac_calibration.json"
+
+
+@dataclass
+class SedacOptions:
+    exit_layers: str = "auto"         # "auto" or comma-separated layer counts, e.g. "8,16,24"
+    calib_data: str = "sharegpt"      # "sharegpt" or a text file (one document per line)
+    calib_tokens: int = 8192          # generated tokens that calibrate thresholds and pick exits
+    train_tokens: int = 65536         # teacher-forced tokens that train the exit heads
+    epochs: int = 2
+    adapter_rank: int = 256
+    exit_vocab: int = 8192            # kept vocabulary of the exit heads
+    seq_len: int = 512
+    max_draft_len: int = 6
+
+    def layers(self, num_layers: int) -> list[int]:
+        if self.exit_layers == "auto":
+            return sorted({min(num_layers - 1, max(1, round(num_layers * f / 10))) for f in range(2, 10)})
+        try:
+            layers = sorted({int(x) for x in self.exit_layers.split(",")})
+        except ValueError:
+            raise ValueError(f"--exit-layers must be 'auto' or comma-separated integers, got {self.exit_layers!r}") from None
+        if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+            raise ValueError(f"exit layers must be in [1, {num_layers - 1}], got {self.exit_layers!r}")
+        return layers
+
+    def validate(self) -> None:
+        for name in ("calib_tokens", "train_tokens", "epochs", "adapter_rank", "exit_vocab", "seq_len", "max_draft_len"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be a positive integer")
+
+
+def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
+    """Train and calibrate SEDAC into a built engine directory; returns the report section."""
+    from sedac.runtime.llm import LLM     # the engine generates its own calibration answers
+    opts.validate()
+    engine_dir = Path(engine_dir)
+    llm = LLM(str(engine_dir), device="cpu")
+    model, cfg, tok = llm.engine.runner.model, llm.engine.config, llm.engine.tokenizer
+    layers = opts.layers(cfg.model.num_layers)
+    seq_len = min(opts.seq_len, cfg.build.max_seq_len)
+    train = et.collect_features(model, et.training_texts(tok, opts.calib_data, "train", seq_len),
+                                layers, opts.train_tokens, "teacher pass (train)")
+    calib = et.collect_features(model, _own_answers(llm, opts, seq_len), layers, opts.calib_tokens,
+                                "teacher pass (calib)")
+    vocab = et.choose_vocab(train, opts.exit_vocab, cfg.model.eos_token_ids)
+    heads, entropy, agree = {}, {}, {}
+    for layer in layers:
+        heads[layer] = et.train_exit_head(model, layer, train, vocab, opts.adapter_rank, opts.epochs)
+        entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
+    costs = cal.cost_units(cfg.model, opts.adapter_rank, len(vocab))
+    section = _choose(layers, entropy, agree, costs, opts)
+    section.update(adapter_rank=opts.adapter_rank, kept_vocab=len(vocab), costs=costs,
+                   vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
+                   options=asdict(opts), calib_positions=len(calib.argmax), train_positions=len(train.argmax))
+    _save(engine_dir, cfg, heads, section)
+    return {k: section[k] for k in ("exit_layers", "draft_layer", "draft_len", "lossy_layers", "alpha",
+                                    "predicted_lossless_speedup", "vocab_coverage")}
+
+
+def _own_answers(llm, opts: SedacOptions, seq_len: int):
+    """(prompt + greedy answer, len(prompt) - 1): the positions that predict the answer's tokens."""
+    from sedac.builder.datasets import sharegpt_prompts
+    from sedac.runtime.sampling_params import SamplingParams
+    max_tokens = min(128, seq_len // 2)
+    count = -(-opts.calib_tokens // max_tokens) + 8
+    if opts.calib_data == "sharegpt":
+        prompts = sharegpt_prompts(llm.engine.tokenizer, "calib", count, seq_len - max_tokens)
+    else:
+        prompts = [ids[:seq_len - max_tokens] for ids, _ in itertools.islice(
+            et.training_texts(llm.engine.tokenizer, opts.calib_data, "calib", seq_len), count)]
+    outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=True)
+    for prompt, out in zip(prompts, outs):
+        yield prompt + list(out.outputs[0].token_ids), len(prompt) - 1
+
+
+def _choose(layers, entropy, agree, costs, opts) -> dict:
+    alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
+    speed, draft_layer, draft_len = max((cal.lossless_speedup(alpha[l], l, k, costs), l, k)
+                                        for l in layers for k in range(1, opts.max_draft_len + 1))
+    # Lossy: the one or two exit layers with the lowest calibrated cost at agreement 0.99.
+    best = None
+    for subset in itertools.chain(itertools.combinations(layers, 1), itertools.combinations(layers, 2)):
+        ltt = cal.learn_then_test([entropy[l] for l in subset], [agree[l] for l in subset], delta=0.01)
+        where, _ = cal.cascade(ltt["thresholds"], [entropy[l] for l in subset], [agree[l] for l in subset])
+        cost = cal.lossy_cost(where, list(subset), costs)
+        if best is None or cost < best[0]:
+            best = (cost, list(subset))
+    lossy_layers = best[1]
+    levels, curves = {}, {}
+    for level in cal.AGREEMENT_LEVELS:
+        ltt = cal.learn_then_test([entropy[l] for l in lossy_layers], [agree[l] for l in lossy_layers],
+                                  delta=round(1 - level, 6))
+        levels[str(level)] = ltt["thresholds"]
+        curves[str(level)] = ltt["curve"]
+    per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
+        torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
+    return {"exit_layers": layers, "alpha": alpha, "draft_layer": draft_layer, "draft_len": draft_len,
+            "predicted_lossless_speedup": speed, "lossy_layers": lossy_layers,
+            "predicted_lossy_cost_at_0.99": best[0] / (costs["layers"] + costs["lm_head"]),
+            "thresholds": levels, "default_agreement": 0.99, "curves": curves, "per_layer": per_layer}
+
+
+def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, section: dict) -> None:
+    tensors = {f"exit.{layer}.{name}": t.detach().clone().contiguous() for layer, head in heads.items()
+               for name, t in head.state_dict().items()}
+    save_file(tensors, str(engine_dir / SEDAC_WEIGHTS_FILE), metadata={"format": "pt"})
+    curves = {k: section.pop(k) for k in ("curves", "per_layer")}
+    (engine_dir / CALIBRATION_FILE).write_text(json.dumps({**curves, "alpha": section["alpha"]}, indent=2))
+    cfg.sedac = section
+    cfg.save(engine_dir)

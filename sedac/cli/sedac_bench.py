@@ -1,0 +1,134 @@
+"""`sedac-run bench --sedac-modes off,lossless,lossy`: the SEDAC modes side by side, in one run.
+
+Per mode, on held-out ShareGPT prompts (bench split, never used to train or calibrate): decode
+tokens/s at batch 1 and batch 8 (greedy, fixed output length) and the ratio to `off`; agreement
+with the full model (each generated token vs the full model's argmax on the same prefix, scored by
+one teacher-forced pass over the mode's own output); exact match with `off`'s output; perplexity on
+held-out assistant text; skip ratio, layers per token, draft acceptance.
+"""
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+import click
+import torch
+
+from sedac.builder.datasets import sharegpt_conversations, sharegpt_prompts
+from sedac.builder.exit_training import teacher_pass
+
+
+def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report):
+    from sedac import LLM, SamplingParams
+    llm = LLM(engine, device=device)
+    if any(m != "off" for m in modes) and llm.engine.config.sedac is None:
+        raise ValueError(f"{engine} was built without --sedac; rebuild it with sedac-build --sedac")
+    prompts = sharegpt_prompts(llm.tokenizer, "bench", max(batch1_prompts, batch_size), max_prompt_len)
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))       # warm-up
+    results = {"engine": str(engine), "device": str(llm.engine.runner.device), "threads": torch.get_num_threads(),
+               "output_len": output_len, "agreement_target": agreement, "modes": {}}
+    outputs = {}
+    for mode in modes:
+        params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=mode,
+                                sedac_agreement=agreement)
+        b1 = [_timed(llm, [p], params) for p in prompts[:batch1_prompts]]
+        b8 = _timed(llm, prompts[:batch_size], params)
+        outs = [o for _, o in b1] + b8[1]
+        outputs[mode] = [o.token_ids for o in outs]
+        results["modes"][mode] = {
+            "batch1_tok_s": round(sum(len(o.token_ids) for _, o in b1) / sum(dt for dt, _ in b1), 2),
+            f"batch{batch_size}_tok_s": round(sum(len(o.token_ids) for o in b8[1]) / b8[0], 2),
+            "agreement": _agreement(llm, prompts[:batch1_prompts] + prompts[:batch_size], outputs[mode]),
+            "skip_ratio": round(statistics.mean(o.metrics.skip_ratio for o in outs), 4),
+            "layers_per_token": round(statistics.mean(o.metrics.layers_per_token for o in outs), 2),
+            "acceptance_rate": _mean([o.metrics.acceptance_rate for o in outs]),
+            "perplexity": _perplexity(llm, mode, agreement)}
+    for mode, r in results["modes"].items():
+        base = results["modes"].get("off")
+        if base:
+            for key in ("batch1_tok_s", f"batch{batch_size}_tok_s"):
+                r[key.replace("tok_s", "ratio")] = round(r[key] / base[key], 3)
+        if "off" in outputs:
+            r["identical_to_off"] = sum(a == b for a, b in zip(outputs[mode], outputs["off"])) / len(outputs["off"])
+    _write(results, Path(report))
+    return results
+
+
+def _timed(llm, prompts, params):
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    return time.perf_counter() - start, outs if len(prompts) > 1 else outs[0]
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return round(statistics.mean(values), 4) if values else None
+
+
+@torch.inference_mode()
+def _agreement(llm, prompts, generated) -> float:
+    """Fraction of generated tokens equal to the full model's greedy choice on the same prefix."""
+    model, agree, total = llm.engine.runner.model, 0, 0
+    for prompt, tokens in zip(prompts, generated):
+        ids = list(prompt) + list(tokens)
+        _, final = teacher_pass(model, ids, [])
+        best = model.logits(final[len(prompt) - 1:-1]).argmax(-1)
+        agree += int((best == torch.tensor(tokens)).sum())
+        total += len(tokens)
+    return round(agree / total, 4)
+
+
+@torch.inference_mode()
+def _perplexity(llm, mode, agreement, documents: int = 8, max_len: int = 256, floor: float = 1e-6) -> dict:
+    """Teacher-forced perplexity of held-out assistant answers. Lossy: each position takes its first
+    exit whose entropy is under the calibrated threshold (KV exact: this scores exit decisions alone);
+    an exit head gives 0 to tokens outside its vocabulary, so probabilities are floored at 1e-6."""
+    engine = llm.engine
+    model, layers = engine.runner.model, (engine.config.sedac or {}).get("lossy_layers", [])
+    taus = engine.exit_controller.thresholds(engine.exit_controller.level(agreement), len(layers)) \
+        if mode == "lossy" else [-1.0] * len(layers)
+    nll, count, exited = 0.0, 0, 0
+    for messages in _answers(documents):
+        ids = llm.tokenizer.encode(messages, add_special_tokens=False)[:max_len]
+        states, final = teacher_pass(model, ids, layers)
+        logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
+        done = torch.zeros(len(ids) - 1, dtype=torch.bool)
+        for layer, tau in zip(layers, taus):
+            head = engine.runner.exit_heads[layer]
+            reduced = head(states[layer][:-1]).float()
+            go = (torch.ops.sedac.entropy(reduced) <= tau) & ~done
+            logp[go] = torch.log_softmax(head.full_vocab_logits(reduced[go], logp.shape[1]), -1)
+            done |= go
+        target = torch.tensor(ids[1:])
+        nll -= logp[torch.arange(len(target)), target].clamp(min=math.log(floor)).sum().item()
+        count += len(target)
+        exited += int(done.sum())
+    return {"ppl": round(math.exp(nll / count), 3), "tokens": count, "exited": round(exited / count, 4)}
+
+
+def _answers(count):
+    texts = []
+    for messages in sharegpt_conversations("bench"):
+        answer = next((m["content"] for m in messages if m["role"] == "assistant"), None)
+        if answer:
+            texts.append(answer)
+            if len(texts) == count:
+                break
+    return texts
+
+
+def _write(results: dict, report: Path) -> None:
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    keys = [k for k in next(iter(results["modes"].values())) if k != "perplexity"]
+    lines = [f"# sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
+             f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
+             f"{results['agreement_target']})", "",
+             "| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
+    for mode, r in results["modes"].items():
+        lines.append(f"| {mode} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {r['perplexity']['ppl']} |")
+    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    click.echo("\n".join(lines))

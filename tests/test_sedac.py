@@ -1,0 +1,137 @@
+"""SEDAC on a tiny random Llama: lossless == off, lossy exits and fills KV, modes mix in one batch,
+aborts free blocks, speculative sampling keeps the distribution, LTT keeps its guarantee."""
+import json
+
+import pytest
+import torch
+
+from sedac import LLM, SamplingParams
+from sedac.builder import calibration as cal
+from sedac.runtime.engine import LLMEngine
+
+PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a b c d e f g", "Once"]
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_sedac_engine):
+    return LLM(str(tiny_sedac_engine), device="cpu")
+
+
+def _greedy(mode, **kw):
+    return SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, sedac_mode=mode, **kw)
+
+
+def _exit_everything(engine: LLMEngine):
+    """Thresholds no token misses, so the lossy path (exit + KV propagation) runs on every decode."""
+    engine.exit_controller.levels = [(a, [1e9] * len(t)) for a, t in engine.exit_controller.levels]
+    engine.exit_controller.audit_every = 10 ** 9
+
+
+def test_engine_holds_trained_exits(tiny_sedac_engine):
+    cfg = json.loads((tiny_sedac_engine / "config.json").read_text())["sedac"]
+    assert cfg["exit_layers"] == [1, 2] and cfg["draft_layer"] in (1, 2) and cfg["draft_len"] >= 1
+    assert set(cfg["thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
+    curves = json.loads((tiny_sedac_engine / "sedac_calibration.json").read_text())["curves"]
+    assert curves["0.99"] and all("agreement" in point for point in curves["0.99"])
+    assert (tiny_sedac_engine / "sedac.safetensors").is_file()
+
+
+@pytest.mark.parametrize("extra", [{}, {"repetition_penalty": 1.3, "bad_words": ["the"]}, {"logprobs": 2}])
+def test_lossless_greedy_is_token_identical_to_off(llm, extra):
+    off = llm.generate(PROMPTS, _greedy("off", **extra))
+    lossless = llm.generate(PROMPTS, _greedy("lossless", **extra))
+    assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
+    assert all(o.metrics.acceptance_rate is not None for o in lossless)
+    if "logprobs" in extra:
+        for a, b in zip(off, lossless):
+            for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs):
+                assert x.keys() == y.keys() and all(abs(x[k] - y[k]) < 1e-4 for k in x)
+
+
+def test_lossless_respects_max_tokens_and_stops(llm):
+    off = llm.generate(PROMPTS, SamplingParams(max_tokens=7, temperature=0.0, stop=["e"]))
+    lossless = llm.generate(PROMPTS, SamplingParams(max_tokens=7, temperature=0.0, stop=["e"], sedac_mode="lossless"))
+    assert [(o.text, o.token_ids, o.finish_reason) for o in lossless] == [(o.text, o.token_ids, o.finish_reason) for o in off]
+    assert all(len(o.token_ids) <= 7 for o in lossless)
+
+
+def test_lossless_sampling_keeps_the_distribution(llm):
+    """Second generated token (the first speculative one) over many seeds: lossless vs off."""
+    prompt = PROMPTS[1]
+    def histogram(mode):
+        params = [SamplingParams(max_tokens=2, temperature=1.0, top_k=4, seed=s, ignore_eos=True, sedac_mode=mode)
+                  for s in range(600)]
+        first = llm.generate([prompt], SamplingParams(max_tokens=1, temperature=0.0))[0].token_ids[0]
+        counts = {}
+        for out in llm.generate([prompt + llm.tokenizer.decode([first])] * 600, params):
+            counts[out.token_ids[1]] = counts.get(out.token_ids[1], 0) + 1
+        return counts
+    off, lossless = histogram("off"), histogram("lossless")
+    total_variation = sum(abs(off.get(t, 0) - lossless.get(t, 0)) for t in set(off) | set(lossless)) / 1200
+    assert total_variation < 0.1, (off, lossless)
+
+
+def test_lossy_exits_fill_kv_and_report_skips(tiny_sedac_engine):
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    _exit_everything(llm.engine)
+    outs = llm.generate(PROMPTS, _greedy("lossy"))
+    first_exit = llm.engine.config.sedac["lossy_layers"][0]
+    for o in outs:
+        assert len(o.token_ids) == 24
+        assert o.metrics.layers_per_token < llm.engine.config.model.num_layers
+        assert o.metrics.skip_ratio > 0
+    assert llm.engine.stats()["sedac_exit_layer_tokens"][first_exit] >= 5 * 23
+    # the exited tokens are the exit head's argmax (greedy over its kept vocabulary)
+    assert all(t in set(llm.engine.runner.exit_heads[first_exit].vocab_ids.tolist()) for t in outs[0].token_ids[1:])
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_lossy_at_unreachable_agreement_is_the_full_model(llm):
+    off = llm.generate(PROMPTS, _greedy("off"))
+    strict = llm.generate(PROMPTS, _greedy("lossy", sedac_agreement=1.0))
+    assert [o.token_ids for o in strict] == [o.token_ids for o in off]
+
+
+def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine):
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    _exit_everything(llm.engine)
+    alone = llm.generate(PROMPTS, _greedy("off"))
+    modes = ["off", "lossless", "lossy", "lossless", "off"]
+    mixed = llm.generate(PROMPTS, [_greedy(m) for m in modes])
+    for mode, a, m in zip(modes, alone, mixed):
+        assert len(m.token_ids) == 24
+        if mode != "lossy":
+            assert m.token_ids == a.token_ids
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_engine_default_mode_and_abort_frees_blocks(tiny_sedac_engine):
+    engine = LLMEngine(tiny_sedac_engine, device="cpu", sedac_mode="lossless")
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True,
+                                                     sedac_mode="lossy" if i % 2 else None))
+    for _ in range(6):
+        engine.step()
+    assert engine.counters["sedac_drafted_tokens"] > 0
+    for i in range(len(PROMPTS)):
+        engine.abort_request(str(i))
+    assert engine.blocks.num_free_blocks == engine.blocks.num_blocks
+    with pytest.raises(ValueError, match="sedac_mode"):
+        LLMEngine(tiny_sedac_engine, device="cpu", sedac_mode="fast")
+
+
+def test_learn_then_test_guarantee_holds_on_held_out_data():
+    """Synthetic exits whose error probability grows with entropy: thresholds chosen on one sample
+    keep the disagreement under delta on a fresh, larger sample, at every level."""
+    g = torch.Generator().manual_seed(0)
+    def draw(n):
+        entropy = [torch.rand(n, generator=g) * 4 for _ in range(2)]
+        agree = [torch.rand(n, generator=g) > (h / 4) ** 2 * s for h, s in zip(entropy, (0.8, 0.4))]
+        return entropy, agree
+    calib, held_out = draw(20000), draw(200000)
+    for level in (0.9, 0.95, 0.99):
+        ltt = cal.learn_then_test(*calib, delta=1 - level)
+        where, wrong = cal.cascade(ltt["thresholds"], *held_out)
+        assert 1 - wrong.float().mean().item() >= level
+        assert (where >= 0).float().mean() > 0.05            # and it does exit tokens
+    assert cal.binomial_cdf(5, 10, 0.5) == pytest.approx(0.623046875)
