@@ -7,6 +7,7 @@ import torch
 
 from sedac import LLM, SamplingParams
 from sedac.builder import calibration as cal
+from sedac.builder.exit_training import teacher_pass
 from sedac.runtime.engine import LLMEngine
 
 PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a b c d e f g", "Once"]
@@ -14,7 +15,14 @@ PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a
 
 @pytest.fixture(scope="module")
 def llm(tiny_sedac_engine):
-    return LLM(str(tiny_sedac_engine), device="cpu")
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    _always_draft(llm.engine)
+    return llm
+
+
+def _always_draft(engine: LLMEngine):
+    """The random tiny model's exits are never confident; draft anyway so verification is exercised."""
+    engine.config.sedac["draft_max_entropy"] = 1e9
 
 
 def _greedy(mode, **kw):
@@ -41,6 +49,7 @@ def test_lossless_greedy_is_token_identical_to_off(llm, extra):
     off = llm.generate(PROMPTS, _greedy("off", **extra))
     lossless = llm.generate(PROMPTS, _greedy("lossless", **extra))
     assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
+    assert llm.engine.counters["sedac_drafted_tokens"] > 0
     assert all(o.metrics.acceptance_rate is not None for o in lossless)
     if "logprobs" in extra:
         for a, b in zip(off, lossless):
@@ -86,6 +95,27 @@ def test_lossy_exits_fill_kv_and_report_skips(tiny_sedac_engine):
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
+@pytest.mark.parametrize("kv_fill", ["deferred", "propagate"])
+def test_deferred_fill_keeps_the_kv_cache_exact(tiny_sedac_engine, kv_fill):
+    """Every token is an exit candidate and every other one is audited (runs the full model). With
+    the deferred fill the cache is exactly the full model's, so each audited token is the full model's
+    greedy choice on the lossy output's own prefix; state propagation only approximates it."""
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_kv_fill=kv_fill)
+    _exit_everything(llm.engine)
+    llm.engine.exit_controller.audit_every = 2
+    model = llm.engine.runner.model
+    mismatches = 0
+    for prompt in PROMPTS[:4]:                  # multi-token prompts: the first token comes from the prefill
+        ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
+        llm.engine.exit_controller._exits = 0   # decode steps 2, 4, ... are the audited ones
+        out = llm.generate([ids], _greedy("lossy"))[0].token_ids
+        _, final = teacher_pass(model, ids + out, [])
+        best = model.logits(final[len(ids) - 1:-1]).argmax(-1).tolist()
+        assert best[0] == out[0]                                   # the prefill's token
+        mismatches += sum(best[s] != out[s] for s in range(2, len(out), 2))   # audited decode steps
+    assert (mismatches == 0) if kv_fill == "deferred" else (mismatches > 0)
+
+
 def test_lossy_at_unreachable_agreement_is_the_full_model(llm):
     off = llm.generate(PROMPTS, _greedy("off"))
     strict = llm.generate(PROMPTS, _greedy("lossy", sedac_agreement=1.0))
@@ -95,6 +125,7 @@ def test_lossy_at_unreachable_agreement_is_the_full_model(llm):
 def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine):
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     _exit_everything(llm.engine)
+    _always_draft(llm.engine)
     alone = llm.generate(PROMPTS, _greedy("off"))
     modes = ["off", "lossless", "lossy", "lossless", "off"]
     mixed = llm.generate(PROMPTS, [_greedy(m) for m in modes])
@@ -107,6 +138,7 @@ def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine):
 
 def test_engine_default_mode_and_abort_frees_blocks(tiny_sedac_engine):
     engine = LLMEngine(tiny_sedac_engine, device="cpu", sedac_mode="lossless")
+    _always_draft(engine)
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True,
                                                      sedac_mode="lossy" if i % 2 else None))

@@ -70,13 +70,22 @@ def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delt
     return {"thresholds": chosen, "curve": curve}
 
 
-def lossless_speedup(alpha: float, exit_layer: int, draft_len: int, costs: dict) -> float:
-    """Expected batch-1 speedup of self-speculative decoding (weights streamed per token as the cost):
-    drafting runs layers [0, E) and the exit head per draft, and the verify pass reuses them."""
-    tokens = sum(alpha ** i for i in range(draft_len + 1))
-    full = costs["layers"] + costs["lm_head"]
-    cycle = (draft_len + 1) * exit_layer + draft_len * costs["exit_head"] + (costs["layers"] - exit_layer) + costs["lm_head"]
-    return tokens * full / cycle
+def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, exit_layer: int, draft_len: int,
+                     max_entropy: float, costs: dict) -> float:
+    """Batch-1 speedup of gated self-speculative decoding, replayed over calibration tokens in order
+    (cost = weights streamed: layers [0, E) and the exit head per pass, [E, L) and the LM head once)."""
+    confident, correct = (entropy <= max_entropy).tolist(), agree.tolist()
+    num_layers, lm_head, head = costs["layers"], costs["lm_head"], costs["exit_head"]
+    i, n, tokens, cost = 0, len(correct), 0, 0.0
+    while i < n:
+        drafts, accepted, j = 0, 0, i
+        while drafts < draft_len and j < n and confident[j]:
+            accepted += drafts == accepted and correct[j]     # only an unbroken prefix counts
+            drafts, j = drafts + 1, j + 1
+        cost += (drafts + 1) * exit_layer + min(drafts + 1, draft_len) * head + (num_layers - exit_layer) + lm_head
+        tokens += accepted + 1
+        i += accepted + 1
+    return tokens * (num_layers + lm_head) / cost
 
 
 def lossy_cost(where: torch.Tensor, exit_layers: list[int], costs: dict) -> float:

@@ -95,11 +95,13 @@ def _own_answers(llm, opts: SedacOptions, seq_len: int):
 
 def _choose(layers, entropy, agree, costs, opts) -> dict:
     alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
-    speed, draft_layer, draft_len = max((cal.lossless_speedup(alpha[l], l, k, costs), l, k)
-                                        for l in layers for k in range(1, opts.max_draft_len + 1))
-    # Lossy: the one or two exit layers with the lowest calibrated cost at agreement 0.99.
+    gates = {l: [float("inf")] + entropy[l].quantile(torch.linspace(0.05, 0.95, 19)).tolist() for l in layers}
+    speed, draft_layer, draft_len, gate = max(
+        (cal.lossless_speedup(entropy[l], agree[l], l, k, g, costs), l, k, g)
+        for l in layers for k in range(1, opts.max_draft_len + 1) for g in gates[l])
+    # Lossy: the exit layer with the lowest calibrated cost at agreement 0.99.
     best = None
-    for subset in itertools.chain(itertools.combinations(layers, 1), itertools.combinations(layers, 2)):
+    for subset in itertools.combinations(layers, 1):
         ltt = cal.learn_then_test([entropy[l] for l in subset], [agree[l] for l in subset], delta=0.01)
         where, _ = cal.cascade(ltt["thresholds"], [entropy[l] for l in subset], [agree[l] for l in subset])
         cost = cal.lossy_cost(where, list(subset), costs)
@@ -115,6 +117,7 @@ def _choose(layers, entropy, agree, costs, opts) -> dict:
     per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
         torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
     return {"exit_layers": layers, "alpha": alpha, "draft_layer": draft_layer, "draft_len": draft_len,
+            "draft_max_entropy": gate if gate != float("inf") else 1e9,
             "predicted_lossless_speedup": speed, "lossy_layers": lossy_layers,
             "predicted_lossy_cost_at_0.99": best[0] / (costs["layers"] + costs["lm_head"]),
             "thresholds": levels, "default_agreement": 0.99, "curves": curves, "per_layer": per_layer}

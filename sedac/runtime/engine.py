@@ -35,7 +35,7 @@ class Request:
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 sedac_mode: str = "off"):
+                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred"):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
@@ -47,6 +47,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
         self.sedac_mode = self._check_mode(sedac_mode)
+        if sedac_kv_fill not in ("deferred", "propagate"):
+            raise ValueError(f"sedac_kv_fill must be deferred or propagate, got {sedac_kv_fill!r}")
+        self.sedac_kv_fill = sedac_kv_fill
         self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
         self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}
         self.requests: dict[str, Request] = {}
@@ -155,12 +158,15 @@ class LLMEngine:
         full, lossless, lossy = ScheduledBatch(), [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = self.mode_of(seq)
-            decoding = n == 1 and not seq.pending_forks and seq.num_computed_tokens == seq.num_tokens - 1
+            # lossy: the last token plus the exited ones whose deeper layers are still pending
+            decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
+                        and seq.num_computed_tokens + n == seq.num_tokens)
             if decoding and mode == "lossless":
                 lossless.append(seq)
             elif decoding and mode == "lossy":
                 lossy.append(seq)
             else:
+                seq.exit_hidden = []        # the full path recomputes those tokens through every layer
                 full.add(seq, n)
         return full, lossless, lossy
 
@@ -175,7 +181,9 @@ class LLMEngine:
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)]
 
     def _lossless_step(self, seqs: list[Sequence]):
-        results = speculative_step(self.runner, seqs, [self._draft_len(s) for s in seqs], self.config.sedac["draft_layer"])
+        sedac = self.config.sedac
+        results = speculative_step(self.runner, seqs, [self._draft_len(s) for s in seqs], sedac["draft_layer"],
+                                   sedac.get("draft_max_entropy", float("inf")))
         self._computed(seqs, [len(r.tokens) for r in results])
         for seq, r in zip(seqs, results):
             req = self.requests[seq.request_id]
@@ -188,8 +196,11 @@ class LLMEngine:
 
     def _lossy_step(self, seqs: list[Sequence]):
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
-        results = early_exit_step(self.runner, seqs, levels, self.exit_controller, self.config.sedac["lossy_layers"])
-        self._computed(seqs, [1] * len(seqs))
+        pending = [len(s.exit_hidden) for s in seqs]
+        results = early_exit_step(self.runner, seqs, levels, self.exit_controller, self.config.sedac["lossy_layers"][0],
+                                  self.sedac_kv_fill)
+        # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
+        self._computed(seqs, [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)])
         self.counters["sedac_lossy_tokens"] += len(seqs)
         for seq, r in zip(seqs, results):
             self.requests[seq.request_id].layer_rows += r.exit_layer

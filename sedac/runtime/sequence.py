@@ -42,6 +42,7 @@ class Sequence:
         self.pending_forks = params.n - 1 if index == 0 else 0  # children forked after the prompt
         self.detok_state: object = None
         self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
+        self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
 
     @property
     def num_tokens(self) -> int:
@@ -73,6 +74,7 @@ class Sequence:
         """Preemption by recompute: drop all KV; the tokens stay and are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table, self.block_hashes, self.num_hashed_blocks = [], [], 0
+        self.exit_hidden = []
         self.status = Status.WAITING
 
 

@@ -1,8 +1,10 @@
 """SEDAC lossless mode: self-speculative decoding with the trained early exit as the drafter.
 
-A cycle drafts k tokens through layers [0, E) and the exit head, then verifies them in one pass
-that reuses those layers' work: only the last draft runs layers [0, E), and layers [E, L) run over
-all k + 1 rows as one chunk (which writes the true KV). Greedy keeps the longest prefix the full
+A cycle runs the last token through layers [0, E) and the exit head, and keeps drafting (each
+draft through [0, E) in turn) while the head is confident and fewer than k drafts exist. The
+verify pass reuses all of that: only layers [E, L) run, over the k + 1 rows as one chunk (which
+writes the true KV); a low-confidence token simply continues as a normal decode, so the gate costs
+only the exit head. Greedy keeps the longest prefix the full
 model agrees with, plus the full model's own next token, so output is token-identical to `off`;
 sampled requests use standard speculative acceptance (accept d with min(1, p(d)/q(d)), else draw
 from the residual max(p - q, 0)), which leaves the output distribution exactly the full model's.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.sampler import draw, filtered_probs, process, sample, token_logprobs
 
 
@@ -43,18 +46,16 @@ class _Extended:
 
 
 @torch.inference_mode()
-def speculative_step(runner, seqs, draft_lens: list[int], layer: int) -> list[CycleResult]:
+def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entropy: float) -> list[CycleResult]:
     """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved)."""
     starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
-    drafts, qs, exit_hidden = _draft(runner, seqs, starts, draft_lens, layer)
-    last = [d[-1] if d else s.token_ids[-1] for s, d in zip(seqs, drafts)]
-    positions, ctx = runner.context([(s.block_table, p + k) for s, p, k in zip(seqs, starts, draft_lens)])
-    h_last = runner.run(torch.tensor(last, device=runner.device), None, positions, ctx, 0, layer)
-    hidden = torch.stack([h for i in range(len(seqs)) for h in exit_hidden[i] + [h_last[i]]])
-    positions, ctx = runner.context([], [(s.block_table, p, k + 1) for s, p, k in zip(seqs, starts, draft_lens)])
+    drafts, qs, exit_hidden = _draft(runner, seqs, starts, draft_lens, layer, max_entropy)
+    hidden = torch.stack([h for rows in exit_hidden for h in rows])
+    positions, ctx = runner.context([], [(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
     logits = runner.model.logits(runner.run(None, hidden, positions, ctx, layer, None)).float()
     results, row, num_layers = [], 0, runner.config.model.num_layers
-    for seq, d, q, k in zip(seqs, drafts, qs, draft_lens):
+    for seq, d, q in zip(seqs, drafts, qs):
+        k = len(d)
         views = [_Extended(seq, d[:j]) for j in range(k + 1)]
         rows = logits[row:row + k + 1]
         row += k + 1
@@ -63,30 +64,43 @@ def speculative_step(runner, seqs, draft_lens: list[int], layer: int) -> list[Cy
     return results
 
 
-def _draft(runner, seqs, starts, draft_lens, layer):
-    """Up to k drafts per sequence, in lockstep: one batched pass through layers [0, E) per draft."""
+def _draft(runner, seqs, starts, draft_lens, layer, max_entropy):
+    """Run each sequence's last token, then its drafts, through layers [0, E) in lockstep; a sequence
+    keeps drafting while the exit head is confident (entropy <= max_entropy) and under its k."""
     head, vocab = runner.exit_heads[layer], runner.config.model.vocab_size
-    drafts = [[] for _ in seqs]
-    qs = [[] for _ in seqs]
-    exit_hidden = [[] for _ in seqs]
+    drafts, qs, exit_hidden = [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs]
     last = [s.token_ids[-1] for s in seqs]
-    for j in range(max(draft_lens, default=0)):
-        rows = [i for i, k in enumerate(draft_lens) if j < k]
-        positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in rows])
-        h = runner.run(torch.tensor([last[i] for i in rows], device=runner.device), None, positions, ctx, 0, layer)
-        views = [_Extended(seqs[i], drafts[i]) for i in rows]
-        logits = process(head.full_vocab_logits(head(h).float(), vocab), views)
-        greedy = logits.argmax(-1).tolist()
-        for r, i in enumerate(rows):
+    active = list(range(len(seqs)))
+    for j in range(max(draft_lens, default=0) + 1):
+        positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in active])
+        h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, 0, layer)
+        for r, i in enumerate(active):
             exit_hidden[i].append(h[r])
+        active_rows = [r for r, i in enumerate(active) if j < draft_lens[i]]
+        if not active_rows:
+            break
+        reduced = head(h[active_rows]).float()
+        confident = (torch.ops.sedac.entropy(reduced) <= max_entropy).tolist()
+        views = [_Extended(seqs[active[r]], drafts[active[r]]) for r in active_rows]
+        logits = process(head.full_vocab_logits(reduced, vocab), views)
+        greedy = logits.argmax(-1).tolist()
+        still = []
+        for n, r in enumerate(active_rows):
+            i = active[r]
+            if not confident[n]:
+                continue
             if seqs[i].params.greedy:
-                token = greedy[r]
+                token = greedy[n]
             else:
-                q = filtered_probs(logits[r:r + 1], [seqs[i].params])[0]
+                q = filtered_probs(logits[n:n + 1], [seqs[i].params])[0]
                 token = draw(q, seqs[i].generator)
                 qs[i].append(q)
             drafts[i].append(token)
             last[i] = token
+            still.append(i)
+        active = still
+        if not active:
+            break
     return drafts, qs, exit_hidden
 
 
