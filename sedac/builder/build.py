@@ -31,6 +31,8 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
                          f"use --max-seq-len <= {source.hf_config.sliding_window}")
     if build.max_seq_len > cfg.max_position_embeddings:
         raise ValueError(f"max_seq_len {build.max_seq_len} exceeds the model's {cfg.max_position_embeddings} positions")
+    if sedac is not None:
+        sedac.layers(cfg.num_layers)          # a bad --exit-layers fails before any work
     if tokenizer.chat_template is None:
         raise ValueError("the model's tokenizer has no chat template")
     weights = convert_checkpoint(source.tensors(), cfg, getattr(torch, PRECISIONS[build.precision]))

@@ -101,11 +101,13 @@ def chat(engine, device, **sampling):
 @click.option("--max-queue", type=int, help="waiting requests before answering 503")
 @click.option("--max-num-seqs", type=int, help="running sequences per step (default: the engine's max batch size)")
 @click.option("--served-model-name", help="model id in the API (default: the engine directory name)")
+@click.option("--sedac-mode", type=click.Choice(["off", "lossless", "lossy"]), default="off", show_default=True,
+              help="default SEDAC mode for requests that do not set one")
 @clean_errors
-def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name):
+def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name, sedac_mode):
     """OpenAI-compatible HTTP server with Prometheus metrics."""
     from sedac.serving.app import serve as run_server
-    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs)
+    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs, sedac_mode)
 
 
 @main.group()
@@ -190,8 +192,10 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
+@click.option("--sedac-kv-fill", type=click.Choice(["deferred", "propagate"]), default="deferred", show_default=True,
+              help="how lossy mode fills exited tokens' deeper KV")
 @clean_errors
-def bench(engine, device, sedac_modes, batch_size, agreement, **options):
+def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
     or with --sedac-modes the SEDAC modes side by side."""
     if sedac_modes:
@@ -201,7 +205,7 @@ def bench(engine, device, sedac_modes, batch_size, agreement, **options):
             raise ValueError(f"--sedac-modes takes off, lossless and lossy, got {sedac_modes!r}")
         report = options["report"] if options["report"] != "reports/bench" else "reports/sedac_bench"
         run_sedac_bench(engine, device, modes, options["output_len"], options["batch1_prompts"], batch_size,
-                        options["max_prompt_len"], agreement, report)
+                        options["max_prompt_len"], agreement, report, sedac_kv_fill)
         return
     from sedac.cli.bench import run_bench
     run_bench(engine, device, **options)

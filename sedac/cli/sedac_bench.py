@@ -21,15 +21,16 @@ from sedac.builder.datasets import sharegpt_conversations, sharegpt_prompts
 from sedac.builder.exit_training import teacher_pass
 
 
-def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report):
+def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report,
+                    kv_fill="deferred"):
     from sedac import LLM, SamplingParams
-    llm = LLM(engine, device=device)
+    llm = LLM(engine, device=device, sedac_kv_fill=kv_fill)
     if any(m != "off" for m in modes) and llm.engine.config.sedac is None:
         raise ValueError(f"{engine} was built without --sedac; rebuild it with sedac-build --sedac")
     prompts = sharegpt_prompts(llm.tokenizer, "bench", max(batch1_prompts, batch_size), max_prompt_len)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))       # warm-up
     results = {"engine": str(engine), "device": str(llm.engine.runner.device), "threads": torch.get_num_threads(),
-               "output_len": output_len, "agreement_target": agreement, "modes": {}}
+               "output_len": output_len, "agreement_target": agreement, "kv_fill": kv_fill, "modes": {}}
     outputs = {}
     for mode in modes:
         params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=mode,
@@ -126,7 +127,7 @@ def _write(results: dict, report: Path) -> None:
     keys = [k for k in next(iter(results["modes"].values())) if k != "perplexity"]
     lines = [f"# sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
              f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
-             f"{results['agreement_target']})", "",
+             f"{results['agreement_target']}, lossy KV fill {results['kv_fill']})", "",
              "| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {r['perplexity']['ppl']} |")
