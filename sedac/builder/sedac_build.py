@@ -95,32 +95,35 @@ def _own_answers(llm, opts: SedacOptions, seq_len: int):
 
 def _choose(layers, entropy, agree, costs, opts) -> dict:
     alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
-    gates = {l: [float("inf")] + entropy[l].quantile(torch.linspace(0.05, 0.95, 19)).tolist() for l in layers}
-    speed, draft_layer, draft_len, gate = max(
-        (cal.lossless_speedup(entropy[l], agree[l], l, k, g, costs), l, k, g)
-        for l in layers for k in range(1, opts.max_draft_len + 1) for g in gates[l])
-    # Lossy: the exit layer with the lowest calibrated cost at agreement 0.99.
-    best = None
-    for subset in itertools.combinations(layers, 1):
-        ltt = cal.learn_then_test([entropy[l] for l in subset], [agree[l] for l in subset], delta=0.01)
-        where, _ = cal.cascade(ltt["thresholds"], [entropy[l] for l in subset], [agree[l] for l in subset])
-        cost = cal.lossy_cost(where, list(subset), costs)
-        if best is None or cost < best[0]:
-            best = (cost, list(subset))
-    lossy_layers = best[1]
+    speed, draft_layer, draft_len, gate = _choose_lossless(layers, entropy, agree, costs, opts.max_draft_len)
+    lossy_cost, lossy_layer = _choose_lossy(layers, entropy, agree, costs)
     levels, curves = {}, {}
     for level in cal.AGREEMENT_LEVELS:
-        ltt = cal.learn_then_test([entropy[l] for l in lossy_layers], [agree[l] for l in lossy_layers],
-                                  delta=round(1 - level, 6))
-        levels[str(level)] = ltt["thresholds"]
-        curves[str(level)] = ltt["curve"]
+        ltt = cal.learn_then_test([entropy[lossy_layer]], [agree[lossy_layer]], delta=round(1 - level, 6))
+        levels[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
     per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
         torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
     return {"exit_layers": layers, "alpha": alpha, "draft_layer": draft_layer, "draft_len": draft_len,
             "draft_max_entropy": gate if gate != float("inf") else 1e9,
-            "predicted_lossless_speedup": speed, "lossy_layers": lossy_layers,
-            "predicted_lossy_cost_at_0.99": best[0] / (costs["layers"] + costs["lm_head"]),
+            "predicted_lossless_speedup": speed, "lossy_layers": [lossy_layer],
+            "predicted_lossy_cost_at_0.99": lossy_cost / (costs["layers"] + costs["lm_head"]),
             "thresholds": levels, "default_agreement": 0.99, "curves": curves, "per_layer": per_layer}
+
+
+def _choose_lossless(layers, entropy, agree, costs, max_draft_len):
+    """(predicted speedup, draft layer, max drafts, entropy gate) with the best replayed speedup."""
+    gates = {l: [float("inf")] + entropy[l].quantile(torch.linspace(0.05, 0.95, 19)).tolist() for l in layers}
+    return max((cal.lossless_speedup(entropy[l], agree[l], l, k, g, costs), l, k, g)
+               for l in layers for k in range(1, max_draft_len + 1) for g in gates[l])
+
+
+def _choose_lossy(layers, entropy, agree, costs):
+    """(cost, layer): the exit layer with the lowest calibrated cost at agreement 0.99."""
+    def cost(layer):
+        ltt = cal.learn_then_test([entropy[layer]], [agree[layer]], delta=0.01)
+        where, _ = cal.cascade(ltt["thresholds"], [entropy[layer]], [agree[layer]])
+        return cal.lossy_cost(where, [layer], costs)
+    return min((cost(layer), layer) for layer in layers)
 
 
 def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, section: dict) -> None:
