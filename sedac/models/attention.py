@@ -29,12 +29,6 @@ class AttentionContext:
     decode_mask: torch.Tensor | None = None     # [B, 1, 1, nb * block_size] True where a slot is context
     prefills: list[PrefillChunk] = field(default_factory=list)
 
-    def select_decodes(self, rows: torch.Tensor) -> "AttentionContext":
-        """The same decode-only step restricted to some rows (SEDAC drops exited tokens between layers)."""
-        assert not self.prefills
-        return AttentionContext(self.slot_mapping[rows], self.block_size, len(rows),
-                                self.decode_blocks[rows], self.decode_mask[rows])
-
 
 _CONTEXT: AttentionContext | None = None
 
