@@ -8,6 +8,7 @@ import time
 import click
 
 from sedac.cli.common import clean_errors
+from sedac.runtime.sampling_params import SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -19,7 +20,7 @@ def sampling_options(fn):
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy"),
         click.option("--top-k", type=int, default=0), click.option("--top-p", type=float, default=1.0),
         click.option("--seed", type=int), click.option("--stop", multiple=True, help="stop string (repeatable)"),
-        click.option("--sedac-mode", type=click.Choice(["off", "lossless", "lossy"]), default="off", show_default=True,
+        click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
                      help="SEDAC early exit (lossless/lossy need an engine built with --sedac)"),
         click.option("--sedac-agreement", type=float, help="lossy mode's target agreement (default: the engine's)")]):
         fn = opt(fn)
@@ -101,7 +102,7 @@ def chat(engine, device, **sampling):
 @click.option("--max-queue", type=int, help="waiting requests before answering 503")
 @click.option("--max-num-seqs", type=int, help="running sequences per step (default: the engine's max batch size)")
 @click.option("--served-model-name", help="model id in the API (default: the engine directory name)")
-@click.option("--sedac-mode", type=click.Choice(["off", "lossless", "lossy"]), default="off", show_default=True,
+@click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
               help="default SEDAC mode for requests that do not set one")
 @clean_errors
 def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name, sedac_mode):
@@ -201,7 +202,7 @@ def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **o
     if sedac_modes:
         from sedac.cli.sedac_bench import run_sedac_bench
         modes = [m.strip() for m in sedac_modes.split(",") if m.strip()]
-        if not modes or set(modes) - {"off", "lossless", "lossy"}:
+        if not modes or set(modes) - set(SEDAC_MODES):
             raise ValueError(f"--sedac-modes takes off, lossless and lossy, got {sedac_modes!r}")
         report = options["report"] if options["report"] != "reports/bench" else "reports/sedac_bench"
         run_sedac_bench(engine, device, modes, options["output_len"], options["batch1_prompts"], batch_size,

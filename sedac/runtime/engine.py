@@ -11,7 +11,7 @@ from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import sample
-from sedac.runtime.sampling_params import SamplingParams
+from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
 from sedac.runtime.early_exit import ExitController, early_exit_step
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.speculative import speculative_step
@@ -94,8 +94,7 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def _check_mode(self, mode: str | None) -> str | None:
-        if mode not in (None, "off", "lossless", "lossy"):
-            raise ValueError(f"sedac_mode must be off, lossless or lossy, got {mode!r}")
+        check_sedac_mode(mode)
         if mode not in (None, "off") and self.config.sedac is None:
             raise ValueError(f"sedac_mode={mode!r} needs an engine built with --sedac")
         return mode

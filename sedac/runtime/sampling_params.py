@@ -3,6 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+SEDAC_MODES = ("off", "lossless", "lossy")
+
+
+def check_sedac_mode(mode: str | None) -> None:
+    if mode is not None and mode not in SEDAC_MODES:
+        raise ValueError(f"sedac_mode must be off, lossless or lossy, got {mode!r}")
+
 
 @dataclass
 class SamplingParams:
@@ -57,8 +64,7 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
-        if self.sedac_mode not in (None, "off", "lossless", "lossy"):
-            raise ValueError(f"sedac_mode must be off, lossless or lossy, got {self.sedac_mode!r}")
+        check_sedac_mode(self.sedac_mode)
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 
