@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
@@ -50,34 +51,28 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
-        model = model.to(self.device).eval()
-        if self._packs_for_cpu():
-            for module in model.modules():
-                if isinstance(module, Linear):
-                    module.pack_for_cpu(self.config.build.max_batch_size)
-        return model
+        return self._pack_for_cpu(model.to(self.device).eval())
 
     def _load_exit_heads(self, engine_dir: Path) -> dict[int, ExitHead]:
         path = Path(engine_dir) / SEDAC_WEIGHTS_FILE
         if not path.is_file():
             raise ValueError(f"engine config has SEDAC exits but {path} is missing")
         weights = load_file(str(path), device=str(self.device))
-        m, heads = self.config.model, {}
-        for layer in self.config.sedac["exit_layers"]:
+        m, heads, sedac = self.config.model, {}, self.config.sedac
+        for layer in sorted({sedac["draft_layer"], *sedac["lossy_layers"]}):   # the heads the modes use
             state = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"exit.{layer}.")}
-            head = ExitHead(m.hidden_size, self.config.sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
+            head = ExitHead(m.hidden_size, sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
             head.load_state_dict(state, assign=True)
-            head = head.to(device=self.device, dtype=self.dtype).eval()
-            head.vocab_ids = head.vocab_ids.long()
-            if self._packs_for_cpu():
-                for module in head.modules():
-                    if isinstance(module, Linear):
-                        module.pack_for_cpu(self.config.build.max_batch_size)
-            heads[layer] = head
+            heads[layer] = self._pack_for_cpu(head.to(device=self.device, dtype=self.dtype).eval())
         return heads
 
-    def _packs_for_cpu(self) -> bool:
-        return self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
+        """fp32 on CPU: every Linear runs on oneDNN-prepacked weights (see Linear.pack_for_cpu)."""
+        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            for linear in module.modules():
+                if isinstance(linear, Linear):
+                    linear.pack_for_cpu(self.config.build.max_batch_size)
+        return module
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
