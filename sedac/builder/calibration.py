@@ -13,9 +13,10 @@ import math
 
 import torch
 
+from sedac.runtime.early_exit import NEVER     # the threshold of a layer that never exits
+
 AGREEMENT_LEVELS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 T_GRID = [0.0] + [10 ** (e / 8) for e in range(-32, -3)]     # 1e-4 .. ~0.42, increasing
-NEVER = -1.0                                                  # entropy is >= 0: a layer that never exits
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
