@@ -17,6 +17,7 @@ import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.sampler import draw, filtered_probs, process, sample, token_logprobs
+from sedac.runtime.sequence import Sequence
 
 
 @dataclass
@@ -28,21 +29,14 @@ class CycleResult:
     layer_rows: int          # decoder-layer passes this cycle spent on the sequence
 
 
-class _Extended:
-    """A sequence seen as if `extra` tokens were already appended: what the sampler sees at a draft."""
+class _Extended(Sequence):
+    """A sequence seen as if `extra` tokens were already appended: what the sampler sees at a draft.
+    Only what the sampler reads is set; the token-count properties come from Sequence."""
 
-    def __init__(self, seq, extra: list[int]):
+    def __init__(self, seq: Sequence, extra: list[int]):   # noqa: super().__init__ would start a new sequence
         self.params, self.generator, self.bad_words_ids = seq.params, seq.generator, seq.bad_words_ids
         self.num_prompt_tokens = seq.num_prompt_tokens
         self.token_ids = seq.token_ids + extra
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
 
 
 @torch.inference_mode()
