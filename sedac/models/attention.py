@@ -26,7 +26,7 @@ class AttentionContext:
     block_size: int
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None   # [B, nb] block tables of the decodes (padded)
-    decode_mask: torch.Tensor | None = None     # [B, 1, 1, nb * block_size] True where a slot is context
+    decode_mask: torch.Tensor | None = None     # [B, 1, 1, nb * block_size] 0 on context slots, -inf on padding
     prefills: list[PrefillChunk] = field(default_factory=list)
 
 
