@@ -87,7 +87,8 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return out[0, len(prompt_ids):].tolist()
 
 
-TINY_SEDAC = dict(exit_layers="1,2", calib_tokens=512, train_tokens=2048, epochs=1, exit_vocab=2048, seq_len=128)
+TINY_SEDAC = dict(exit_layers="1,2", calib_tokens=512, train_tokens=2048, epochs=1, exit_vocab=2048, seq_len=128,
+                  ghost_tokens=2048)
 
 
 @pytest.fixture(scope="session")

@@ -95,11 +95,11 @@ def test_lossy_exits_fill_kv_and_report_skips(tiny_sedac_engine):
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
-@pytest.mark.parametrize("kv_fill", ["deferred", "propagate"])
+@pytest.mark.parametrize("kv_fill", ["deferred", "propagate", "ghost"])
 def test_deferred_fill_keeps_the_kv_cache_exact(tiny_sedac_engine, kv_fill):
     """Every token is an exit candidate and every other one is audited (runs the full model). With
     the deferred fill the cache is exactly the full model's, so each audited token is the full model's
-    greedy choice on the lossy output's own prefix; state propagation only approximates it."""
+    greedy choice on the lossy output's own prefix; propagation and Ghost KV only approximate it."""
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_kv_fill=kv_fill)
     _exit_everything(llm.engine)
     llm.engine.exit_controller.audit_every = 2
@@ -114,6 +114,41 @@ def test_deferred_fill_keeps_the_kv_cache_exact(tiny_sedac_engine, kv_fill):
         assert best[0] == out[0]                                   # the prefill's token
         mismatches += sum(best[s] != out[s] for s in range(2, len(out), 2))   # audited decode steps
     assert (mismatches == 0) if kv_fill == "deferred" else (mismatches > 0)
+
+
+def test_ghost_kv_fills_the_deeper_cache_closer_than_state_propagation(tiny_sedac_engine):
+    """Exit states of held-out text written through the runtime's fill path: the build's Ghost KV
+    predictor lands nearer the true deeper K/V than CALM's propagation (both exact at the exit layer,
+    whose input is the exit state itself)."""
+    from sedac.runtime.early_exit import _predict_kv
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    runner, model = llm.engine.runner, llm.engine.runner.model
+    exit_layer, num_layers = llm.engine.config.sedac["lossy_layers"][0], llm.engine.config.model.num_layers
+    ids = llm.tokenizer.encode("Zebras graze at dawn while the river hums an old tune to itself.", add_special_tokens=False)
+    states, _ = teacher_pass(model, ids, list(range(exit_layer, num_layers)))
+    positions = slots = torch.arange(len(ids))
+    cos, signed_sin = model.rotary.tables(positions, torch.float32)
+    def deeper_cache():
+        return [torch.cat([model.layers[l].k_cache[slots], model.layers[l].v_cache[slots]]) for l in range(exit_layer, num_layers)]
+    for l in range(exit_layer, num_layers):      # the truth: each layer's K/V of its real input
+        block = model.layers[l]
+        block.write_kv(block.kv_projection(block.input_norm(states[l])), cos, signed_sin, slots)
+    truth = deeper_cache()
+    errors = {}
+    for fill in ("propagate", "ghost"):
+        _predict_kv(runner, states[exit_layer], positions, slots, exit_layer, fill)
+        errors[fill] = [float((a - b).norm() / b.norm()) for a, b in zip(deeper_cache(), truth)]
+        assert errors[fill][0] < 1e-5
+    assert sum(errors["ghost"][1:]) < sum(errors["propagate"][1:]), errors
+    report = llm.engine.config.sedac["ghost_kv_error"]           # the build's own held-out measurement
+    assert report["ghost"] < report["propagate"]
+
+
+def test_ghost_fill_needs_a_ghost_predictor(tiny_llama, tiny_sedac_engine):
+    with pytest.raises(ValueError, match="Ghost KV"):
+        LLMEngine(tiny_llama, device="cpu", sedac_kv_fill="ghost")
+    with pytest.raises(ValueError, match="sedac_kv_fill"):
+        LLMEngine(tiny_sedac_engine, device="cpu", sedac_kv_fill="fast")
 
 
 def test_lossy_at_unreachable_agreement_is_the_full_model(llm):

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from sedac.builder import calibration as cal
 from sedac.builder import exit_training as et
+from sedac.builder import ghost_kv as gk
 from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
 
 CALIBRATION_FILE = "sedac_calibration.json"
@@ -31,6 +32,7 @@ class SedacOptions:
     exit_vocab: int = 8192            # kept vocabulary of the exit heads
     seq_len: int = 512
     max_draft_len: int = 6
+    ghost_tokens: int = 16384         # teacher-forced tokens that fit the Ghost KV predictor
 
     def layers(self, num_layers: int) -> list[int]:
         if self.exit_layers == "auto":
@@ -44,7 +46,8 @@ class SedacOptions:
         return layers
 
     def validate(self) -> None:
-        for name in ("calib_tokens", "train_tokens", "epochs", "adapter_rank", "exit_vocab", "seq_len", "max_draft_len"):
+        for name in ("calib_tokens", "train_tokens", "epochs", "adapter_rank", "exit_vocab", "seq_len", "max_draft_len",
+                     "ghost_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer")
 
@@ -69,12 +72,16 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
     costs = cal.cost_units(cfg.model, opts.adapter_rank, len(vocab))
     section = _choose(layers, entropy, agree, costs, opts)
+    lossy = section["lossy_layers"][0]
+    ghost = gk.fit_ghost_kv(model, et.training_texts(tok, opts.calib_data, "train", seq_len), lossy, opts.ghost_tokens)
+    section["ghost_kv_error"] = gk.kv_errors(model, et.training_texts(tok, opts.calib_data, "calib", seq_len), lossy,
+                                             ghost, opts.calib_tokens)
     section.update(adapter_rank=opts.adapter_rank, kept_vocab=len(vocab), costs=costs,
                    vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
                    options=asdict(opts), calib_positions=len(calib.argmax), train_positions=len(train.argmax))
-    _save(engine_dir, cfg, heads, section)
+    _save(engine_dir, cfg, heads, ghost, section)
     return {k: section[k] for k in ("exit_layers", "draft_layer", "draft_len", "lossy_layers", "alpha",
-                                    "predicted_lossless_speedup", "vocab_coverage")}
+                                    "predicted_lossless_speedup", "vocab_coverage", "ghost_kv_error")}
 
 
 def _own_answers(llm, opts: SedacOptions, seq_len: int):
@@ -126,9 +133,10 @@ def _choose_lossy(layers, entropy, agree, costs):
     return min((cost(layer), layer) for layer in layers)
 
 
-def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, section: dict) -> None:
+def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, ghost: tuple, section: dict) -> None:
     tensors = {f"exit.{layer}.{name}": t.detach().clone().contiguous() for layer, head in heads.items()
                for name, t in head.state_dict().items()}
+    tensors["ghost_kv.weight"], tensors["ghost_kv.bias"] = ghost     # predictor from the lossy exit layer
     save_file(tensors, str(engine_dir / SEDAC_WEIGHTS_FILE), metadata={"format": "pt"})
     curves = {k: section.pop(k) for k in ("curves", "per_layer")}
     (engine_dir / CALIBRATION_FILE).write_text(json.dumps({**curves, "alpha": section["alpha"]}, indent=2))

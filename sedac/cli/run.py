@@ -8,7 +8,7 @@ import time
 import click
 
 from sedac.cli.common import clean_errors
-from sedac.runtime.sampling_params import SEDAC_MODES
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -193,7 +193,7 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
-@click.option("--sedac-kv-fill", type=click.Choice(["deferred", "propagate"]), default="deferred", show_default=True,
+@click.option("--sedac-kv-fill", type=click.Choice(SEDAC_KV_FILLS), default="deferred", show_default=True,
               help="how lossy mode fills exited tokens' deeper KV")
 @clean_errors
 def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **options):

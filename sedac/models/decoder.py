@@ -24,13 +24,15 @@ class DecoderLayer(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_slots, KV, D], set by the runner
 
-    def write_kv(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor) -> None:
-        """State propagation (CALM): K/V of this layer for tokens that exited earlier, from their exit
-        hidden state h [T, hidden], so later tokens can attend to them."""
-        t, q = h.shape[0], self.split[0]
-        kv = self.qkv_proj(self.input_norm(h))[:, q:].view(t, 2 * self.num_kv_heads, self.head_dim)
-        k = apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin)
-        self.k_cache.index_copy_(0, slots, k)
+    def kv_projection(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, hidden] (already normed) -> this layer's K and V before rotary, [T, 2 * KV * D]."""
+        return self.qkv_proj(x)[:, self.split[0]:]
+
+    def write_kv(self, kv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor) -> None:
+        """Store K/V [T, 2 * KV * D] (before rotary) of tokens that exited before this layer, predicted
+        from their exit state, so later tokens can attend to them."""
+        kv = kv.view(kv.shape[0], 2 * self.num_kv_heads, self.head_dim)
+        self.k_cache.index_copy_(0, slots, apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin))
         self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads:])
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -70,12 +72,6 @@ class DecoderModel(nn.Module):
         for layer in self.layers[start:end]:
             h = layer(h, cos, signed_sin)
         return h
-
-    def propagate_kv(self, h: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, start: int) -> None:
-        """Fill layers [start, end) K/V of exited tokens from their exit hidden states."""
-        cos, signed_sin = self.rotary.tables(positions, h.dtype)
-        for layer in self.layers[start:]:
-            layer.write_kv(h, cos, signed_sin, slots)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final-normed logits for the rows of h (only the rows that sample)."""

@@ -2,14 +2,16 @@
 
 Decode tokens run layers [0, E); the exit head's entropy decides (the `sedac::exit_decision` op).
 Exited tokens leave the batch for the deeper layers; later tokens need their deeper K/V, filled
-one of two ways:
+one of three ways:
 - "deferred" (default): the exit hidden state is kept and the deeper layers run for it as an extra
   row of the next token that does not exit (which streams those weights anyway, so on a
   bandwidth-bound decode the row is nearly free). The KV cache stays exactly the full model's, so
   the only difference from `off` is the exited tokens themselves, which is what calibration measures.
 - "propagate" (CALM's state propagation): the deeper layers' K/V come from the exit hidden state
-  through their K/V projections at once; approximate K/V, which later tokens then see (measured on
-  SmolLM2: agreement 0.979 at a 0.99 target, against the deferred fill's exact cache). An adaptive controller audits a few exits (runs them to the end anyway) and tightens the
+  through their K/V projections at once; approximate K/V, which later tokens then see.
+- "ghost" (Ghost KV): a predictor trained at build time (sedac.builder.ghost_kv) maps the exit state
+  to all deeper layers' K/V in one GEMV; approximate too, but fitted to the true K/V.
+An adaptive controller audits a few exits (runs them to the end anyway) and tightens the
 thresholds when the audited agreement falls below the target; it never loosens past calibration.
 """
 from __future__ import annotations
@@ -96,8 +98,8 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
     logits: list = [None] * len(seqs)
     for i, row in zip(leaving, head.full_vocab_logits(reduced[leaving], vocab)):
         logits[i] = row
-    if leaving and kv_fill == "propagate":
-        model.propagate_kv(h[leaving], positions[leaving], ctx.slot_mapping[leaving], layer)
+    if leaving and kv_fill != "deferred":
+        _predict_kv(runner, h[leaving], positions[leaving], ctx.slot_mapping[leaving], layer, kv_fill)
     elif leaving:
         for i in leaving:
             seqs[i].exit_hidden.append(h[i])
@@ -109,6 +111,20 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
     tokens, lps = sample(torch.stack(logits), seqs)
     num_layers = runner.config.model.num_layers
     return [ExitResult(t, lp, layer if i in leaving else num_layers) for i, (t, lp) in enumerate(zip(tokens, lps))]
+
+
+def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
+    """Layers [E, L) K/V of exited tokens from their exit states h [T, hidden], written at once."""
+    model = runner.model
+    cos, signed_sin = model.rotary.tables(positions, h.dtype)
+    deeper = model.layers[layer:]
+    if kv_fill == "ghost":      # one GEMV for all deeper layers (see sedac.builder.ghost_kv)
+        x = torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=model.cfg.rms_norm_eps)
+        kvs = torch.ops.sedac.kv_predict(x, *runner.ghost_kv).view(len(h), len(deeper), -1).unbind(1)
+    else:                       # CALM state propagation: h_E through each layer's own K/V projection
+        kvs = [block.kv_projection(block.input_norm(h)) for block in deeper]
+    for block, kv in zip(deeper, kvs):
+        block.write_kv(kv, cos, signed_sin, slots)
 
 
 def _finish_layers(runner, seqs, h, layer) -> torch.Tensor:

@@ -11,7 +11,7 @@ from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import sample
-from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SamplingParams, check_sedac_mode
 from sedac.runtime.early_exit import ExitController, early_exit_step
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.speculative import speculative_step
@@ -47,8 +47,10 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
         self.sedac_mode = self._check_mode(sedac_mode)
-        if sedac_kv_fill not in ("deferred", "propagate"):
-            raise ValueError(f"sedac_kv_fill must be deferred or propagate, got {sedac_kv_fill!r}")
+        if sedac_kv_fill not in SEDAC_KV_FILLS:
+            raise ValueError(f"sedac_kv_fill must be one of {', '.join(SEDAC_KV_FILLS)}, got {sedac_kv_fill!r}")
+        if sedac_kv_fill == "ghost" and self.runner.ghost_kv is None:
+            raise ValueError(f"{engine_dir} has no Ghost KV predictor; rebuild it with sedac-build --sedac")
         self.sedac_kv_fill = sedac_kv_fill
         self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
         self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}

@@ -11,6 +11,7 @@ from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineCon
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
+from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.scheduler import ScheduledBatch
 
 
@@ -30,7 +31,7 @@ class ModelRunner:
         self.dtype = getattr(torch, PRECISIONS[config.build.precision])
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
-        self.exit_heads = self._load_exit_heads(engine_dir) if config.sedac else {}
+        self.exit_heads, self.ghost_kv = self._load_exit_heads(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
 
     def _load_model(self, engine_dir: Path) -> DecoderModel:
@@ -53,7 +54,8 @@ class ModelRunner:
             model.tie_lm_head()
         return self._pack_for_cpu(model.to(self.device).eval())
 
-    def _load_exit_heads(self, engine_dir: Path) -> dict[int, ExitHead]:
+    def _load_exit_heads(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
+        """The exit heads the modes use and the Ghost KV predictor (weight, bias), if the build made one."""
         path = Path(engine_dir) / SEDAC_WEIGHTS_FILE
         if not path.is_file():
             raise ValueError(f"engine config has SEDAC exits but {path} is missing")
@@ -64,7 +66,12 @@ class ModelRunner:
             head = ExitHead(m.hidden_size, sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
             head.load_state_dict(state, assign=True)
             heads[layer] = self._pack_for_cpu(head.to(device=self.device, dtype=self.dtype).eval())
-        return heads
+        ghost = tuple(weights[f"ghost_kv.{n}"].to(self.dtype) for n in ("weight", "bias")) \
+            if "ghost_kv.weight" in weights else None
+        # A torch.library op's first dispatch imports torch._dynamo (~3 s on CPU): pay it at load,
+        # not in the first SEDAC request's latency.
+        torch.ops.sedac.entropy(torch.zeros(1, 2, device=self.device))
+        return heads, ghost
 
     def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
         """fp32 on CPU: every Linear runs on oneDNN-prepacked weights (see Linear.pack_for_cpu)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SEDAC_MODES = ("off", "lossless", "lossy")
+SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how lossy exits fill deeper KV
 
 
 def check_sedac_mode(mode: str | None) -> None:
