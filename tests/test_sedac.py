@@ -124,13 +124,15 @@ def test_ghost_kv_fills_the_deeper_cache_closer_than_state_propagation(tiny_seda
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     runner, model = llm.engine.runner, llm.engine.runner.model
     exit_layer, num_layers = llm.engine.config.sedac["lossy_layers"][0], llm.engine.config.model.num_layers
-    ids = llm.tokenizer.encode("Zebras graze at dawn while the river hums an old tune to itself.", add_special_tokens=False)
-    states, _ = teacher_pass(model, ids, list(range(exit_layer, num_layers)))
+    text = "Zebras graze at dawn while the river hums an old tune to itself."
+    deeper = list(range(exit_layer, num_layers))
+    ids = llm.tokenizer.encode(text, add_special_tokens=False)
+    states, _ = teacher_pass(model, ids, deeper)
     positions = slots = torch.arange(len(ids))
     cos, signed_sin = model.rotary.tables(positions, torch.float32)
     def deeper_cache():
-        return [torch.cat([model.layers[l].k_cache[slots], model.layers[l].v_cache[slots]]) for l in range(exit_layer, num_layers)]
-    for l in range(exit_layer, num_layers):      # the truth: each layer's K/V of its real input
+        return [torch.cat([model.layers[l].k_cache[slots], model.layers[l].v_cache[slots]]) for l in deeper]
+    for l in deeper:                             # the truth: each layer's K/V of its real input
         block = model.layers[l]
         block.write_kv(block.kv_projection(block.input_norm(states[l])), cos, signed_sin, slots)
     truth = deeper_cache()

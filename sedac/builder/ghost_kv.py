@@ -4,7 +4,7 @@ A token that exits after E layers has no K/V in layers [E, L), which later token
 state propagation feeds the exit state h_E through each deeper layer's own K/V projection, as if that
 layer's input were h_E. Ghost KV keeps that map as its prior and learns a correction per layer:
 
-    kv_l(h_E) = rms(h_E) @ (W_prop_l + dW_l) + (b_prop_l + db_l)
+    kv_l(h_E) = rms(h_E) @ (W_prop_l + dW_l) + (b_prop_l + db_l)      (rms: sedac.runtime.early_exit.ghost_input)
 
 with (dW, db) the ridge-regression fit of the residual (true kv_l - propagation) on teacher-forced
 text. Closed form from normal equations accumulated in float64: deterministic, seconds on CPU, and
@@ -14,15 +14,10 @@ the ridge pulls toward propagation where data says little. All deeper layers sta
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sedac.builder.exit_training import teacher_pass
-
-
-def unit_rms(model, h: torch.Tensor) -> torch.Tensor:
-    """The predictor's input: h_E RMS-normalized without a gain (each layer's gain is folded in W)."""
-    return F.rms_norm(h, (h.shape[-1],), eps=model.cfg.rms_norm_eps)
+from sedac.runtime.early_exit import ghost_input
 
 
 @torch.inference_mode()
@@ -35,7 +30,7 @@ def fit_ghost_kv(model, documents, exit_layer: int, num_tokens: int, ridge: floa
     total, bar = 0, tqdm(total=num_tokens, desc=f"ghost KV (exit {exit_layer})", unit="tok")
     for ids, _ in documents:
         states, _ = teacher_pass(model, ids, deeper)
-        x = _with_ones(unit_rms(model, states[exit_layer]))
+        x = _with_ones(ghost_input(model, states[exit_layer]))
         gram += x.T @ x
         for l in deeper:
             residual = _layer_kv(model, l, states[l]) - _layer_kv(model, l, states[exit_layer])   # truth - propagation
@@ -66,7 +61,8 @@ def kv_errors(model, documents, exit_layer: int, ghost, num_tokens: int) -> dict
     norm, total = 0.0, 0
     for ids, _ in documents:
         states, _ = teacher_pass(model, ids, deeper)
-        ghost_kv = torch.ops.sedac.kv_predict(unit_rms(model, states[exit_layer]), *ghost).view(len(ids), len(deeper), -1)
+        predicted = torch.ops.sedac.kv_predict(ghost_input(model, states[exit_layer]), *ghost)
+        ghost_kv = predicted.view(len(ids), len(deeper), -1)
         for i, l in enumerate(deeper):
             truth = _layer_kv(model, l, states[l])
             norm += float(truth.pow(2).sum())
@@ -89,8 +85,9 @@ def _layer_kv(model, l: int, h_in: torch.Tensor) -> torch.Tensor:
 
 
 def _propagation_map(model, l: int):
-    """State propagation as an affine map of unit_rms(h): (W [hidden, 2 * KV * D], b)."""
+    """State propagation as an affine map of ghost_input(h): (W [hidden, 2 * KV * D], b)."""
     layer = model.layers[l]
     gain = torch.diag(layer.input_norm.weight.float())
-    rows = layer.kv_projection(torch.cat([torch.zeros(1, gain.shape[0]), gain]).to(layer.input_norm.weight.dtype)).float()
+    basis = torch.cat([torch.zeros(1, gain.shape[0]), gain]).to(layer.input_norm.weight.dtype)   # 0, then e_i * g_i
+    rows = layer.kv_projection(basis).float()
     return rows[1:] - rows[0], rows[0]

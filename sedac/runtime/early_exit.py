@@ -113,14 +113,20 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
     return [ExitResult(t, lp, layer if i in leaving else num_layers) for i, (t, lp) in enumerate(zip(tokens, lps))]
 
 
+def ghost_input(model, h: torch.Tensor) -> torch.Tensor:
+    """The Ghost KV predictor's input, at fit and at run time: the exit state RMS-normalized with no
+    gain (each deeper layer's own gain is folded into the predictor's weight)."""
+    return torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=model.cfg.rms_norm_eps)
+
+
 def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
     """Layers [E, L) K/V of exited tokens from their exit states h [T, hidden], written at once."""
     model = runner.model
     cos, signed_sin = model.rotary.tables(positions, h.dtype)
     deeper = model.layers[layer:]
     if kv_fill == "ghost":      # one GEMV for all deeper layers (see sedac.builder.ghost_kv)
-        x = torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=model.cfg.rms_norm_eps)
-        kvs = torch.ops.sedac.kv_predict(x, *runner.ghost_kv).view(len(h), len(deeper), -1).unbind(1)
+        predicted = torch.ops.sedac.kv_predict(ghost_input(model, h), *runner.ghost_kv)
+        kvs = predicted.view(len(h), len(deeper), -1).unbind(1)
     else:                       # CALM state propagation: h_E through each layer's own K/V projection
         kvs = [block.kv_projection(block.input_norm(h)) for block in deeper]
     for block, kv in zip(deeper, kvs):
