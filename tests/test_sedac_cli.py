@@ -38,6 +38,8 @@ def test_sedac_errors(tmp_path, tiny_llama, tiny_models):
     assert_one_line_error(code, out, "--sedac-modes")
     code, out = invoke(run_main, ["bench", "--engine", str(tiny_llama), "--sedac-modes", "off,lossless"])
     assert_one_line_error(code, out, "without --sedac")
+    code, out = invoke(run_main, ["serve", "--engine", str(tiny_llama), "--port", "1", "--sedac-kv-fill", "ghost"])
+    assert_one_line_error(code, out, "Ghost KV")
     code, out = invoke(build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"),
                                     "--max-seq-len", "256", "--sedac", "--exit-layers", "0,9"])
     assert_one_line_error(code, out, "exit layers")

@@ -12,6 +12,8 @@ from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+KV_FILL = click.option("--sedac-kv-fill", type=click.Choice(SEDAC_KV_FILLS), default="deferred", show_default=True,
+                       help="how lossy mode fills exited tokens' deeper KV (engine-wide)")
 
 
 def sampling_options(fn):
@@ -104,11 +106,13 @@ def chat(engine, device, **sampling):
 @click.option("--served-model-name", help="model id in the API (default: the engine directory name)")
 @click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
               help="default SEDAC mode for requests that do not set one")
+@KV_FILL
 @clean_errors
-def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name, sedac_mode):
+def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name, sedac_mode, sedac_kv_fill):
     """OpenAI-compatible HTTP server with Prometheus metrics."""
     from sedac.serving.app import serve as run_server
-    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs, sedac_mode)
+    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs, sedac_mode,
+               sedac_kv_fill)
 
 
 @main.group()
@@ -193,8 +197,7 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
-@click.option("--sedac-kv-fill", type=click.Choice(SEDAC_KV_FILLS), default="deferred", show_default=True,
-              help="how lossy mode fills exited tokens' deeper KV")
+@KV_FILL
 @clean_errors
 def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
