@@ -189,6 +189,19 @@ def test_engine_default_mode_and_abort_frees_blocks(tiny_sedac_engine):
         LLMEngine(tiny_sedac_engine, device="cpu", sedac_mode="fast")
 
 
+def test_speculation_is_disabled_above_the_batch_size_limit(tiny_sedac_engine):
+    llm = LLM(str(tiny_sedac_engine), device="cpu", speculative_disable_by_batch_size=1)
+    _always_draft(llm.engine)
+    off = llm.generate(PROMPTS[:3], _greedy("off"))
+    batched = llm.generate(PROMPTS[:3], _greedy("lossless"))
+    assert [o.token_ids for o in batched] == [o.token_ids for o in off]
+    assert llm.engine.counters["sedac_drafted_tokens"] == 0              # three at once: plain decodes
+    alone = llm.generate(PROMPTS[0], _greedy("lossless"))[0]
+    assert alone.token_ids == off[0].token_ids and llm.engine.counters["sedac_drafted_tokens"] > 0
+    with pytest.raises(ValueError, match="speculative_disable_by_batch_size"):
+        LLMEngine(tiny_sedac_engine, device="cpu", speculative_disable_by_batch_size=0)
+
+
 def test_learn_then_test_guarantee_holds_on_held_out_data():
     """Synthetic exits whose error probability grows with entropy: thresholds chosen on one sample
     keep the disagreement under delta on a fresh, larger sample, at every level."""

@@ -107,12 +107,13 @@ def chat(engine, device, **sampling):
 @click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
               help="default SEDAC mode for requests that do not set one")
 @KV_FILL
+@click.option("--speculative-disable-by-batch-size", type=int,
+              help="lossless requests decode without drafts in steps with more sequences than this")
 @clean_errors
-def serve(engine, device, host, port, api_key, max_queue, max_num_seqs, served_model_name, sedac_mode, sedac_kv_fill):
+def serve(engine, device, host, port, api_key, max_queue, served_model_name, **engine_options):
     """OpenAI-compatible HTTP server with Prometheus metrics."""
     from sedac.serving.app import serve as run_server
-    run_server(engine, host, port, api_key, max_queue, device, served_model_name, max_num_seqs, sedac_mode,
-               sedac_kv_fill)
+    run_server(engine, host, port, api_key, max_queue, device, served_model_name, engine_options)
 
 
 @main.group()

@@ -35,7 +35,8 @@ class Request:
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred"):
+                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred",
+                 speculative_disable_by_batch_size: int | None = None):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
@@ -52,6 +53,9 @@ class LLMEngine:
         if sedac_kv_fill == "ghost" and self.runner.ghost_kv is None:
             raise ValueError(f"{engine_dir} has no Ghost KV predictor; rebuild it with sedac-build --sedac")
         self.sedac_kv_fill = sedac_kv_fill
+        if speculative_disable_by_batch_size is not None and speculative_disable_by_batch_size < 1:
+            raise ValueError("speculative_disable_by_batch_size must be >= 1")
+        self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
         self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}
         self.requests: dict[str, Request] = {}
@@ -155,14 +159,19 @@ class LLMEngine:
         return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
 
     def _split_by_mode(self, batch: ScheduledBatch):
-        """Decodes in lossless or lossy mode take SEDAC's paths; everything else runs the full model."""
+        """Decodes in lossless or lossy mode take SEDAC's paths; everything else runs the full model.
+        Lossless decodes run as plain decodes (same output) in steps larger than
+        speculative_disable_by_batch_size (vLLM's knob): batched decode is compute-bound, and
+        verifying drafts there costs more than it saves."""
+        limit = self.speculative_disable_by_batch_size
+        speculate = limit is None or len(batch.seqs) <= limit
         full, lossless, lossy = ScheduledBatch(), [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = self.mode_of(seq)
             # lossy: the last token plus the exited ones whose deeper layers are still pending
             decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
                         and seq.num_computed_tokens + n == seq.num_tokens)
-            if decoding and mode == "lossless":
+            if decoding and mode == "lossless" and speculate:
                 lossless.append(seq)
             elif decoding and mode == "lossy":
                 lossy.append(seq)

@@ -172,9 +172,9 @@ async def _native_generate(server: Server, req, prompts: list, fail_alone: bool 
 
 
 def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue: int | None, device: str,
-          model_name: str | None = None, max_num_seqs: int | None = None, sedac_mode: str = "off",
-          sedac_kv_fill: str = "deferred") -> None:
-    """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0."""
+          model_name: str | None = None, engine_options: dict | None = None) -> None:
+    """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0.
+    engine_options: LLMEngine keyword arguments (max_num_seqs, sedac_mode, sedac_kv_fill, ...)."""
     import uvicorn
     from pathlib import Path
     from sedac.runtime.engine import LLMEngine
@@ -190,9 +190,7 @@ def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue:
                 for s, handler in previous.items():
                     signal.signal(s, handler)
 
-    engine = LLMEngine(engine_dir, device=device, max_num_seqs=max_num_seqs, sedac_mode=sedac_mode,
-                       sedac_kv_fill=sedac_kv_fill)
-    llm = AsyncLLM(engine, max_queue=max_queue)
+    llm = AsyncLLM(LLMEngine(engine_dir, device=device, **(engine_options or {})), max_queue=max_queue)
     app = build_app(llm, model_name or Path(engine_dir).resolve().name, api_key)
     try:
         GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
