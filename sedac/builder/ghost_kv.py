@@ -17,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from sedac.builder.exit_training import teacher_pass
-from sedac.runtime.early_exit import ghost_input
+from sedac.runtime.early_exit import ghost_input, predicted_kv
 
 
 @torch.inference_mode()
@@ -32,9 +32,9 @@ def fit_ghost_kv(model, documents, exit_layer: int, num_tokens: int, ridge: floa
         states, _ = teacher_pass(model, ids, deeper)
         x = _with_ones(ghost_input(model, states[exit_layer]))
         gram += x.T @ x
-        for l in deeper:
-            residual = _layer_kv(model, l, states[l]) - _layer_kv(model, l, states[exit_layer])   # truth - propagation
-            cross[l] = cross[l] + x.T @ residual.double()
+        propagated = predicted_kv(model, states[exit_layer], exit_layer, "propagate")
+        for l, prop in zip(deeper, propagated):
+            cross[l] = cross[l] + x.T @ (_true_kv(model, l, states[l]) - prop).double()
         total += len(ids)
         bar.update(len(ids))
         if total >= num_tokens:
@@ -61,13 +61,12 @@ def kv_errors(model, documents, exit_layer: int, ghost, num_tokens: int) -> dict
     norm, total = 0.0, 0
     for ids, _ in documents:
         states, _ = teacher_pass(model, ids, deeper)
-        predicted = torch.ops.sedac.kv_predict(ghost_input(model, states[exit_layer]), *ghost)
-        ghost_kv = predicted.view(len(ids), len(deeper), -1)
+        predictions = {fill: predicted_kv(model, states[exit_layer], exit_layer, fill, ghost) for fill in err}
         for i, l in enumerate(deeper):
-            truth = _layer_kv(model, l, states[l])
+            truth = _true_kv(model, l, states[l])
             norm += float(truth.pow(2).sum())
-            err["ghost"] += float((ghost_kv[:, i] - truth).pow(2).sum())
-            err["propagate"] += float((_layer_kv(model, l, states[exit_layer]) - truth).pow(2).sum())
+            for fill, kvs in predictions.items():
+                err[fill] += float((kvs[i] - truth).pow(2).sum())
         total += len(ids)
         if total >= num_tokens:
             break
@@ -78,8 +77,8 @@ def _with_ones(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(x.shape[0], 1, dtype=x.dtype, device=x.device)], dim=1).double()
 
 
-def _layer_kv(model, l: int, h_in: torch.Tensor) -> torch.Tensor:
-    """Layer l's K/V for input states h_in: the truth for its real input, propagation for h_E."""
+def _true_kv(model, l: int, h_in: torch.Tensor) -> torch.Tensor:
+    """Layer l's K/V for its real input states h_in."""
     layer = model.layers[l]
     return layer.kv_projection(layer.input_norm(h_in))
 

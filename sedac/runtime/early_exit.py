@@ -119,17 +119,20 @@ def ghost_input(model, h: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.rms_norm(h, (h.shape[-1],), eps=model.cfg.rms_norm_eps)
 
 
-def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
-    """Layers [E, L) K/V of exited tokens from their exit states h [T, hidden], written at once."""
-    model = runner.model
-    cos, signed_sin = model.rotary.tables(positions, h.dtype)
+def predicted_kv(model, h: torch.Tensor, layer: int, kv_fill: str, ghost: tuple | None = None) -> list[torch.Tensor]:
+    """K/V [T, 2 * KV * D] (before rotary) of layers [E, L), predicted from exit states h [T, hidden]."""
     deeper = model.layers[layer:]
     if kv_fill == "ghost":      # one GEMV for all deeper layers (see sedac.builder.ghost_kv)
-        predicted = torch.ops.sedac.kv_predict(ghost_input(model, h), *runner.ghost_kv)
-        kvs = predicted.view(len(h), len(deeper), -1).unbind(1)
-    else:                       # CALM state propagation: h_E through each layer's own K/V projection
-        kvs = [block.kv_projection(block.input_norm(h)) for block in deeper]
-    for block, kv in zip(deeper, kvs):
+        predicted = torch.ops.sedac.kv_predict(ghost_input(model, h), *ghost)
+        return list(predicted.view(len(h), len(deeper), -1).unbind(1))
+    return [block.kv_projection(block.input_norm(h)) for block in deeper]   # CALM state propagation
+
+
+def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
+    """Write the predicted layers [E, L) K/V of exited tokens into the cache at once."""
+    model = runner.model
+    cos, signed_sin = model.rotary.tables(positions, h.dtype)
+    for block, kv in zip(model.layers[layer:], predicted_kv(model, h, layer, kv_fill, runner.ghost_kv)):
         block.write_kv(kv, cos, signed_sin, slots)
 
 

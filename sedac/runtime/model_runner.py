@@ -31,7 +31,7 @@ class ModelRunner:
         self.dtype = getattr(torch, PRECISIONS[config.build.precision])
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
-        self.exit_heads, self.ghost_kv = self._load_exit_heads(engine_dir) if config.sedac else ({}, None)
+        self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
 
     def _load_model(self, engine_dir: Path) -> DecoderModel:
@@ -54,7 +54,7 @@ class ModelRunner:
             model.tie_lm_head()
         return self._pack_for_cpu(model.to(self.device).eval())
 
-    def _load_exit_heads(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
+    def _load_sedac_weights(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
         """The exit heads the modes use and the Ghost KV predictor (weight, bias), if the build made one."""
         path = Path(engine_dir) / SEDAC_WEIGHTS_FILE
         if not path.is_file():
