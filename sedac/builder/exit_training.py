@@ -85,7 +85,7 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int]):
     m = model.cfg
     dtype, dev = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
     set_context(AttentionContext(torch.arange(t, device=dev), block_size=1,
-                                 prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long), None)]))
+                                 prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))]))
     try:
         for layer in model.layers:
             layer.k_cache = torch.empty(t, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)

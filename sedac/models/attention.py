@@ -11,13 +11,24 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from sedac.models import cpu_kernels
+
 
 @dataclass
 class PrefillChunk:
     start: int                 # first row of this chunk in the step's token batch
     end: int                   # one past the last row
     blocks: torch.Tensor       # [num_blocks] the sequence's block table
-    mask: torch.Tensor | None  # [q_len, num_blocks * block_size] bool; None when there is no cached context
+    context_lengths: torch.Tensor | None = None   # [q_len] positions each row attends (cached + i + 1);
+                                                  # None when there is no cached context
+    _mask: torch.Tensor | None = None
+
+    def mask(self, block_size: int) -> torch.Tensor:
+        """[q_len, num_blocks * block_size] bool, causal after the cache; built once per step."""
+        if self._mask is None:
+            slots = torch.arange(len(self.blocks) * block_size, device=self.blocks.device)
+            self._mask = slots[None, :] < self.context_lengths[:, None]
+        return self._mask
 
 
 @dataclass
@@ -26,8 +37,19 @@ class AttentionContext:
     block_size: int
     num_decodes: int = 0
     decode_blocks: torch.Tensor | None = None   # [B, nb] block tables of the decodes (padded)
-    decode_mask: torch.Tensor | None = None     # [B, 1, 1, nb * block_size] 0 on context slots, -inf on padding
+    decode_lengths: torch.Tensor | None = None  # [B] context length of each decode (its position + 1)
     prefills: list[PrefillChunk] = field(default_factory=list)
+    _decode_mask: torch.Tensor | None = None
+
+    def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
+        """[B, 1, 1, nb * block_size]: 0 on context slots, -inf on padding; built once per step.
+        Additive, not boolean: CPU SDPA measured ~25% faster on decode batches with a float mask."""
+        if self._decode_mask is None:
+            width = self.decode_blocks.shape[1] * self.block_size
+            padding = torch.arange(width, device=self.decode_lengths.device)[None, :] >= self.decode_lengths[:, None]
+            mask = torch.zeros(padding.shape, dtype=dtype, device=padding.device).masked_fill_(padding, float("-inf"))
+            self._decode_mask = mask[:, None, None, :]
+        return self._decode_mask
 
 
 _CONTEXT: AttentionContext | None = None
@@ -66,25 +88,42 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
 
 
+def _use_cpu_kernel(q: torch.Tensor) -> bool:
+    return q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels.available()
+
+
 def _decode_attention(q, k_cache, v_cache, ctx):
+    b, h, d = q.shape
+    if _use_cpu_kernel(q):
+        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, ctx.decode_blocks, ctx.decode_lengths,
+                                                  ctx.block_size, d ** -0.5)
     # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
     # head become G "query positions" of that KV head; no KV expansion, no copy of q.
-    b, h, d = q.shape
     kv = k_cache.shape[1]
     keys = gather_blocks(k_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2)    # [B, KV, L, D]
     values = gather_blocks(v_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=ctx.decode_mask)
+    o = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=ctx.decode_mask(q.dtype))
     return o.reshape(b, h, d)
 
 
+# Short chunks after a cached context (speculative verify passes) run as decode rows in the CPU
+# kernel, each row attending to its own causal length; long prompt chunks keep SDPA's blocked GEMMs.
+KERNEL_MAX_CHUNK = 16
+
+
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
+    n = chunk.end - chunk.start
+    if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and _use_cpu_kernel(q):
+        tables = chunk.blocks.expand(n, -1).contiguous()
+        return cpu_kernels.paged_decode_attention(q[chunk.start:chunk.end], k_cache, v_cache, tables,
+                                                  chunk.context_lengths, block_size, q.shape[-1] ** -0.5)
     qc = q[chunk.start:chunk.end].transpose(0, 1)       # [H, Tq, D]
-    if chunk.mask is None:                               # no cached prefix: attend to the chunk itself
+    if chunk.context_lengths is None:                    # no cached prefix: attend to the chunk itself
         keys = k[chunk.start:chunk.end].transpose(0, 1)
         values = v[chunk.start:chunk.end].transpose(0, 1)
         o = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=True)
     else:
         keys = gather_blocks(k_cache, chunk.blocks, block_size).transpose(0, 1)      # [KV, L, D]
         values = gather_blocks(v_cache, chunk.blocks, block_size).transpose(0, 1)
-        o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask, enable_gqa=True)
+        o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask(block_size), enable_gqa=True)
     return o.transpose(0, 1)

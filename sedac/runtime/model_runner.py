@@ -146,14 +146,10 @@ class ModelRunner:
             blocks = [t[:p // bs + 1] for t, p in decodes]
             width = max(len(b) for b in blocks)
             ctx.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b in blocks], device=dev)
-            lengths = torch.tensor([p + 1 for _, p in decodes], device=dev)
-            padding = torch.arange(width * bs, device=dev)[None, :] >= lengths[:, None]
-            # Additive, not boolean: CPU SDPA measured ~25% faster on decode batches with a float mask.
-            mask = torch.zeros(padding.shape, dtype=self.dtype, device=dev).masked_fill_(padding, float("-inf"))
-            ctx.decode_mask = mask[:, None, None, :]
+            ctx.decode_lengths = torch.tensor([p + 1 for _, p in decodes], device=dev)
         row = len(decodes)
         for table, start, n in chunks:
-            ctx.prefills.append(_prefill_chunk(row, row + n, table[:-(-(start + n) // bs)], start, bs, dev))
+            ctx.prefills.append(_prefill_chunk(row, row + n, table[:-(-(start + n) // bs)], start, dev))
             row += n
         return torch.tensor(pos, device=dev), ctx
 
@@ -168,9 +164,8 @@ class ModelRunner:
             set_context(None)
 
 
-def _prefill_chunk(start, end, blocks, cached, bs, dev) -> PrefillChunk:
+def _prefill_chunk(start, end, blocks, cached, dev) -> PrefillChunk:
     if cached == 0:
-        return PrefillChunk(start, end, torch.empty(0, dtype=torch.long), None)
-    q_pos = torch.arange(cached, cached + end - start, device=dev)
-    mask = torch.arange(len(blocks) * bs, device=dev)[None, :] <= q_pos[:, None]   # causal after the cache
-    return PrefillChunk(start, end, torch.tensor(blocks, device=dev), mask)
+        return PrefillChunk(start, end, torch.empty(0, dtype=torch.long))
+    return PrefillChunk(start, end, torch.tensor(blocks, device=dev),
+                        torch.arange(cached + 1, cached + 1 + end - start, device=dev))

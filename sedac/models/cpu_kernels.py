@@ -1,0 +1,38 @@
+"""C++ CPU kernels, compiled on first use with torch.utils.cpp_extension and cached by torch.
+
+Compiled on the machine that runs them (-march=native: AVX2/AVX-512 wherever the CPU has it); a
+machine without a C++ toolchain falls back to the portable PyTorch path with one warning.
+make install compiles them ahead of time (cpu_kernels.available()).
+SEDAC_CPU_KERNELS=0 turns them off (A/B measurements, debugging).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+
+
+@functools.cache
+def available() -> bool:
+    """Compile (or load the cached build of) the kernels once per process; False if that fails."""
+    if os.environ.get("SEDAC_CPU_KERNELS", "1") == "0":
+        return False
+    from torch.utils.cpp_extension import load
+    try:
+        load(name="sedac_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+             is_python_module=False, verbose=False)
+    except Exception as e:   # no compiler, no ninja, unsupported platform
+        warnings.warn(f"SEDAC CPU kernels unavailable, using the PyTorch path: {str(e).splitlines()[0]}")
+        return False
+    return True
+
+
+def paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size: int, scale: float) -> torch.Tensor:
+    """q [B, H, D], caches [slots, KV, D], tables [B, nb], lengths [B] -> [B, H, D] (float32, CPU)."""
+    return torch.ops.sedac_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size, scale)
+

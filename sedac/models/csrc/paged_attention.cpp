@@ -1,0 +1,92 @@
+// Paged decode attention for CPU: one query token per sequence, K/V read straight from the block pool.
+//
+// Why: the portable path gathers each sequence's blocks into a contiguous copy and then runs SDPA,
+// so every step reads the KV cache, writes a copy and reads it again. At 32 concurrent decodes the
+// KV cache of SmolLM2 is as large as its weights, and that copy made attention a third of the step.
+// Here every K/V row is read once, for all heads that share it (grouped-query attention).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace {
+
+// Scores of all H query heads against one K row [KV, D]; head h reads KV head h / group.
+inline void score_row(const float* q, const float* k_row, float* scores, int64_t row, int64_t len,
+                      int64_t H, int64_t D, int64_t group, float scale) {
+  for (int64_t h = 0; h < H; ++h) {
+    const float* qh = q + h * D;
+    const float* kh = k_row + (h / group) * D;
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t d = 0; d < D; ++d) acc += qh[d] * kh[d];
+    scores[h * len + row] = acc * scale;
+  }
+}
+
+inline void softmax_inplace(float* s, int64_t len) {
+  const float m = *std::max_element(s, s + len);
+  float sum = 0.f;
+  for (int64_t i = 0; i < len; ++i) sum += (s[i] = std::exp(s[i] - m));
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < len; ++i) s[i] *= inv;
+}
+
+}  // namespace
+
+// q [B, H, D] (rows may be strided); k_cache, v_cache [slots, KV, D]; tables [B, nb] block ids; lengths [B] context lengths
+// -> [B, H, D]. Sequence b attends to its positions [0, lengths[b]); position p lives in slot
+// tables[b][p / block_size] * block_size + p % block_size.
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& tables,
+                                     const torch::Tensor& lengths, int64_t block_size, double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_cache.scalar_type() == at::kFloat &&
+              v_cache.scalar_type() == at::kFloat, "paged_decode_attention: float32 only");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lengths.scalar_type() == at::kLong,
+              "paged_decode_attention: int64 tables and lengths");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              tables.is_contiguous() && lengths.is_contiguous(), "paged_decode_attention: contiguous inputs (q rows may be strided)");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), KV = k_cache.size(1), nb = tables.size(1);
+  TORCH_CHECK(H % KV == 0 && k_cache.size(2) == D, "paged_decode_attention: head shapes");
+  TORCH_CHECK(lengths.size(0) == B && tables.size(0) == B, "paged_decode_attention: batch shapes");
+  const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(lp[b] > 0 && lp[b] <= nb * block_size, "paged_decode_attention: a length lies outside its block table");
+  auto out = torch::zeros_like(q);
+  const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t group = H / KV, row_stride = KV * D, q_stride = q.stride(0);
+  at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;   // [H, len] of one sequence
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t len = lp[b];
+      const int64_t* table = tp + b * nb;
+      scores.resize(H * len);
+      for (int64_t l = 0; l < len; ++l) {
+        const int64_t slot = table[l / block_size] * block_size + l % block_size;
+        score_row(qp + b * q_stride, kp + slot * row_stride, scores.data(), l, len, H, D, group, (float)scale);
+      }
+      for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * len, len);
+      float* ob = op + b * H * D;
+      for (int64_t l = 0; l < len; ++l) {
+        const float* v_row = vp + (table[l / block_size] * block_size + l % block_size) * row_stride;
+        for (int64_t h = 0; h < H; ++h) {
+          const float p = scores[h * len + l];
+          const float* vh = v_row + (h / group) * D;
+          float* oh = ob + h * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) oh[d] += p * vh[d];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(sedac_cpu, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor tables, Tensor lengths, "
+        "int block_size, float scale) -> Tensor");
+  m.impl("paged_decode_attention", torch::kCPU, &paged_decode_attention);
+}
