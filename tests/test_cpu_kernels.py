@@ -1,12 +1,23 @@
-"""The C++ CPU paged-attention kernel: it compiles here, matches an independent per-sequence softmax
+"""The C++ CPU kernels: they compile here; paged attention matches an independent per-sequence softmax
 attention, agrees with the portable SDPA path on decodes and on short chunks after a cached context,
-and rejects lengths outside a block table."""
+and rejects lengths outside a block table; the fused elementwise ops match the torch ops they replace
+(rotary bit for bit, the norms to the last bit of the RMS reduction)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from sedac.models import AttentionContext, PrefillChunk, attention, cpu_kernels
+from sedac.config import ModelConfig
+from sedac.models import AttentionContext, PrefillChunk, attention, cpu_kernels, set_context
+from sedac.models.decoder import DecoderLayer
+from sedac.models.layers import Linear
 
 BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 40
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    with torch.inference_mode():      # as the engine runs; with autograd on, the kernels stand aside
+        yield
 
 
 @pytest.fixture
@@ -32,6 +43,9 @@ def _tables(lengths):
 
 def test_kernel_compiles_here():
     assert cpu_kernels.available()    # CI must exercise the kernel, not silently fall back
+    assert cpu_kernels.usable(torch.zeros(1))
+    with torch.inference_mode(False), torch.enable_grad():
+        assert not cpu_kernels.usable(torch.zeros(1))     # no backward: exit-head training runs torch ops
 
 
 def test_kernel_matches_plain_attention(pool):
@@ -52,8 +66,10 @@ def test_kernel_takes_strided_query_rows(pool):
 
 
 def _decode_context(lengths):
-    ctx = AttentionContext(torch.zeros(0, dtype=torch.long), BS, num_decodes=len(lengths))
-    ctx.decode_blocks, ctx.decode_lengths = torch.tensor(_tables(lengths)), torch.tensor(lengths)
+    tables = _tables(lengths)
+    slots = [table[(n - 1) // BS] * BS + (n - 1) % BS for table, n in zip(tables, lengths)]
+    ctx = AttentionContext(torch.tensor(slots), BS, num_decodes=len(lengths))
+    ctx.decode_blocks, ctx.decode_lengths = torch.tensor(tables), torch.tensor(lengths)
     return ctx
 
 
@@ -79,3 +95,63 @@ def test_kernel_rejects_length_beyond_table(pool):
     with pytest.raises(RuntimeError, match="outside its block table"):
         cpu_kernels.paged_decode_attention(torch.randn(1, H, D), *pool, torch.tensor([[0, 1]]),
                                            torch.tensor([2 * BS + 1]), BS, D ** -0.5)
+
+
+def test_rms_norm_matches_torch():
+    x, w = torch.randn(5, 576) * 3, torch.randn(576)
+    fused = torch.ops.sedac_cpu.rms_norm(x, w, 1e-5)
+    assert torch.allclose(fused, F.rms_norm(x, (576,), w, 1e-5), rtol=1e-6, atol=1e-6)
+    h, delta = torch.randn(5, 576), torch.randn(5, 576)[:, :576]
+    total, normed = torch.ops.sedac_cpu.add_rms_norm(h, delta, w, 1e-5)
+    assert torch.equal(total, h + delta)
+    assert torch.allclose(normed, F.rms_norm(h + delta, (576,), w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_silu_and_mul_matches_torch():
+    gate_up = torch.randn(3, 2 * 1536) * 4
+    gate, up = gate_up.chunk(2, dim=-1)
+    assert torch.allclose(torch.ops.sedac_cpu.silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-7)
+
+
+def test_rotary_is_bit_identical_to_torch_ops():
+    qkv = torch.randn(4, (9 + 2 * 3) * 64)
+    x = qkv[:, :12 * 64].view(4, 12, 64)             # q and k heads sliced out of the fused projection
+    cos, signed_sin = torch.randn(4, 1, 64), torch.randn(4, 1, 64)
+    expected = x * cos + x.roll(32, dims=-1) * signed_sin
+    assert torch.equal(torch.ops.sedac_cpu.rotary(x, cos, signed_sin), expected)
+
+
+def test_fused_ops_reject_wrong_dtype():
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.sedac_cpu.rms_norm(torch.randn(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)
+
+
+def _random_layer(qkv_bias: bool) -> DecoderLayer:
+    cfg = ModelConfig("LlamaForCausalLM", vocab_size=32, hidden_size=H * D, intermediate_size=80, num_layers=1,
+                      num_heads=H, num_kv_heads=KV, head_dim=D, rms_norm_eps=1e-5, rope_theta=1e4,
+                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=qkv_bias)
+    layer = DecoderLayer(cfg)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.2)
+    for linear in layer.modules():
+        if isinstance(linear, Linear):
+            linear.pack_for_cpu(4)
+    return layer
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])          # Llama, Qwen2
+def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias, monkeypatch):
+    layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
+    h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
+    results = []
+    for fused in (True, False):
+        monkeypatch.setattr(DecoderLayer, "_fusable", lambda self, h, ctx: fused)
+        layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
+        set_context(ctx)
+        try:
+            results.append((layer(h, cos, signed_sin), layer.k_cache, layer.v_cache))
+        finally:
+            set_context(None)
+    for fused_tensor, python_tensor in zip(*results):
+        assert torch.equal(fused_tensor, python_tensor)
+    assert not torch.equal(results[0][1], pool[0])            # the step wrote its K into the cache

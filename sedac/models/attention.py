@@ -71,8 +71,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ctx = get_context()
     k_cache.index_copy_(0, ctx.slot_mapping, k)
     v_cache.index_copy_(0, ctx.slot_mapping, v)
-    out = torch.empty_like(q)
     nd = ctx.num_decodes
+    if not ctx.prefills:                     # a pure decode step: no output buffer to assemble
+        return _decode_attention(q, k_cache, v_cache, ctx)
+    out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, ctx)
     for chunk in ctx.prefills:
@@ -88,13 +90,9 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
     return out.view(*blocks.shape[:-1], blocks.shape[-1] * block_size, *cache.shape[1:])
 
 
-def _use_cpu_kernel(q: torch.Tensor) -> bool:
-    return q.device.type == "cpu" and q.dtype == torch.float32 and cpu_kernels.available()
-
-
 def _decode_attention(q, k_cache, v_cache, ctx):
     b, h, d = q.shape
-    if _use_cpu_kernel(q):
+    if cpu_kernels.usable(q):
         return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, ctx.decode_blocks, ctx.decode_lengths,
                                                   ctx.block_size, d ** -0.5)
     # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
@@ -113,7 +111,7 @@ KERNEL_MAX_CHUNK = 16
 
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
     n = chunk.end - chunk.start
-    if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and _use_cpu_kernel(q):
+    if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and cpu_kernels.usable(q):
         tables = chunk.blocks.expand(n, -1).contiguous()
         return cpu_kernels.paged_decode_attention(q[chunk.start:chunk.end], k_cache, v_cache, tables,
                                                   chunk.context_lengths, block_size, q.shape[-1] ** -0.5)

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / "paged_attention.cpp"]
+SOURCES = [Path(__file__).parent / "csrc" / name
+           for name in ("paged_attention.cpp", "fused_ops.cpp", "decode_layer.cpp")]
 
 
 @functools.cache
@@ -24,12 +25,19 @@ def available() -> bool:
         return False
     from torch.utils.cpp_extension import load
     try:
-        load(name="sedac_cpu_kernels", sources=[str(s) for s in SOURCES], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-             is_python_module=False, verbose=False)
+        # -ffp-contract=off: no fused multiply-adds, so elementwise results round exactly as torch's do.
+        load(name="sedac_cpu_kernels", sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
+             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
     except Exception as e:   # no compiler, no ninja, unsupported platform
         warnings.warn(f"SEDAC CPU kernels unavailable, using the PyTorch path: {str(e).splitlines()[0]}")
         return False
     return True
+
+
+def usable(x: torch.Tensor) -> bool:
+    """The kernels take float32 CPU tensors and have no backward: training (exit heads) and other
+    devices or dtypes run the PyTorch path."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
 
 
 def paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size: int, scale: float) -> torch.Tensor:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sedac.config import ModelConfig
-from sedac.models.attention import paged_attention
-from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary
+from sedac.models import cpu_kernels
+from sedac.models.attention import get_context, paged_attention
+from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 
 
 class DecoderLayer(nn.Module):
@@ -37,15 +37,29 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
         """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]."""
+        ctx = get_context()
+        if self._fusable(h, ctx):
+            return self._fused_decode(h, cos, signed_sin, ctx)
         t, heads = h.shape[0], self.num_heads
         qkv = self.qkv_proj(self.input_norm(h))
         q_and_k = qkv[:, :self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
         q_and_k = apply_rotary(q_and_k, cos, signed_sin)            # one pass for q and k
         v = qkv[:, -self.split[2]:].view(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
-        h = h + self.o_proj(attn.reshape(t, -1))
-        gate, up = self.gate_up_proj(self.post_norm(h)).chunk(2, dim=-1)
-        return h + self.down_proj(F.silu(gate) * up)
+        h, normed = self.post_norm.add_and_norm(h, self.o_proj(attn.reshape(t, -1)))
+        return h + self.down_proj(silu_and_mul(self.gate_up_proj(normed)))
+
+
+    def _fusable(self, h: torch.Tensor, ctx) -> bool:
+        return not ctx.prefills and self.qkv_proj.packed is not None and cpu_kernels.usable(h)
+
+    def _fused_decode(self, h, cos, signed_sin, ctx) -> torch.Tensor:
+        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 with packed weights."""
+        return torch.ops.sedac_cpu.decode_layer(
+            h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
+            self.qkv_proj.packed, self.qkv_proj.bias, self.o_proj.packed, self.gate_up_proj.packed,
+            self.down_proj.packed, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks,
+            ctx.decode_lengths, self.num_heads, ctx.block_size)
 
 
 class DecoderModel(nn.Module):
@@ -69,8 +83,8 @@ class DecoderModel(nn.Module):
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None):
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
-        for layer in self.layers[start:end]:
-            h = layer(h, cos, signed_sin)
+        for i in range(*slice(start, end).indices(len(self.layers))):   # slicing a ModuleList builds a new one
+            h = self.layers[i](h, cos, signed_sin)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

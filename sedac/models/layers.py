@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sedac.models import cpu_kernels
+
 
 class Linear(nn.Module):
     """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured).
@@ -38,6 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and cpu_kernels.usable(x):
+            return torch.ops.sedac_cpu.rms_norm(x, self.weight, self.eps)
         # fp32: one F.rms_norm call (bit-identical to HF's order here, fewer dispatches);
         # other dtypes: HF's order, normalize in fp32, cast back, then scale.
         if x.dtype == torch.float32:
@@ -45,6 +49,22 @@ class RMSNorm(nn.Module):
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
+
+
+    def add_and_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual add then norm: (h + delta, norm(h + delta)), fused on CPU."""
+        if h.dim() == 2 and cpu_kernels.usable(h):
+            return torch.ops.sedac_cpu.add_rms_norm(h, delta, self.weight, self.eps)
+        h = h + delta
+        return h, self(h)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate | up) -> silu(gate) * up [T, I], fused on CPU."""
+    if cpu_kernels.usable(gate_up):
+        return torch.ops.sedac_cpu.silu_and_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None, max_pos: int):
@@ -80,5 +100,7 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """x [T, heads, D]; HF's q * cos + rotate_half(q) * sin in four ops."""
+    """x [T, heads, D]; HF's q * cos + rotate_half(q) * sin in four ops (one fused op on CPU)."""
+    if cpu_kernels.usable(x):
+        return torch.ops.sedac_cpu.rotary(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

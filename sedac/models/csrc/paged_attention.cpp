@@ -4,7 +4,7 @@
 // so every step reads the KV cache, writes a copy and reads it again. At 32 concurrent decodes the
 // KV cache of SmolLM2 is as large as its weights, and that copy made attention a third of the step.
 // Here every K/V row is read once, for all heads that share it (grouped-query attention).
-#include <torch/extension.h>
+#include "kernels.h"
 #include <ATen/Parallel.h>
 
 #include <algorithm>

@@ -1,0 +1,115 @@
+// Fused elementwise ops for CPU decode steps.
+//
+// Why: at batch 1 a SmolLM2 layer's non-GEMV work is ~20 tiny torch ops, and each costs more in
+// dispatch (5-60 us) than in arithmetic; these replace them with one call each. Built with
+// -ffp-contract=off and written in HF's operation order, so the elementwise results round like
+// torch's; only the RMS reduction order differs (a last-bit difference in the variance).
+#include "kernels.h"
+#include <ATen/Parallel.h>
+
+#include <cmath>
+
+namespace {
+
+void check_rows(const torch::Tensor& x, const char* name) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, name, ": float32 [T, N] rows");
+}
+
+// out = weight * (x * rsqrt(mean(x^2) + eps)), HF's LlamaRMSNorm order.
+void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  const float r = 1.f / std::sqrt(ss / (float)n + eps);
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
+}
+
+}  // namespace
+
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+  check_rows(x, "rms_norm");
+  const int64_t t = x.size(0), n = x.size(1), stride = x.stride(0);
+  auto out = torch::empty({t, n}, x.options());
+  const float *xp = x.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) rms_norm_row(xp + r * stride, wp, op + r * n, n, (float)eps);
+  });
+  return out;
+}
+
+// Residual add then norm (vLLM's fused_add_rms_norm, out of place): -> (h + delta, rms_norm(h + delta)).
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta,
+                                                      const torch::Tensor& weight, double eps) {
+  check_rows(h, "add_rms_norm");
+  check_rows(delta, "add_rms_norm");
+  const int64_t t = h.size(0), n = h.size(1);
+  auto sum = torch::empty({t, n}, h.options()), out = torch::empty({t, n}, h.options());
+  const float *hp = h.data_ptr<float>(), *dp = delta.data_ptr<float>(), *wp = weight.data_ptr<float>();
+  float *sp = sum.data_ptr<float>(), *op = out.data_ptr<float>();
+  const int64_t hs = h.stride(0), ds = delta.stride(0);
+  at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      float* s = sp + r * n;
+#pragma omp simd
+      for (int64_t i = 0; i < n; ++i) s[i] = hp[r * hs + i] + dp[r * ds + i];
+      rms_norm_row(s, wp, op + r * n, n, (float)eps);
+    }
+  });
+  return {sum, out};
+}
+
+// gate_up [T, 2I] (gate | up) -> silu(gate) * up [T, I].
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
+  check_rows(gate_up, "silu_and_mul");
+  const int64_t t = gate_up.size(0), n = gate_up.size(1) / 2, stride = gate_up.stride(0);
+  auto out = torch::empty({t, n}, gate_up.options());
+  const float* gp = gate_up.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, t, 4, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *g = gp + r * stride, *u = g + n;
+      for (int64_t i = 0; i < n; ++i) op[r * n + i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+    }
+  });
+  return out;
+}
+
+// Rotary embedding, HF's q * cos + rotate_half(q) * sin as x * cos + roll(x, D/2) * signed_sin:
+// x [T, N, D] (rows may be strided), cos and signed_sin [T, 1, D] -> [T, N, D].
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& signed_sin) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 3 && x.stride(2) == 1 && x.stride(1) == x.size(2),
+              "rotary: float32 [T, N, D] with contiguous heads");
+  TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.numel() == x.size(0) * x.size(2),
+              "rotary: tables [T, 1, D]");
+  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2, stride = x.stride(0);
+  auto out = torch::empty({t, heads, d}, x.options());
+  const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = signed_sin.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *c = cp + r * d, *s = sp + r * d;
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* xi = xp + r * stride + h * d;
+        float* o = op + (r * heads + h) * d;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) o[i] = xi[i] * c[i] + xi[i + half] * s[i];
+#pragma omp simd
+        for (int64_t i = half; i < d; ++i) o[i] = xi[i] * c[i] + xi[i - half] * s[i];
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
+  m.def("rotary(Tensor x, Tensor cos, Tensor signed_sin) -> Tensor");
+  m.impl("rotary", torch::kCPU, &rotary);
+  m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
+  m.def("add_rms_norm(Tensor h, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  m.impl("rms_norm", torch::kCPU, &rms_norm);
+  m.impl("add_rms_norm", torch::kCPU, &add_rms_norm);
+  m.impl("silu_and_mul", torch::kCPU, &silu_and_mul);
+}

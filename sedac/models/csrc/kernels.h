@@ -1,0 +1,14 @@
+// The CPU kernels the fused decode layer composes (defined in paged_attention.cpp and fused_ops.cpp).
+#pragma once
+#include <torch/extension.h>
+
+#include <tuple>
+
+torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                     const torch::Tensor& v_cache, const torch::Tensor& tables,
+                                     const torch::Tensor& lengths, int64_t block_size, double scale);
+torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& h, const torch::Tensor& delta,
+                                                      const torch::Tensor& weight, double eps);
+torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
+torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& signed_sin);
