@@ -49,7 +49,6 @@ class DecoderLayer(nn.Module):
         h, normed = self.post_norm.add_and_norm(h, self.o_proj(attn.reshape(t, -1)))
         return h + self.down_proj(silu_and_mul(self.gate_up_proj(normed)))
 
-
     def _fusable(self, h: torch.Tensor, ctx) -> bool:
         return not ctx.prefills and self.qkv_proj.packed is not None and cpu_kernels.usable(h)
 
@@ -83,8 +82,14 @@ class DecoderModel(nn.Module):
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None):
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
-        for i in range(*slice(start, end).indices(len(self.layers))):   # slicing a ModuleList builds a new one
-            h = self.layers[i](h, cos, signed_sin)
+        layers = [self.layers[i] for i in range(*slice(start, end).indices(len(self.layers)))]
+        ctx = get_context()
+        if layers and layers[0]._fusable(h, ctx):   # decided once per step: ~1 ms/token less Python at batch 1
+            for layer in layers:
+                h = layer._fused_decode(h, cos, signed_sin, ctx)
+            return h
+        for layer in layers:
+            h = layer(h, cos, signed_sin)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
