@@ -15,10 +15,21 @@ import httpx
 BIN = Path(sys.executable).parent
 
 
+def free_ports(n: int) -> list[int]:
+    """n distinct free loopback ports: all sockets stay bound until every port is chosen (closing
+    each before binding the next lets the kernel hand out the same port twice)."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
@@ -65,7 +76,7 @@ def sedac_server(engine: Path, *extra: str):
 @contextmanager
 def triton_server(repo: Path):
     """`sedac-run triton serve` (the real tritonserver); yields (http_url, grpc_address, metrics_url, process)."""
-    http, grpc, metrics = free_port(), free_port(), free_port()
+    http, grpc, metrics = free_ports(3)
     command = [str(BIN / "sedac-run"), "triton", "serve", "--repo", str(repo), "--http-port", str(http),
                "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
     with launched(command, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180) as proc:

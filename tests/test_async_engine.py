@@ -67,3 +67,28 @@ def test_full_queue_refuses(tiny_llama):
         asyncio.run(main())
     finally:
         engine.shutdown()
+
+
+def test_cancelled_callers_leave_the_engine_serving(tiny_llama):
+    """Callers cancelled while their add waits for the engine thread (a client gone, asyncio.run
+    tearing down a gather) must neither kill the engine thread nor leave orphan requests running."""
+    engine = AsyncLLM(LLM(str(tiny_llama), device="cpu").engine)
+    long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    async def main():
+        busy = asyncio.create_task(collect(engine, [1, 2, 3], SamplingParams(max_tokens=48, temperature=0.0,
+                                                                             ignore_eos=True)))
+        await asyncio.sleep(0.05)
+        for delay in (0, 0, 0.001, 0.002, 0.005):    # cancelled before, while and after the add runs
+            task = asyncio.create_task(engine.submit([4, 5, 6], long))
+            await asyncio.sleep(delay)
+            task.cancel()
+        await busy
+        return await collect(engine, [7, 8, 9])
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), timeout=60)).finished   # a dead engine thread hangs: bound it
+        assert engine._thread.is_alive()
+        stats = asyncio.run(engine.stats())
+        assert stats["num_requests_running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]
+    finally:
+        engine.shutdown()

@@ -48,7 +48,11 @@ class AsyncLLM:
 
         def sink(item):                       # called on the engine thread
             loop.call_soon_threadsafe(stream.queue.put_nowait, item)
-        await self._call(self._add, rid, prompt, params, sink)
+        try:
+            await self._call(self._add, rid, prompt, params, sink)
+        except asyncio.CancelledError:        # the caller left; if the add already ran, nobody would abort it
+            self.abort(rid)
+            raise
         return stream
 
     def submit_nowait(self, prompt, params: SamplingParams, sink: Callable[[object], None],
@@ -104,6 +108,8 @@ class AsyncLLM:
 
     def _run_command(self, command) -> None:
         fn, args, future = command
+        if future is not None and not future.set_running_or_notify_cancel():
+            return                            # its caller was cancelled before it ran: nobody wants it
         try:
             result = fn(*args)
         except BaseException as e:            # the caller gets the exception; the loop goes on
