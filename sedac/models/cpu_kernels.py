@@ -8,6 +8,7 @@ SEDAC_CPU_KERNELS=0 turns them off (A/B measurements, debugging).
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +19,12 @@ SOURCES = [Path(__file__).parent / "csrc" / name
            for name in ("paged_attention.cpp", "fused_ops.cpp", "decode_layer.cpp")]
 
 
+def _build_name() -> str:
+    """One build per installed copy: torch rewrites build.ninja with the copy's source paths, so two
+    checkouts sharing one build directory would recompile each other's build on every load."""
+    return "sedac_cpu_kernels_" + hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
+
+
 @functools.cache
 def available() -> bool:
     """Compile (or load the cached build of) the kernels once per process; False if that fails."""
@@ -26,7 +33,7 @@ def available() -> bool:
     from torch.utils.cpp_extension import load
     try:
         # -ffp-contract=off: no fused multiply-adds, so elementwise results round exactly as torch's do.
-        load(name="sedac_cpu_kernels", sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
+        load(name=_build_name(), sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
              extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
     except Exception as e:   # no compiler, no ninja, unsupported platform
         warnings.warn(f"SEDAC CPU kernels unavailable, using the PyTorch path: {str(e).splitlines()[0]}")
