@@ -80,7 +80,7 @@ def test_cancelled_callers_leave_the_engine_serving(tiny_llama):
                                                                              ignore_eos=True)))
         await asyncio.sleep(0.05)
         for delay in (0, 0, 0.001, 0.002, 0.005):    # cancelled before, while and after the add runs
-            task = asyncio.create_task(engine.submit([4, 5, 6], long))
+            task = asyncio.create_task(collect(engine, [4, 5, 6], long))
             await asyncio.sleep(delay)
             task.cancel()
         await busy
