@@ -16,6 +16,7 @@ BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 40
 
 @pytest.fixture(autouse=True)
 def _inference():
+    assert cpu_kernels.available()    # loads torch.ops.sedac_cpu for tests that call the ops directly
     with torch.inference_mode():      # as the engine runs; with autograd on, the kernels stand aside
         yield
 
@@ -52,7 +53,8 @@ def test_kernel_matches_plain_attention(pool):
     lengths = [1, 3, 4, 5, 17, 23]                   # a lone token, partial and exactly full last blocks
     tables = _tables(lengths)
     q = torch.randn(len(lengths), H, D)
-    out = cpu_kernels.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(lengths), BS, D ** -0.5)
+    out = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(lengths), BS,
+                                                     D ** -0.5)
     for i, (table, length) in enumerate(zip(tables, lengths)):
         assert torch.allclose(out[i], _reference(q[i], *pool, table, length), atol=1e-5)
 
@@ -60,8 +62,8 @@ def test_kernel_matches_plain_attention(pool):
 def test_kernel_takes_strided_query_rows(pool):
     qk = torch.randn(3, H + KV, D)                   # the decoder slices q out of a fused q|k tensor
     tables, lengths = torch.tensor(_tables([5, 9, 2])), torch.tensor([5, 9, 2])
-    strided = cpu_kernels.paged_decode_attention(qk[:, :H], *pool, tables, lengths, BS, D ** -0.5)
-    dense = cpu_kernels.paged_decode_attention(qk[:, :H].contiguous(), *pool, tables, lengths, BS, D ** -0.5)
+    strided = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H], *pool, tables, lengths, BS, D ** -0.5)
+    dense = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H].contiguous(), *pool, tables, lengths, BS, D ** -0.5)
     assert torch.equal(strided, dense)
 
 
@@ -93,7 +95,7 @@ def test_short_cached_chunk_kernel_agrees_with_sdpa_path(pool, monkeypatch):
 
 def test_kernel_rejects_length_beyond_table(pool):
     with pytest.raises(RuntimeError, match="outside its block table"):
-        cpu_kernels.paged_decode_attention(torch.randn(1, H, D), *pool, torch.tensor([[0, 1]]),
+        torch.ops.sedac_cpu.paged_decode_attention(torch.randn(1, H, D), *pool, torch.tensor([[0, 1]]),
                                            torch.tensor([2 * BS + 1]), BS, D ** -0.5)
 
 
@@ -140,16 +142,16 @@ def _random_layer(qkv_bias: bool) -> DecoderLayer:
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])          # Llama, Qwen2
-def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias, monkeypatch):
+def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
+    assert layer._fusable(h, ctx)
     results = []
-    for fused in (True, False):
-        monkeypatch.setattr(DecoderLayer, "_fusable", lambda self, h, ctx: fused)
+    for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin)):
         layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
         set_context(ctx)
         try:
-            results.append((layer(h, cos, signed_sin), layer.k_cache, layer.v_cache))
+            results.append((run(), layer.k_cache, layer.v_cache))
         finally:
             set_context(None)
     for fused_tensor, python_tensor in zip(*results):

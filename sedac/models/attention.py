@@ -93,8 +93,8 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
 def _decode_attention(q, k_cache, v_cache, ctx):
     b, h, d = q.shape
     if cpu_kernels.usable(q):
-        return cpu_kernels.paged_decode_attention(q, k_cache, v_cache, ctx.decode_blocks, ctx.decode_lengths,
-                                                  ctx.block_size, d ** -0.5)
+        return torch.ops.sedac_cpu.paged_decode_attention(q, k_cache, v_cache, ctx.decode_blocks,
+                                                          ctx.decode_lengths, ctx.block_size, d ** -0.5)
     # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
     # head become G "query positions" of that KV head; no KV expansion, no copy of q.
     kv = k_cache.shape[1]
@@ -113,8 +113,8 @@ def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
     n = chunk.end - chunk.start
     if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and cpu_kernels.usable(q):
         tables = chunk.blocks.expand(n, -1).contiguous()
-        return cpu_kernels.paged_decode_attention(q[chunk.start:chunk.end], k_cache, v_cache, tables,
-                                                  chunk.context_lengths, block_size, q.shape[-1] ** -0.5)
+        return torch.ops.sedac_cpu.paged_decode_attention(q[chunk.start:chunk.end], k_cache, v_cache, tables,
+                                                          chunk.context_lengths, block_size, q.shape[-1] ** -0.5)
     qc = q[chunk.start:chunk.end].transpose(0, 1)       # [H, Tq, D]
     if chunk.context_lengths is None:                    # no cached prefix: attend to the chunk itself
         keys = k[chunk.start:chunk.end].transpose(0, 1)

@@ -46,8 +46,3 @@ def usable(x: torch.Tensor) -> bool:
     devices or dtypes run the PyTorch path."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
 
-
-def paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size: int, scale: float) -> torch.Tensor:
-    """q [B, H, D], caches [slots, KV, D], tables [B, nb], lengths [B] -> [B, H, D] (float32, CPU)."""
-    return torch.ops.sedac_cpu.paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size, scale)
-

@@ -36,10 +36,8 @@ class DecoderLayer(nn.Module):
         self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads:])
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]."""
-        ctx = get_context()
-        if self._fusable(h, ctx):
-            return self._fused_decode(h, cos, signed_sin, ctx)
+        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]. DecoderModel.run_layers takes
+        _fused_decode instead on CPU decode steps."""
         t, heads = h.shape[0], self.num_heads
         qkv = self.qkv_proj(self.input_norm(h))
         q_and_k = qkv[:, :self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)

@@ -50,7 +50,6 @@ class RMSNorm(nn.Module):
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
-
     def add_and_norm(self, h: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual add then norm: (h + delta, norm(h + delta)), fused on CPU."""
         if h.dim() == 2 and cpu_kernels.usable(h):

@@ -37,7 +37,7 @@ torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, con
   k_cache.index_copy_(0, slots, q_and_k.narrow(1, num_heads, kv));
   v_cache.index_copy_(0, slots, qkv.narrow(1, (num_heads + kv) * d, kv * d).view({b, kv, d}));
   auto attn = paged_decode_attention(q_and_k.narrow(1, 0, num_heads), k_cache, v_cache, tables, lengths,
-                                     block_size, 1.0 / std::sqrt((double)d));                // [B, H, D]
+                                     block_size, std::pow((double)d, -0.5));                  // [B, H, D], Python's d ** -0.5
   auto [residual, normed] = add_rms_norm(h, packed_linear(attn.view({b, num_heads * d}), o_packed, std::nullopt),
                                          post_norm, eps);
   auto act = silu_and_mul(packed_linear(normed, gate_up_packed, std::nullopt));

@@ -26,6 +26,11 @@ inline void score_row(const float* q, const float* k_row, float* scores, int64_t
   }
 }
 
+// Slot of position p in a sequence whose block table is `table`.
+inline int64_t slot_of(const int64_t* table, int64_t p, int64_t block_size) {
+  return table[p / block_size] * block_size + p % block_size;
+}
+
 inline void softmax_inplace(float* s, int64_t len) {
   const float m = *std::max_element(s, s + len);
   float sum = 0.f;
@@ -54,7 +59,7 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
   const int64_t *tp = tables.data_ptr<int64_t>(), *lp = lengths.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b)
     TORCH_CHECK(lp[b] > 0 && lp[b] <= nb * block_size, "paged_decode_attention: a length lies outside its block table");
-  auto out = torch::zeros_like(q);
+  auto out = torch::zeros({B, H, D}, q.options());   // dense, whatever q's row stride
   const float *qp = q.data_ptr<float>(), *kp = k_cache.data_ptr<float>(), *vp = v_cache.data_ptr<float>();
   float* op = out.data_ptr<float>();
   const int64_t group = H / KV, row_stride = KV * D, q_stride = q.stride(0);
@@ -65,13 +70,12 @@ torch::Tensor paged_decode_attention(const torch::Tensor& q, const torch::Tensor
       const int64_t* table = tp + b * nb;
       scores.resize(H * len);
       for (int64_t l = 0; l < len; ++l) {
-        const int64_t slot = table[l / block_size] * block_size + l % block_size;
-        score_row(qp + b * q_stride, kp + slot * row_stride, scores.data(), l, len, H, D, group, (float)scale);
+        score_row(qp + b * q_stride, kp + slot_of(table, l, block_size) * row_stride, scores.data(), l, len, H, D, group, (float)scale);
       }
       for (int64_t h = 0; h < H; ++h) softmax_inplace(scores.data() + h * len, len);
       float* ob = op + b * H * D;
       for (int64_t l = 0; l < len; ++l) {
-        const float* v_row = vp + (table[l / block_size] * block_size + l % block_size) * row_stride;
+        const float* v_row = vp + slot_of(table, l, block_size) * row_stride;
         for (int64_t h = 0; h < H; ++h) {
           const float p = scores[h * len + l];
           const float* vh = v_row + (h / group) * D;
