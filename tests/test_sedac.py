@@ -202,6 +202,17 @@ def test_speculation_is_disabled_above_the_batch_size_limit(tiny_sedac_engine):
         LLMEngine(tiny_sedac_engine, device="cpu", speculative_disable_by_batch_size=0)
 
 
+def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    _always_draft(llm.engine)
+    off = llm.generate(PROMPTS[:3], _greedy("off"))
+    costs = llm.engine.config.sedac["costs"]
+    costs["exit_head"] = costs["layers"] + costs["lm_head"]      # a draft round now costs more than a full pass
+    lossless = llm.generate(PROMPTS[:3], _greedy("lossless"))
+    assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
+    assert llm.engine.counters["sedac_drafted_tokens"] == 0
+
+
 def test_learn_then_test_guarantee_holds_on_held_out_data():
     """Synthetic exits whose error probability grows with entropy: thresholds chosen on one sample
     keep the disagreement under delta on a fresh, larger sample, at every level."""

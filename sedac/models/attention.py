@@ -104,8 +104,8 @@ def _decode_attention(q, k_cache, v_cache, ctx):
     return o.reshape(b, h, d)
 
 
-# Short chunks after a cached context (speculative verify passes) run as decode rows in the CPU
-# kernel, each row attending to its own causal length; long prompt chunks keep SDPA's blocked GEMMs.
+# Short chunks after a cached context (a prompt's tail after a prefix-cache hit) run as decode rows
+# in the CPU kernel, each row attending to its own causal length; long prompt chunks keep SDPA's blocked GEMMs.
 KERNEL_MAX_CHUNK = 16
 
 

@@ -137,12 +137,11 @@ def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
 
 
 def _finish_layers(runner, seqs, h, layer) -> torch.Tensor:
-    """Layers [E, L) for each sequence's pending exit states plus its current token, as one chunk
-    per sequence; -> logits [len(seqs), vocab] of the current tokens."""
+    """Layers [E, L) for each sequence's pending exit states plus its current token, one span per
+    sequence; -> logits [len(seqs), vocab] of the current tokens."""
     rows = torch.stack([x for s, cur in zip(seqs, h) for x in s.exit_hidden + [cur]])
     chunks = [(s.block_table, s.num_tokens - 1 - len(s.exit_hidden), len(s.exit_hidden) + 1) for s in seqs]
-    positions, ctx = runner.context([], chunks) if any(s.exit_hidden for s in seqs) else \
-        runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
+    positions, ctx = runner.span_context(chunks)
     out = runner.run(None, rows, positions, ctx, layer, None)
     last = torch.tensor(list(itertools.accumulate(n for _, _, n in chunks)), device=out.device) - 1
     for s in seqs:

@@ -193,7 +193,7 @@ class LLMEngine:
     def _lossless_step(self, seqs: list[Sequence]):
         sedac = self.config.sedac
         results = speculative_step(self.runner, seqs, [self._draft_len(s) for s in seqs], sedac["draft_layer"],
-                                   sedac.get("draft_max_entropy", float("inf")))
+                                   sedac.get("draft_max_entropy", float("inf")), self._min_drafting())
         self._computed(seqs, [len(r.tokens) for r in results])
         for seq, r in zip(seqs, results):
             req = self.requests[seq.request_id]
@@ -203,6 +203,15 @@ class LLMEngine:
             self.counters["sedac_drafted_tokens"] += r.drafted
             self.counters["sedac_accepted_tokens"] += r.accepted
         return [(seq, r.tokens, r.logprobs) for seq, r in zip(seqs, results)]
+
+    def _min_drafting(self) -> float:
+        """The share of a batch that must draft for a draft round to pay off, by the build's cost model
+        (weights streamed): a round streams layers [0, E) and the exit head once; each accepted draft
+        saves a full pass, shared by the batch when it decodes without drafts."""
+        costs, layer = self.config.sedac.get("costs"), self.config.sedac["draft_layer"]
+        if not costs:
+            return 0.0
+        return (layer + costs["exit_head"]) / (costs["layers"] + costs["lm_head"])
 
     def _lossy_step(self, seqs: list[Sequence]):
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]

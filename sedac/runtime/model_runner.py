@@ -153,6 +153,13 @@ class ModelRunner:
             row += n
         return torch.tensor(pos, device=dev), ctx
 
+    def span_context(self, spans: list[tuple[list[int], int, int]]):
+        """Short spans after a cached context (drafts to verify, deferred exits) as (block table, first
+        position, length), each row laid out as a decode at its own position: it attends up to itself,
+        the span's earlier rows being written in the same layer call, so the fused CPU decode layer
+        runs them too. -> (positions [T], context)."""
+        return self.context([(table, start + j) for table, start, n in spans for j in range(n)])
+
     def run(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, positions: torch.Tensor, ctx,
             start: int = 0, end: int | None = None) -> torch.Tensor:
         """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H]."""

@@ -2,7 +2,7 @@
 
 A cycle runs the last token through layers [0, E) and the exit head, and keeps drafting (each
 draft through [0, E) in turn) while the head is confident and fewer than k drafts exist. The
-verify pass reuses all of that: only layers [E, L) run, over the k + 1 rows as one chunk (which
+verify pass reuses all of that: only layers [E, L) run, over the k + 1 rows in one pass (which
 writes the true KV); a low-confidence token simply continues as a normal decode, so the gate costs
 only the exit head. Greedy keeps the longest prefix the full
 model agrees with, plus the full model's own next token, so output is token-identical to `off`;
@@ -40,12 +40,16 @@ class _Extended(Sequence):
 
 
 @torch.inference_mode()
-def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entropy: float) -> list[CycleResult]:
-    """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved)."""
+def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entropy: float,
+                     min_drafting: float = 0.0) -> list[CycleResult]:
+    """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved). A draft
+    round streams layers [0, E) once for all rows that draft; it runs only while at least
+    min_drafting of the batch drafts, the share whose saved full passes pay for that stream."""
     starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
-    drafts, qs, exit_hidden = _draft(runner, seqs, starts, draft_lens, layer, max_entropy)
+    drafts, qs, exit_hidden = _draft(runner, seqs, starts, draft_lens, layer, max_entropy,
+                                     min_drafting * len(seqs))
     hidden = torch.stack([h for rows in exit_hidden for h in rows])
-    positions, ctx = runner.context([], [(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
+    positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
     logits = runner.model.logits(runner.run(None, hidden, positions, ctx, layer, None)).float()
     results, row, num_layers = [], 0, runner.config.model.num_layers
     for seq, d, q in zip(seqs, drafts, qs):
@@ -58,9 +62,10 @@ def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entrop
     return results
 
 
-def _draft(runner, seqs, starts, draft_lens, layer, max_entropy):
+def _draft(runner, seqs, starts, draft_lens, layer, max_entropy, min_rows):
     """Run each sequence's last token, then its drafts, through layers [0, E) in lockstep; a sequence
-    keeps drafting while the exit head is confident (entropy <= max_entropy) and under its k."""
+    keeps drafting while the exit head is confident (entropy <= max_entropy) and under its k, and
+    all stop once fewer than min_rows would draft."""
     head, vocab = runner.exit_heads[layer], runner.config.model.vocab_size
     drafts, qs, exit_hidden = [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs]
     last = [s.token_ids[-1] for s in seqs]
@@ -75,6 +80,8 @@ def _draft(runner, seqs, starts, draft_lens, layer, max_entropy):
             break
         reduced = head(h[active_rows]).float()
         confident = (torch.ops.sedac.entropy(reduced) <= max_entropy).tolist()
+        if sum(confident) < min_rows:
+            break
         views = [_Extended(seqs[active[r]], drafts[active[r]]) for r in active_rows]
         logits = process(head.full_vocab_logits(reduced, vocab), views)
         greedy = logits.argmax(-1).tolist()
