@@ -118,8 +118,7 @@ def main(engine, train_tokens, epochs, lr, test_prompts, vocab):
     prompts = sharegpt_prompts(llm.tokenizer, "calib", test_prompts, 256)
     answers = llm.generate(prompts, SamplingParams(max_tokens=96, temperature=0.0))
     test = teacher_documents(model, ((p + a.token_ids, len(p)) for p, a in zip(prompts, answers)), 10 ** 9)
-    counts = torch.bincount(torch.cat([d[2] for d in docs]), minlength=model.cfg.vocab_size)
-    vocab_ids = counts.argsort(descending=True)[:vocab].sort().values
+    vocab_ids = et.choose_vocab(torch.cat([d[2] for d in docs]), vocab, model.cfg.eos_token_ids)
     position = torch.full((model.cfg.vocab_size,), -1)
     position[vocab_ids] = torch.arange(len(vocab_ids))
     drafter = FeatureDrafter(model, vocab_ids)

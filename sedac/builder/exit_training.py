@@ -102,9 +102,10 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int]):
     return states, h
 
 
-def choose_vocab(features: Features, size: int, always: list[int]) -> torch.Tensor:
-    """The exit heads' kept vocabulary: the tokens the full model predicts most often, plus `always`."""
-    counts = torch.bincount(features.argmax, minlength=max(always, default=0) + 1)
+def choose_vocab(argmax: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:
+    """The exit heads' kept vocabulary: the tokens the full model predicts most often (argmax [N], its
+    next-token choices), plus `always`."""
+    counts = torch.bincount(argmax, minlength=max(always, default=0) + 1)
     order = counts.argsort(descending=True)
     kept = [t for t in always] + [t for t in order[:size].tolist() if t not in always and counts[t] > 0]
     return torch.tensor(sorted(kept[:size]))

@@ -65,7 +65,7 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
                                 layers, opts.train_tokens, "teacher pass (train)")
     calib = et.collect_features(model, _own_answers(llm, opts, seq_len), layers, opts.calib_tokens,
                                 "teacher pass (calib)")
-    vocab = et.choose_vocab(train, opts.exit_vocab, cfg.model.eos_token_ids)
+    vocab = et.choose_vocab(train.argmax, opts.exit_vocab, cfg.model.eos_token_ids)
     heads, entropy, agree = {}, {}, {}
     for layer in layers:
         heads[layer] = et.train_exit_head(model, layer, train, vocab, opts.adapter_rank, opts.epochs)
