@@ -1,7 +1,8 @@
 """The C++ CPU kernels: they compile here; paged attention matches an independent per-sequence softmax
 attention, agrees with the portable SDPA path on decodes and on short chunks after a cached context,
 and rejects lengths outside a block table; the fused elementwise ops match the torch ops they replace
-(rotary bit for bit, the norms to the last bit of the RMS reduction)."""
+(rotary bit for bit, the norms to the last bit of the RMS reduction); the int8 linear matches its
+dequantized weights and the int8 decode layer the Python layer on the same int8 copies."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -145,7 +146,7 @@ def _random_layer(qkv_bias: bool) -> DecoderLayer:
 def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
-    assert layer._fusable(h, ctx)
+    assert layer._fusable(h, ctx, int8=False)
     results = []
     for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin)):
         layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
@@ -157,3 +158,44 @@ def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     for fused_tensor, python_tensor in zip(*results):
         assert torch.equal(fused_tensor, python_tensor)
     assert not torch.equal(results[0][1], pool[0])            # the step wrote its K into the cache
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])               # every tile of x rows and a remainder
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_matches_dequantized_weights(rows, bias, monkeypatch):
+    linear = Linear(44, 13, bias=bias)          # in not a multiple of 8, out not a multiple of 4
+    linear.weight.data.normal_()
+    if bias:
+        linear.bias.data.normal_()
+    linear.quantize_int8()
+    weight, scale = linear.int8
+    assert weight.dtype == torch.int8 and (weight.float() * scale[:, None] - linear.weight.t()).abs().max() <= scale.max() / 2
+    x = torch.randn(rows, 44)
+    expected = x @ (weight.float() * scale[:, None]).t() + (linear.bias if bias else 0)
+    assert torch.allclose(linear.draft(x), expected, atol=1e-4)
+    monkeypatch.setattr(cpu_kernels, "usable", lambda _: False)    # the portable path (CUDA, other dtypes)
+    assert torch.allclose(linear.draft(x), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("qkv_bias", [False, True])
+def test_int8_decode_layer_matches_python_layer_on_int8_weights(pool, qkv_bias):
+    layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
+    for linear in layer.modules():
+        if isinstance(linear, Linear):
+            linear.quantize_int8()
+    h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
+    assert layer._fusable(h, ctx, int8=True)
+    runs = {"fused": lambda: layer._fused_decode(h, cos, signed_sin, ctx, int8=True),
+            "python": lambda: layer(h, cos, signed_sin, int8=True),
+            "fp32": lambda: layer._fused_decode(h, cos, signed_sin, ctx)}
+    out = {}
+    for name, run in runs.items():
+        layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
+        set_context(ctx)
+        try:
+            out[name] = run()
+        finally:
+            set_context(None)
+    assert torch.equal(out["fused"], out["python"])
+    assert not torch.equal(out["fused"], out["fp32"])                    # it did run on the int8 copies,
+    assert (out["fused"] - out["fp32"]).norm() < 0.05 * out["fp32"].norm()   # which stay close to the weights

@@ -47,6 +47,18 @@ def test_kv_predict_kernel_matches_reference(m):
                           atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("m", [1, 5, 40])
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_kernel_matches_reference(m, bias):
+    x = torch.randn(m, 200, device=DEVICE)
+    weight = torch.randint(-127, 128, (70, 200), dtype=torch.int8, device=DEVICE)
+    scale = torch.rand(70, device=DEVICE) / 127
+    b = torch.randn(70, device=DEVICE) if bias else None
+    expected = reference.int8_linear(x, weight, scale, b)
+    assert torch.allclose(expected, (x @ (weight.float() * scale[:, None]).t()) + (b if bias else 0), atol=1e-4)
+    assert torch.allclose(kernels.int8_linear(x, weight, scale, b), expected, atol=1e-4, rtol=1e-4)
+
+
 def test_custom_ops_registered_and_consistent():
     import sedac.plugins  # noqa: F401  (registers torch.ops.sedac.*)
     logits = torch.randn(5, 300, device=DEVICE)
@@ -58,5 +70,6 @@ def test_custom_ops_registered_and_consistent():
     assert torch.allclose(torch.ops.sedac.kv_predict(logits, w, b), logits @ w + b, atol=1e-4)
     for op, args in ((torch.ops.sedac.entropy.default, (logits,)),
                      (torch.ops.sedac.exit_decision.default, (logits, thresholds)),
-                     (torch.ops.sedac.kv_predict.default, (logits, w, b))):
+                     (torch.ops.sedac.kv_predict.default, (logits, w, b)),
+                     (torch.ops.sedac.int8_linear.default, (logits, w.t().to(torch.int8).contiguous(), b, None))):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -9,6 +9,7 @@ from sedac import LLM, SamplingParams
 from sedac.builder import calibration as cal
 from sedac.builder.exit_training import teacher_pass
 from sedac.runtime.engine import LLMEngine
+from sedac.runtime.speculative import draft_plan
 
 PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a b c d e f g", "Once"]
 
@@ -21,8 +22,9 @@ def llm(tiny_sedac_engine):
 
 
 def _always_draft(engine: LLMEngine):
-    """The random tiny model's exits are never confident; draft anyway so verification is exercised."""
+    """Draft at every batch size whatever the tiny model's measured costs plan, so verification is exercised."""
     engine.config.sedac["draft_max_entropy"] = 1e9
+    engine.drafts_by_batch = [0] + [engine.config.sedac["draft_len"]] * engine.scheduler.max_num_seqs
 
 
 def _greedy(mode, **kw):
@@ -37,7 +39,8 @@ def _exit_everything(engine: LLMEngine):
 
 def test_engine_holds_trained_exits(tiny_sedac_engine):
     cfg = json.loads((tiny_sedac_engine / "config.json").read_text())["sedac"]
-    assert cfg["exit_layers"] == [1, 2] and cfg["draft_layer"] in (1, 2) and cfg["draft_len"] >= 1
+    assert cfg["exit_layers"] == [1, 2] and cfg["draft_len"] >= 1 and 0 <= cfg["draft_agreement"] <= 1
+    assert all(len(cfg["costs"][p]) == 2 and cfg["costs"][p][1] > 0 for p in ("full", "int8"))   # measured
     assert set(cfg["thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
     curves = json.loads((tiny_sedac_engine / "sedac_calibration.json").read_text())["curves"]
     assert curves["0.99"] and all("agreement" in point for point in curves["0.99"])
@@ -207,7 +210,7 @@ def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
     _always_draft(llm.engine)
     off = llm.generate(PROMPTS[:3], _greedy("off"))
     costs = llm.engine.config.sedac["costs"]
-    costs["exit_head"] = costs["layers"] + costs["lm_head"]      # a draft round now costs more than a full pass
+    costs["int8"] = [costs["full"][0] * 2, costs["full"][1] * 2]      # a draft round now costs more than a full pass
     lossless = llm.generate(PROMPTS[:3], _greedy("lossless"))
     assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
     assert llm.engine.counters["sedac_drafted_tokens"] == 0
@@ -228,3 +231,12 @@ def test_learn_then_test_guarantee_holds_on_held_out_data():
         assert 1 - wrong.float().mean().item() >= level
         assert (where >= 0).float().mean() > 0.05            # and it does exit tokens
     assert cal.binomial_cdf(5, 10, 0.5) == pytest.approx(0.623046875)
+
+
+def test_draft_plan_drafts_less_as_batches_turn_compute_bound():
+    costs = {"full": [0.92, 0.08], "int8": [0.33, 0.13]}     # as measured on 2 AVX2 cores
+    plan = draft_plan(costs, alpha=0.97, max_draft_len=6, max_batch=16)
+    assert plan[1] == 6 and plan[16] == 0
+    assert all(a >= b for a, b in zip(plan[1:], plan[2:]))                 # never more drafts for a bigger batch
+    assert draft_plan(costs, alpha=0.2, max_draft_len=6, max_batch=4) == [0, 0, 0, 0, 0]   # drafts rarely accepted
+    assert draft_plan({"full": [1.0, 0.0], "int8": [1.0, 0.0]}, 1.0, 6, 2) == [0, 0, 0]  # int8 no cheaper

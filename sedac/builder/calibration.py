@@ -71,22 +71,25 @@ def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delt
     return {"thresholds": chosen, "curve": curve}
 
 
-def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, exit_layer: int, draft_len: int,
-                     max_entropy: float, costs: dict) -> float:
-    """Batch-1 speedup of gated self-speculative decoding, replayed over calibration tokens in order
-    (cost = weights streamed: layers [0, E) and the exit head per pass, [E, L) and the LM head once)."""
+def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, draft_len: int, max_entropy: float,
+                     costs: dict) -> float:
+    """Batch-1 speedup of gated self-speculative decoding with the int8 drafter, replayed over
+    calibration tokens in order (entropy and agree: the int8 model's next-token prediction given the
+    true prefix). A cycle runs draft passes while they are confident, then one verify pass over the
+    drafts; pass costs as measured by sedac.builder.pass_costs (a batch-1 full pass = 1)."""
     confident, correct = (entropy <= max_entropy).tolist(), agree.tolist()
-    num_layers, lm_head, head = costs["layers"], costs["lm_head"], costs["exit_head"]
+    (fixed, per_row), int8_pass = costs["full"], sum(costs["int8"])
     i, n, tokens, cost = 0, len(correct), 0, 0.0
     while i < n:
         drafts, accepted, j = 0, 0, i
         while drafts < draft_len and j < n and confident[j]:
             accepted += drafts == accepted and correct[j]     # only an unbroken prefix counts
             drafts, j = drafts + 1, j + 1
-        cost += (drafts + 1) * exit_layer + min(drafts + 1, draft_len) * head + (num_layers - exit_layer) + lm_head
+        passes = drafts + (drafts < draft_len and j < n)      # the unconfident pass is paid too
+        cost += passes * int8_pass + fixed + per_row * (drafts + 1)
         tokens += accepted + 1
         i += accepted + 1
-    return tokens * (num_layers + lm_head) / cost
+    return tokens / cost
 
 
 def lossy_cost(where: torch.Tensor, exit_layers: list[int], costs: dict) -> float:

@@ -8,6 +8,7 @@ so the full model (sedac_mode off, and every lossless verify) stays exactly the 
 from __future__ import annotations
 
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,29 +78,39 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
                     torch.cat(top_ids)[:num_tokens], torch.cat(top_probs)[:num_tokens])
 
 
-def teacher_pass(model, ids: list[int], exit_layers: list[int]):
-    """One causal pass over a whole document -> ({exit layer: hidden [T, H]}, last hidden [T, H]).
-    K/V go to scratch caches: an engine's pool (and the prefix cache in it) is never touched."""
+def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = False):
+    """One causal pass over a whole document -> ({exit layer: hidden [T, H]}, last hidden [T, H]);
+    int8: on the int8 weight copies (the lossless drafter)."""
     t, states = len(ids), {}
-    pools = [(layer.k_cache, layer.v_cache) for layer in model.layers]
-    m = model.cfg
+    dev = model.embed_tokens.weight.device
+    with scratch_kv(model, t):
+        set_context(AttentionContext(torch.arange(t, device=dev), block_size=1,
+                                     prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))]))
+        try:
+            h, start, positions = model.embed(torch.tensor(ids, device=dev)), 0, torch.arange(t, device=dev)
+            for layer in sorted(exit_layers) + [model.cfg.num_layers]:
+                h = model.run_layers(h, positions, start, layer, int8)
+                start = layer
+                states[layer] = h
+        finally:
+            set_context(None)
+    return states, h
+
+
+@contextmanager
+def scratch_kv(model, num_slots: int):
+    """K/V go to scratch caches of num_slots slots meanwhile: an engine's pool (and the prefix cache
+    in it) is never touched."""
+    m, pools = model.cfg, [(layer.k_cache, layer.v_cache) for layer in model.layers]
     dtype, dev = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
-    set_context(AttentionContext(torch.arange(t, device=dev), block_size=1,
-                                 prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))]))
     try:
         for layer in model.layers:
-            layer.k_cache = torch.empty(t, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
-            layer.v_cache = torch.empty(t, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
-        h, start, positions = model.embed(torch.tensor(ids, device=dev)), 0, torch.arange(t, device=dev)
-        for layer in sorted(exit_layers) + [m.num_layers]:
-            h = model.run_layers(h, positions, start, layer)
-            start = layer
-            states[layer] = h
+            layer.k_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
+            layer.v_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
+        yield
     finally:
-        set_context(None)
         for layer, (k, v) in zip(model.layers, pools):
             layer.k_cache, layer.v_cache = k, v
-    return states, h
 
 
 def choose_vocab(argmax: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:

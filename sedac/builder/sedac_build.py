@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from sedac.builder import calibration as cal
 from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
+from sedac.builder.pass_costs import measure_pass_costs
 from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
 
 CALIBRATION_FILE = "sedac_calibration.json"
@@ -59,19 +60,21 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
     engine_dir = Path(engine_dir)
     llm = LLM(str(engine_dir), device="cpu")
     model, cfg, tok = llm.engine.runner.model, llm.engine.config, llm.engine.tokenizer
+    model.quantize_int8()                 # the lossless drafter, measured and calibrated below
     layers = opts.layers(cfg.model.num_layers)
     seq_len = min(opts.seq_len, cfg.build.max_seq_len)
     train = et.collect_features(model, et.training_texts(tok, opts.calib_data, "train", seq_len),
                                 layers, opts.train_tokens, "teacher pass (train)")
-    calib = et.collect_features(model, _own_answers(llm, opts, seq_len), layers, opts.calib_tokens,
-                                "teacher pass (calib)")
+    answers = list(_own_answers(llm, opts, seq_len))
+    calib = et.collect_features(model, answers, layers, opts.calib_tokens, "teacher pass (calib)")
     vocab = et.choose_vocab(train.argmax, opts.exit_vocab, cfg.model.eos_token_ids)
     heads, entropy, agree = {}, {}, {}
     for layer in layers:
         heads[layer] = et.train_exit_head(model, layer, train, vocab, opts.adapter_rank, opts.epochs)
         entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
-    costs = cal.cost_units(cfg.model, opts.adapter_rank, len(vocab))
-    section = _choose(layers, entropy, agree, costs, opts)
+    costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **measure_pass_costs(llm.engine.runner)}
+    section = _choose(layers, entropy, agree, costs)
+    section.update(_choose_lossless(model, answers, calib.argmax, costs, opts.max_draft_len))
     lossy = section["lossy_layers"][0]
     ghost = gk.fit_ghost_kv(model, et.training_texts(tok, opts.calib_data, "train", seq_len), lossy, opts.ghost_tokens)
     section["ghost_kv_error"] = gk.kv_errors(model, et.training_texts(tok, opts.calib_data, "calib", seq_len), lossy,
@@ -80,7 +83,7 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
                    vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
                    options=asdict(opts), calib_positions=len(calib.argmax), train_positions=len(train.argmax))
     _save(engine_dir, cfg, heads, ghost, section)
-    return {k: section[k] for k in ("exit_layers", "draft_layer", "draft_len", "lossy_layers", "alpha",
+    return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_layers", "alpha",
                                     "predicted_lossless_speedup", "vocab_coverage", "ghost_kv_error")}
 
 
@@ -100,9 +103,8 @@ def _own_answers(llm, opts: SedacOptions, seq_len: int):
         yield prompt + list(out.outputs[0].token_ids), len(prompt) - 1
 
 
-def _choose(layers, entropy, agree, costs, opts) -> dict:
+def _choose(layers, entropy, agree, costs) -> dict:
     alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
-    speed, draft_layer, draft_len, gate = _choose_lossless(layers, entropy, agree, costs, opts.max_draft_len)
     lossy_cost, lossy_layer = _choose_lossy(layers, entropy, agree, costs)
     levels, curves = {}, {}
     for level in cal.AGREEMENT_LEVELS:
@@ -110,18 +112,36 @@ def _choose(layers, entropy, agree, costs, opts) -> dict:
         levels[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
     per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
         torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
-    return {"exit_layers": layers, "alpha": alpha, "draft_layer": draft_layer, "draft_len": draft_len,
-            "draft_max_entropy": gate if gate != float("inf") else 1e9,
-            "predicted_lossless_speedup": speed, "lossy_layers": [lossy_layer],
+    return {"exit_layers": layers, "alpha": alpha, "lossy_layers": [lossy_layer],
             "predicted_lossy_cost_at_0.99": lossy_cost / (costs["layers"] + costs["lm_head"]),
             "thresholds": levels, "default_agreement": 0.99, "curves": curves, "per_layer": per_layer}
 
 
-def _choose_lossless(layers, entropy, agree, costs, max_draft_len):
-    """(predicted speedup, draft layer, max drafts, entropy gate) with the best replayed speedup."""
-    gates = {l: [float("inf")] + entropy[l].quantile(torch.linspace(0.05, 0.95, 19)).tolist() for l in layers}
-    return max((cal.lossless_speedup(entropy[l], agree[l], l, k, g, costs), l, k, g)
-               for l in layers for k in range(1, max_draft_len + 1) for g in gates[l])
+def _choose_lossless(model, answers, argmax: torch.Tensor, costs: dict, max_draft_len: int) -> dict:
+    """The int8 drafter's entropy gate and draft length with the best replayed speedup, from its
+    teacher-forced predictions on the calibration answers (the positions calib features hold)."""
+    entropy, agree = _int8_predictions(model, answers, len(argmax))
+    agree = agree == argmax
+    gates = [float("inf")] + entropy.quantile(torch.linspace(0.5, 0.95, 10)).tolist()
+    speed, k, gate = max((cal.lossless_speedup(entropy, agree, k, g, costs), k, g)
+                         for k in range(1, max_draft_len + 1) for g in gates)
+    return {"draft_len": k, "draft_max_entropy": gate if gate != float("inf") else 1e9,
+            "draft_agreement": float(agree.float().mean()), "predicted_lossless_speedup": speed}
+
+
+@torch.inference_mode()
+def _int8_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy, argmax) of the int8 model's next-token distribution at the answers' positions."""
+    entropy, argmax, total = [], [], 0
+    for ids, first in answers:
+        if len(ids) - first < 2 or total >= num_tokens:   # the documents collect_features kept
+            continue
+        _, final = et.teacher_pass(model, ids, [], int8=True)
+        logits = model.logits(final[first:], int8=True).float()
+        entropy.append(torch.ops.sedac.entropy(logits))
+        argmax.append(logits.argmax(-1))
+        total += len(logits)
+    return torch.cat(entropy)[:num_tokens], torch.cat(argmax)[:num_tokens]
 
 
 def _choose_lossy(layers, entropy, agree, costs):

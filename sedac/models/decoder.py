@@ -35,28 +35,41 @@ class DecoderLayer(nn.Module):
         self.k_cache.index_copy_(0, slots, apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin))
         self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads:])
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]. DecoderModel.run_layers takes
-        _fused_decode instead on CPU decode steps."""
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, int8: bool = False) -> torch.Tensor:
+        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; int8: on the int8 weight copies (a
+        draft pass). DecoderModel.run_layers takes _fused_decode instead on CPU decode steps."""
         t, heads = h.shape[0], self.num_heads
-        qkv = self.qkv_proj(self.input_norm(h))
+        qkv = _project(self.qkv_proj, self.input_norm(h), int8)
         q_and_k = qkv[:, :self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
         q_and_k = apply_rotary(q_and_k, cos, signed_sin)            # one pass for q and k
         v = qkv[:, -self.split[2]:].view(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
-        h, normed = self.post_norm.add_and_norm(h, self.o_proj(attn.reshape(t, -1)))
-        return h + self.down_proj(silu_and_mul(self.gate_up_proj(normed)))
+        h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), int8))
+        return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, int8)), int8)
 
-    def _fusable(self, h: torch.Tensor, ctx) -> bool:
-        return not ctx.prefills and self.qkv_proj.packed is not None and cpu_kernels.usable(h)
+    def _fusable(self, h: torch.Tensor, ctx, int8: bool) -> bool:
+        weights = self.qkv_proj.int8 if int8 else self.qkv_proj.packed
+        return not ctx.prefills and weights is not None and cpu_kernels.usable(h)
 
-    def _fused_decode(self, h, cos, signed_sin, ctx) -> torch.Tensor:
-        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 with packed weights."""
+    def _fused_decode(self, h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
+        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 with packed weights,
+        or on the int8 copies."""
+        if int8:
+            projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
+            return torch.ops.sedac_cpu.decode_layer_int8(
+                h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
+                [p.int8[0] for p in projections], [p.int8[1] for p in projections], self.qkv_proj.bias,
+                self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths,
+                self.num_heads, ctx.block_size)
         return torch.ops.sedac_cpu.decode_layer(
             h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
             self.qkv_proj.packed, self.qkv_proj.bias, self.o_proj.packed, self.gate_up_proj.packed,
             self.down_proj.packed, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks,
             ctx.decode_lengths, self.num_heads, ctx.block_size)
+
+
+def _project(linear: Linear, x: torch.Tensor, int8: bool) -> torch.Tensor:
+    return linear.draft(x) if int8 else linear(x)
 
 
 class DecoderModel(nn.Module):
@@ -78,21 +91,28 @@ class DecoderModel(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None):
+    def quantize_int8(self) -> None:
+        """int8 copies of every projection and the LM head: the lossless-mode drafter."""
+        for linear in [*self.layers.modules(), self.lm_head]:
+            if isinstance(linear, Linear):
+                linear.quantize_int8()
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
+                   int8: bool = False):
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
         layers = [self.layers[i] for i in range(*slice(start, end).indices(len(self.layers)))]
         ctx = get_context()
-        if layers and layers[0]._fusable(h, ctx):   # decided once per step: ~1 ms/token less Python at batch 1
+        if layers and layers[0]._fusable(h, ctx, int8):   # decided once per step: ~1 ms/token less Python at batch 1
             for layer in layers:
-                h = layer._fused_decode(h, cos, signed_sin, ctx)
+                h = layer._fused_decode(h, cos, signed_sin, ctx, int8)
             return h
         for layer in layers:
-            h = layer(h, cos, signed_sin)
+            h = layer(h, cos, signed_sin, int8)
         return h
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """Final-normed logits for the rows of h (only the rows that sample)."""
-        return self.lm_head(self.norm(h))
+        return _project(self.lm_head, self.norm(h), int8)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden states [T, hidden] after the last layer."""

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sedac.models import cpu_kernels
+from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 
 
 class Linear(nn.Module):
@@ -20,10 +21,25 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None   # (weight [out, in] int8, row scales [out])
 
     def pack_for_cpu(self, batch_hint: int) -> None:
         self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), batch_hint)
         self.weight = None      # the packed copy replaces it: one copy of the weights in memory
+
+    def quantize_int8(self) -> None:
+        """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
+        (a quarter of the bytes to stream; activations stay at full precision)."""
+        w = (self.weight.t() if self.packed is None else self.packed.to_dense()).float()    # [out, in]
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.int8 = (torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous())
+
+    def draft(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on its int8 copy (quantize_int8): the C++ kernel on CPU, else the sedac op."""
+        weight, scale = self.int8
+        if cpu_kernels.usable(x):
+            return torch.ops.sedac_cpu.int8_linear(x.contiguous(), weight, scale, self.bias)
+        return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)   # Triton on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:

@@ -1,4 +1,4 @@
-"""torch.library registration: `torch.ops.sedac.{entropy,exit_decision,kv_predict}`.
+"""torch.library registration: `torch.ops.sedac.{entropy,exit_decision,kv_predict,int8_linear}`.
 
 The default (CPU) kernel is the torch reference; CUDA tensors run the Triton kernels when triton is
 installed. Fake kernels make the ops traceable by torch.compile.
@@ -30,6 +30,11 @@ def kv_predict(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     return reference.kv_predict(hidden, weight, bias)
 
 
+@torch.library.custom_op("sedac::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    return reference.int8_linear(x, weight, scale, bias)
+
+
 @entropy.register_fake
 def _(logits):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
@@ -44,6 +49,11 @@ def _(logits, thresholds):
 @kv_predict.register_fake
 def _(hidden, weight, bias):
     return hidden.new_empty(hidden.shape[0], weight.shape[1])
+
+
+@int8_linear.register_fake
+def _(x, weight, scale, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 if _HAS_TRITON:
@@ -61,3 +71,8 @@ if _HAS_TRITON:
     def _(hidden, weight, bias):
         from sedac.plugins import triton_kernels
         return triton_kernels.kv_predict(hidden, weight, bias)
+
+    @int8_linear.register_kernel("cuda")
+    def _(x, weight, scale, bias):
+        from sedac.plugins import triton_kernels
+        return triton_kernels.int8_linear(x, weight, scale, bias)

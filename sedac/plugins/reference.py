@@ -20,3 +20,10 @@ def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
     """Ghost KV: deeper layers' K/V for exited tokens from their exit hidden state.
     hidden [N, H], weight [H, O], bias [O] -> [N, O] (O = skipped layers x 2 x kv_heads x head_dim)."""
     return torch.addmm(bias, hidden, weight)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Weight-only int8 linear (lossless mode's drafter): x [N, K], weight int8 [O, K], per-row scale
+    [O], bias [O] or None -> (x @ weight.T) * scale + bias [N, O], accumulated in fp32, in x's dtype."""
+    y = (x.float() @ weight.float().t()) * scale.float()
+    return (y if bias is None else y + bias.float()).to(x.dtype)

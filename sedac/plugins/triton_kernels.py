@@ -53,8 +53,10 @@ def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch
 
 
 @triton.jit
-def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, swk, swn, som, son,
+def _linear_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, M, N, K, sxm, sxk, swk, swn, som, son,
+                   HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # out = (x @ w) [* scale per column] [+ bias]; w may be int8 (converted in registers).
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -66,18 +68,29 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, swk, swn, so
         b = tl.load(w_ptr + (k0 + rk)[:, None] * swk + rn[None, :] * swn,
                     mask=((k0 + rk)[:, None] < K) & (rn[None, :] < N), other=0.0)
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    m, k = hidden.shape
-    n = weight.shape[1]
-    out = torch.empty(m, n, dtype=hidden.dtype, device=hidden.device)
+def _linear(x: torch.Tensor, weight: torch.Tensor, swk: int, swn: int, n: int, bias, scale) -> torch.Tensor:
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m:
         grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
-        _linear_kernel[grid](hidden, weight, bias, out, m, n, k, hidden.stride(0), hidden.stride(1),
-                             weight.stride(0), weight.stride(1), out.stride(0), out.stride(1),
-                             BM=32, BN=64, BK=32)
+        _linear_kernel[grid](x, weight, bias if bias is not None else out, scale if scale is not None else out, out,
+                             m, n, k, x.stride(0), x.stride(1), swk, swn, out.stride(0), out.stride(1),
+                             HAS_BIAS=bias is not None, HAS_SCALE=scale is not None, BM=32, BN=64, BK=32)
     return out
+
+
+def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return _linear(hidden, weight, weight.stride(0), weight.stride(1), weight.shape[1], bias, None)
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """weight int8 [O, K] read as its transpose [K, O]."""
+    return _linear(x, weight, weight.stride(1), weight.stride(0), weight.shape[0], bias, scale)

@@ -1,6 +1,7 @@
 """LLMEngine: add requests, step the batch, abort; the loop that LLM and the servers drive."""
 from __future__ import annotations
 
+
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from sedac.runtime.sampler import sample
 from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SamplingParams, check_sedac_mode
 from sedac.runtime.early_exit import ExitController, early_exit_step
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
-from sedac.runtime.speculative import speculative_step
+from sedac.runtime.speculative import draft_plan, speculative_step
 from sedac.runtime.sequence import Sequence, Status
 
 
@@ -41,6 +42,9 @@ class LLMEngine:
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
         self.config = EngineConfig.load(self.engine_dir)
+        if self.config.sedac and "int8" not in self.config.sedac.get("costs", {}):
+            raise ValueError(f"{engine_dir} has SEDAC components from an older sedac-build (exit-head drafts); "
+                             "rebuild it with sedac-build --sedac")
         self.tokenizer = _load_tokenizer(self.engine_dir)
         b = self.config.build
         self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory)
@@ -57,6 +61,9 @@ class LLMEngine:
             raise ValueError("speculative_disable_by_batch_size must be >= 1")
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
+        sedac = self.config.sedac or {}
+        self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
+                                          self.scheduler.max_num_seqs) if sedac else []
         self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
@@ -160,25 +167,33 @@ class LLMEngine:
 
     def _split_by_mode(self, batch: ScheduledBatch):
         """Decodes in lossless or lossy mode take SEDAC's paths; everything else runs the full model.
-        Lossless decodes run as plain decodes (same output) in steps larger than
-        speculative_disable_by_batch_size (vLLM's knob): batched decode is compute-bound, and
-        verifying drafts there costs more than it saves."""
-        limit = self.speculative_disable_by_batch_size
-        speculate = limit is None or len(batch.seqs) <= limit
+        Lossless decodes run as plain decodes (same output) when the cost model plans no drafts for
+        that many of them (drafts_by_batch: batched decode is compute-bound, and verifying drafts
+        there costs more than it saves), or in steps larger than speculative_disable_by_batch_size
+        (vLLM's knob)."""
         full, lossless, lossy = ScheduledBatch(), [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = self.mode_of(seq)
             # lossy: the last token plus the exited ones whose deeper layers are still pending
             decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
                         and seq.num_computed_tokens + n == seq.num_tokens)
-            if decoding and mode == "lossless" and speculate:
+            if decoding and mode == "lossless":
                 lossless.append(seq)
             elif decoding and mode == "lossy":
                 lossy.append(seq)
             else:
                 seq.exit_hidden = []        # the full path recomputes those tokens through every layer
                 full.add(seq, n)
+        limit = self.speculative_disable_by_batch_size
+        if lossless and (self._batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
+            for seq in lossless:
+                full.add(seq, 1)
+            full.order_decodes_first()
+            lossless = []
         return full, lossless, lossy
+
+    def _batch_drafts(self, num_seqs: int) -> int:
+        return self.drafts_by_batch[min(num_seqs, len(self.drafts_by_batch) - 1)]
 
     def _full_step(self, batch: ScheduledBatch):
         samplers, rows = self._sampling_rows(batch)
@@ -192,8 +207,9 @@ class LLMEngine:
 
     def _lossless_step(self, seqs: list[Sequence]):
         sedac = self.config.sedac
-        results = speculative_step(self.runner, seqs, [self._draft_len(s) for s in seqs], sedac["draft_layer"],
-                                   sedac.get("draft_max_entropy", float("inf")), self._min_drafting())
+        k = self._batch_drafts(len(seqs))
+        results = speculative_step(self.runner, seqs, [min(k, self._draft_len(s)) for s in seqs],
+                                   sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
         self._computed(seqs, [len(r.tokens) for r in results])
         for seq, r in zip(seqs, results):
             req = self.requests[seq.request_id]
@@ -204,14 +220,11 @@ class LLMEngine:
             self.counters["sedac_accepted_tokens"] += r.accepted
         return [(seq, r.tokens, r.logprobs) for seq, r in zip(seqs, results)]
 
-    def _min_drafting(self) -> float:
-        """The share of a batch that must draft for a draft round to pay off, by the build's cost model
-        (weights streamed): a round streams layers [0, E) and the exit head once; each accepted draft
-        saves a full pass, shared by the batch when it decodes without drafts."""
-        costs, layer = self.config.sedac.get("costs"), self.config.sedac["draft_layer"]
-        if not costs:
-            return 0.0
-        return (layer + costs["exit_head"]) / (costs["layers"] + costs["lm_head"])
+    def _min_drafting(self, num_seqs: int) -> float:
+        """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
+        a round is one int8 pass for the batch; each accepted draft saves a full pass of the batch."""
+        (fixed, per_row), (int8_fixed, int8_per_row) = self.config.sedac["costs"]["full"], self.config.sedac["costs"]["int8"]
+        return (int8_fixed + int8_per_row * num_seqs) / (fixed + per_row * num_seqs)
 
     def _lossy_step(self, seqs: list[Sequence]):
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]

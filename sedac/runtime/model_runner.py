@@ -52,7 +52,10 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
-        return self._pack_for_cpu(model.to(self.device).eval())
+        model = self._pack_for_cpu(model.to(self.device).eval())
+        if self.config.sedac:      # lossless mode drafts on int8 copies of the weights
+            model.quantize_int8()
+        return model
 
     def _load_sedac_weights(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
         """The exit heads the modes use and the Ghost KV predictor (weight, bias), if the build made one."""
@@ -61,7 +64,7 @@ class ModelRunner:
             raise ValueError(f"engine config has SEDAC exits but {path} is missing")
         weights = load_file(str(path), device=str(self.device))
         m, heads, sedac = self.config.model, {}, self.config.sedac
-        for layer in sorted({sedac["draft_layer"], *sedac["lossy_layers"]}):   # the heads the modes use
+        for layer in sedac["lossy_layers"]:    # the heads lossy mode uses
             state = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"exit.{layer}.")}
             head = ExitHead(m.hidden_size, sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
             head.load_state_dict(state, assign=True)
@@ -161,12 +164,13 @@ class ModelRunner:
         return self.context([(table, start + j) for table, start, n in spans for j in range(n)])
 
     def run(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, positions: torch.Tensor, ctx,
-            start: int = 0, end: int | None = None) -> torch.Tensor:
-        """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H]."""
+            start: int = 0, end: int | None = None, int8: bool = False) -> torch.Tensor:
+        """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H];
+        int8: on the int8 weight copies (a draft pass)."""
         set_context(ctx)
         try:
             h = self.model.embed(ids) if hidden is None else hidden
-            return self.model.run_layers(h, positions, start, end)
+            return self.model.run_layers(h, positions, start, end, int8)
         finally:
             set_context(None)
 

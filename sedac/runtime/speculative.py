@@ -1,13 +1,12 @@
-"""SEDAC lossless mode: self-speculative decoding with the trained early exit as the drafter.
+"""SEDAC lossless mode: self-speculative decoding, drafting with the model's own int8 weights.
 
-A cycle runs the last token through layers [0, E) and the exit head, and keeps drafting (each
-draft through [0, E) in turn) while the head is confident and fewer than k drafts exist. The
-verify pass reuses all of that: only layers [E, L) run, over the k + 1 rows in one pass (which
-writes the true KV); a low-confidence token simply continues as a normal decode, so the gate costs
-only the exit head. Greedy keeps the longest prefix the full
-model agrees with, plus the full model's own next token, so output is token-identical to `off`;
-sampled requests use standard speculative acceptance (accept d with min(1, p(d)/q(d)), else draw
-from the residual max(p - q, 0)), which leaves the output distribution exactly the full model's.
+A cycle drafts up to k tokens, each by one pass through the whole model on int8 copies of its
+weights (a quarter of the bytes a CPU decode streams) while the draft distribution is confident
+(entropy <= the build's gate), then one full-precision verify pass runs the last token and the
+drafts as k + 1 rows and writes the true KV. Greedy keeps the longest prefix the full model agrees
+with, plus the full model's own next token, so output is token-identical to `off`; sampled requests
+use standard speculative acceptance (accept d with min(1, p(d)/q(d)), else draw from the residual
+max(p - q, 0)), which leaves the output distribution exactly the full model's.
 """
 from __future__ import annotations
 
@@ -39,18 +38,36 @@ class _Extended(Sequence):
         self.token_ids = seq.token_ids + extra
 
 
+def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) -> list[int]:
+    """Drafts per sequence for each batch size B (index B; 0: decode without drafting). Each draft is
+    accepted with probability alpha (the int8 drafter's agreement), so k drafts yield
+    1 + alpha + ... + alpha^k tokens per sequence for k int8 passes and one verify pass over B (k + 1)
+    rows, at the build's measured pass costs (fixed + per_row * rows); k maximizes tokens per cost,
+    and 0 wins where a batch is compute-bound enough that plain decoding is cheaper."""
+    (fixed, per_row), (int8_fixed, int8_per_row) = costs["full"], costs["int8"]
+    plan = [0]
+    for b in range(1, max_batch + 1):
+        best, best_k = b / (fixed + per_row * b), 0
+        for k in range(1, max_draft_len + 1):
+            tokens = b * sum(alpha ** j for j in range(k + 1))
+            rate = tokens / (k * (int8_fixed + int8_per_row * b) + fixed + per_row * b * (k + 1))
+            if rate > best:
+                best, best_k = rate, k
+        plan.append(best_k)
+    return plan
+
+
 @torch.inference_mode()
-def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entropy: float,
+def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
                      min_drafting: float = 0.0) -> list[CycleResult]:
     """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved). A draft
-    round streams layers [0, E) once for all rows that draft; it runs only while at least
-    min_drafting of the batch drafts, the share whose saved full passes pay for that stream."""
+    round is one int8 pass for all rows that draft; it runs only while at least min_drafting of the
+    batch drafts, the share whose saved full passes pay for it."""
     starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
-    drafts, qs, exit_hidden = _draft(runner, seqs, starts, draft_lens, layer, max_entropy,
-                                     min_drafting * len(seqs))
-    hidden = torch.stack([h for rows in exit_hidden for h in rows])
+    drafts, qs = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs))
+    ids = torch.tensor([t for s, d in zip(seqs, drafts) for t in [s.token_ids[-1], *d]], device=runner.device)
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
-    logits = runner.model.logits(runner.run(None, hidden, positions, ctx, layer, None)).float()
+    logits = runner.model.logits(runner.run(ids, None, positions, ctx)).float()   # verify: writes the true KV
     results, row, num_layers = [], 0, runner.config.model.num_layers
     for seq, d, q in zip(seqs, drafts, qs):
         k = len(d)
@@ -62,32 +79,27 @@ def speculative_step(runner, seqs, draft_lens: list[int], layer: int, max_entrop
     return results
 
 
-def _draft(runner, seqs, starts, draft_lens, layer, max_entropy, min_rows):
-    """Run each sequence's last token, then its drafts, through layers [0, E) in lockstep; a sequence
-    keeps drafting while the exit head is confident (entropy <= max_entropy) and under its k, and
-    all stop once fewer than min_rows would draft."""
-    head, vocab = runner.exit_heads[layer], runner.config.model.vocab_size
-    drafts, qs, exit_hidden = [[] for _ in seqs], [[] for _ in seqs], [[] for _ in seqs]
+def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
+    """Draft in lockstep on the int8 weights: each pass runs every drafting sequence's newest token
+    through the whole model; a sequence keeps drafting while the draft is confident (entropy <=
+    max_entropy) and under its k, and all stop once fewer than min_rows would draft. The draft
+    passes' K/V are overwritten by the verify pass."""
+    drafts, qs = [[] for _ in seqs], [[] for _ in seqs]
     last = [s.token_ids[-1] for s in seqs]
-    active = list(range(len(seqs)))
-    for j in range(max(draft_lens, default=0) + 1):
-        positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in active])
-        h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, 0, layer)
-        for r, i in enumerate(active):
-            exit_hidden[i].append(h[r])
-        active_rows = [r for r, i in enumerate(active) if j < draft_lens[i]]
-        if not active_rows:
+    active = [i for i, k in enumerate(draft_lens) if k > 0]
+    for j in range(max(draft_lens, default=0)):
+        if not active or len(active) < min_rows:
             break
-        reduced = head(h[active_rows]).float()
-        confident = (torch.ops.sedac.entropy(reduced) <= max_entropy).tolist()
+        positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in active])
+        h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, int8=True)
+        raw = runner.model.logits(h, int8=True).float()
+        confident = (torch.ops.sedac.entropy(raw) <= max_entropy).tolist()
         if sum(confident) < min_rows:
             break
-        views = [_Extended(seqs[active[r]], drafts[active[r]]) for r in active_rows]
-        logits = process(head.full_vocab_logits(reduced, vocab), views)
+        logits = process(raw, [_Extended(seqs[i], drafts[i]) for i in active])
         greedy = logits.argmax(-1).tolist()
         still = []
-        for n, r in enumerate(active_rows):
-            i = active[r]
+        for n, i in enumerate(active):
             if not confident[n]:
                 continue
             if seqs[i].params.greedy:
@@ -98,11 +110,10 @@ def _draft(runner, seqs, starts, draft_lens, layer, max_entropy, min_rows):
                 qs[i].append(q)
             drafts[i].append(token)
             last[i] = token
-            still.append(i)
+            if len(drafts[i]) < draft_lens[i]:
+                still.append(i)
         active = still
-        if not active:
-            break
-    return drafts, qs, exit_hidden
+    return drafts, qs
 
 
 def _accept_greedy(logits, views, drafts, _qs):

@@ -20,10 +20,27 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed,
   return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
 }
 
-}  // namespace
-
+// The layer, with `linear(x, i)` applying projection i (0 qkv with its bias, 1 o, 2 gate_up, 3 down).
 // h [B, hidden]; cos, signed_sin [B, 1, D]; caches [slots, KV, D]; slots [B] where this step's K/V go;
 // tables [B, nb], lengths [B] as in paged_decode_attention -> [B, hidden].
+template <class Linear>
+torch::Tensor layer(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                    const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps, Linear&& linear,
+                    torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                    const torch::Tensor& tables, const torch::Tensor& lengths, int64_t num_heads, int64_t block_size) {
+  const int64_t b = h.size(0), kv = k_cache.size(1), d = k_cache.size(2);
+  auto qkv = linear(rms_norm(h, input_norm, eps), 0);                                      // [B, (H + 2KV) * D]
+  auto q_and_k = rotary(qkv.narrow(1, 0, (num_heads + kv) * d).view({b, num_heads + kv, d}), cos, signed_sin);
+  k_cache.index_copy_(0, slots, q_and_k.narrow(1, num_heads, kv));
+  v_cache.index_copy_(0, slots, qkv.narrow(1, (num_heads + kv) * d, kv * d).view({b, kv, d}));
+  auto attn = paged_decode_attention(q_and_k.narrow(1, 0, num_heads), k_cache, v_cache, tables, lengths,
+                                     block_size, std::pow((double)d, -0.5));                  // [B, H, D], Python's d ** -0.5
+  auto [residual, normed] = add_rms_norm(h, linear(attn.view({b, num_heads * d}), 1), post_norm, eps);
+  return residual + linear(silu_and_mul(linear(normed, 2)), 3);
+}
+
+}  // namespace
+
 torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                            const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
                            const torch::Tensor& qkv_packed, const std::optional<torch::Tensor>& qkv_bias,
@@ -31,17 +48,28 @@ torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, con
                            const torch::Tensor& down_packed, torch::Tensor k_cache, torch::Tensor v_cache,
                            const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lengths,
                            int64_t num_heads, int64_t block_size) {
-  const int64_t b = h.size(0), kv = k_cache.size(1), d = k_cache.size(2);
-  auto qkv = packed_linear(rms_norm(h, input_norm, eps), qkv_packed, qkv_bias);          // [B, (H + 2KV) * D]
-  auto q_and_k = rotary(qkv.narrow(1, 0, (num_heads + kv) * d).view({b, num_heads + kv, d}), cos, signed_sin);
-  k_cache.index_copy_(0, slots, q_and_k.narrow(1, num_heads, kv));
-  v_cache.index_copy_(0, slots, qkv.narrow(1, (num_heads + kv) * d, kv * d).view({b, kv, d}));
-  auto attn = paged_decode_attention(q_and_k.narrow(1, 0, num_heads), k_cache, v_cache, tables, lengths,
-                                     block_size, std::pow((double)d, -0.5));                  // [B, H, D], Python's d ** -0.5
-  auto [residual, normed] = add_rms_norm(h, packed_linear(attn.view({b, num_heads * d}), o_packed, std::nullopt),
-                                         post_norm, eps);
-  auto act = silu_and_mul(packed_linear(normed, gate_up_packed, std::nullopt));
-  return residual + packed_linear(act, down_packed, std::nullopt);
+  const torch::Tensor* packed[] = {&qkv_packed, &o_packed, &gate_up_packed, &down_packed};
+  auto linear = [&](const torch::Tensor& x, int i) {
+    return packed_linear(x, *packed[i], i == 0 ? qkv_bias : std::nullopt);
+  };
+  return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
+               num_heads, block_size);
+}
+
+// The same layer on int8 weights (a lossless-mode draft pass): weights = [qkv, o, gate_up, down] int8
+// [out, in], scales their [out] fp32 row scales.
+torch::Tensor decode_layer_int8(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                                const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
+                                at::TensorList weights, at::TensorList scales,
+                                const std::optional<torch::Tensor>& qkv_bias, torch::Tensor k_cache,
+                                torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& tables,
+                                const torch::Tensor& lengths, int64_t num_heads, int64_t block_size) {
+  TORCH_CHECK(weights.size() == 4 && scales.size() == 4, "decode_layer_int8: four projections");
+  auto linear = [&](const torch::Tensor& x, int i) {
+    return int8_linear(x, weights[i], scales[i], i == 0 ? qkv_bias : std::nullopt);
+  };
+  return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
+               num_heads, block_size);
 }
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
@@ -51,4 +79,8 @@ TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
         "int num_heads, int block_size) -> Tensor");
   // The prepacked weights are MkldnnCPU tensors, so dispatch lands on that key.
   m.impl("decode_layer", c10::DispatchKey::MkldnnCPU, &decode_layer);
+  m.def("decode_layer_int8(Tensor h, Tensor cos, Tensor signed_sin, Tensor input_norm, Tensor post_norm, float eps, "
+        "Tensor[] weights, Tensor[] scales, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, Tensor tables, Tensor lengths, int num_heads, int block_size) -> Tensor");
+  m.impl("decode_layer_int8", torch::kCPU, &decode_layer_int8);
 }
