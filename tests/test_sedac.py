@@ -233,6 +233,19 @@ def test_learn_then_test_guarantee_holds_on_held_out_data():
     assert cal.binomial_cdf(5, 10, 0.5) == pytest.approx(0.623046875)
 
 
+def test_lossless_drafts_right_after_a_prefix_cache_hit(tiny_sedac_engine):
+    """A prompt cached up to its last token is admitted as a one-token step and drafts at once, so its
+    draft slots are reserved at admission too (more drafts than the rest of its block holds)."""
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    llm.engine.config.sedac["draft_len"] = 6                  # blocks hold 4 tokens
+    _always_draft(llm.engine)
+    prompt = list(range(10, 19))                              # two full blocks, then one token
+    off = llm.generate([prompt], _greedy("off"))[0]
+    lossless = llm.generate([prompt], _greedy("lossless"))[0]
+    assert llm.engine.blocks.prefix_hits >= 2 and llm.engine.counters["sedac_drafted_tokens"] > 0
+    assert lossless.token_ids == off.token_ids
+
+
 def test_draft_plan_drafts_less_as_batches_turn_compute_bound():
     costs = {"full": [0.92, 0.08], "int8": [0.33, 0.13]}     # as measured on 2 AVX2 cores
     plan = draft_plan(costs, alpha=0.97, max_draft_len=6, max_batch=16)

@@ -85,7 +85,8 @@ class Scheduler:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not self.blocks.ensure_slots(seq, n):
+            extra = self.lookahead(seq) if n == 1 else 0     # cached up to its last token: it may draft now
+            if not self.blocks.ensure_slots(seq, n + extra):
                 self.blocks.release(seq)
                 seq.reset_for_recompute()
                 break
@@ -93,7 +94,7 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
-            budget -= n
+            budget -= min(budget, n + extra)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
