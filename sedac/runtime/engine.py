@@ -1,7 +1,6 @@
 """LLMEngine: add requests, step the batch, abort; the loop that LLM and the servers drive."""
 from __future__ import annotations
 
-
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +63,7 @@ class LLMEngine:
         sedac = self.config.sedac or {}
         self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
                                           self.scheduler.max_num_seqs) if sedac else []
-        self.exit_histogram = {layer: 0 for layer in (self.config.sedac or {}).get("lossy_layers", [])}
+        self.exit_histogram = {layer: 0 for layer in sedac.get("lossy_layers", [])}
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
