@@ -29,6 +29,22 @@ def test_entropy_kernel_matches_reference(n, v, dtype):
     assert torch.allclose(kernels.entropy(logits).cpu(), reference.entropy(logits).cpu(), atol=2e-4, rtol=1e-5)
 
 
+def test_reference_margin():
+    logits = torch.tensor([[2.0, 1.0, 0.0], [1.0, 1.0, 0.0], [5.0, -1e4, -1e4]])
+    p = logits.softmax(-1)
+    assert reference.margin(logits).tolist() == pytest.approx([float(p[0, 0] - p[0, 1]), 0.0, 1.0], abs=1e-6)
+
+
+@pytest.mark.parametrize("n,v", [(1, 49152), (7, 1000), (16, 1024), (0, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_margin_kernel_matches_reference(n, v, dtype):
+    logits = (torch.randn(n, v) * torch.linspace(0.5, 12, max(n, 1))[:n, None]).to(dtype).to(DEVICE)
+    if n > 2:                       # ties: a repeated maximum within one block and across blocks
+        logits[1, 5] = logits[1, 9] = logits[1].max() + 1
+        logits[2, 3] = logits[2, v - 1] = logits[2].max() + 1
+    assert torch.allclose(kernels.margin(logits).cpu(), reference.margin(logits).cpu(), atol=2e-5)
+
+
 def test_exit_decision_kernel_matches_reference():
     logits = torch.randn(64, 3000, device=DEVICE) * torch.linspace(0.1, 8, 64, device=DEVICE)[:, None]
     h_ref = reference.entropy(logits)
@@ -66,9 +82,11 @@ def test_custom_ops_registered_and_consistent():
     h, exits = torch.ops.sedac.exit_decision(logits, thresholds)
     assert torch.allclose(h, reference.entropy(logits), atol=2e-4) and exits.dtype == torch.bool
     assert torch.allclose(torch.ops.sedac.entropy(logits), h, atol=1e-5)
+    assert torch.allclose(torch.ops.sedac.margin(logits), reference.margin(logits), atol=1e-5)
     w, b = torch.randn(300, 24, device=DEVICE), torch.randn(24, device=DEVICE)
     assert torch.allclose(torch.ops.sedac.kv_predict(logits, w, b), logits @ w + b, atol=1e-4)
     for op, args in ((torch.ops.sedac.entropy.default, (logits,)),
+                     (torch.ops.sedac.margin.default, (logits,)),
                      (torch.ops.sedac.exit_decision.default, (logits, thresholds)),
                      (torch.ops.sedac.kv_predict.default, (logits, w, b)),
                      (torch.ops.sedac.int8_linear.default, (logits, w.t().to(torch.int8).contiguous(), b, None))):

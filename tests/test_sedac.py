@@ -1,5 +1,6 @@
 """SEDAC on a tiny random Llama: lossless == off, lossy exits and fills KV, modes mix in one batch,
 aborts free blocks, speculative sampling keeps the distribution, LTT keeps its guarantee."""
+import itertools
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from sedac import LLM, SamplingParams
 from sedac.builder import calibration as cal
 from sedac.builder.exit_training import teacher_pass
+from sedac.runtime.early_exit import ExitController, int8_exit_pays
 from sedac.runtime.engine import LLMEngine
 from sedac.runtime.speculative import draft_plan
 
@@ -41,9 +43,11 @@ def test_engine_holds_trained_exits(tiny_sedac_engine):
     cfg = json.loads((tiny_sedac_engine / "config.json").read_text())["sedac"]
     assert cfg["exit_layers"] == [1, 2] and cfg["draft_len"] >= 1 and 0 <= cfg["draft_agreement"] <= 1
     assert all(len(cfg["costs"][p]) == 2 and cfg["costs"][p][1] > 0 for p in ("full", "int8"))   # measured
-    assert set(cfg["thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
-    curves = json.loads((tiny_sedac_engine / "sedac_calibration.json").read_text())["curves"]
-    assert curves["0.99"] and all("agreement" in point for point in curves["0.99"])
+    assert set(cfg["thresholds"]) == set(cfg["int8_thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
+    assert cfg["lossy_exit"] in ("int8", "depth") and 0 <= cfg["int8_exit_fraction"]["0.99"] <= 1
+    calibration = json.loads((tiny_sedac_engine / "sedac_calibration.json").read_text())
+    for curves in (calibration["curves"], calibration["int8_curves"]):
+        assert curves["0.99"] and all("agreement" in point for point in curves["0.99"])
     assert (tiny_sedac_engine / "sedac.safetensors").is_file()
 
 
@@ -84,7 +88,7 @@ def test_lossless_sampling_keeps_the_distribution(llm):
 
 
 def test_lossy_exits_fill_kv_and_report_skips(tiny_sedac_engine):
-    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit="depth")
     _exit_everything(llm.engine)
     outs = llm.generate(PROMPTS, _greedy("lossy"))
     first_exit = llm.engine.config.sedac["lossy_layers"][0]
@@ -103,7 +107,7 @@ def test_deferred_fill_keeps_the_kv_cache_exact(tiny_sedac_engine, kv_fill):
     """Every token is an exit candidate and every other one is audited (runs the full model). With
     the deferred fill the cache is exactly the full model's, so each audited token is the full model's
     greedy choice on the lossy output's own prefix; propagation and Ghost KV only approximate it."""
-    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_kv_fill=kv_fill)
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_kv_fill=kv_fill, sedac_lossy_exit="depth")
     _exit_everything(llm.engine)
     llm.engine.exit_controller.audit_every = 2
     model = llm.engine.runner.model
@@ -156,14 +160,77 @@ def test_ghost_fill_needs_a_ghost_predictor(tiny_llama, tiny_sedac_engine):
         LLMEngine(tiny_sedac_engine, device="cpu", sedac_kv_fill="fast")
 
 
-def test_lossy_at_unreachable_agreement_is_the_full_model(llm):
+@pytest.mark.parametrize("lossy_exit", ["int8", "depth"])
+def test_lossy_at_unreachable_agreement_is_the_full_model(tiny_sedac_engine, lossy_exit):
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit=lossy_exit)
     off = llm.generate(PROMPTS, _greedy("off"))
     strict = llm.generate(PROMPTS, _greedy("lossy", sedac_agreement=1.0))
     assert [o.token_ids for o in strict] == [o.token_ids for o in off]
 
 
-def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine):
-    llm = LLM(str(tiny_sedac_engine), device="cpu")
+def _int8_llm(engine_dir, audit_every: int) -> LLM:
+    """An int8-exit engine where every token may exit and every audit_every-th exit is audited, at
+    any batch size."""
+    llm = LLM(str(engine_dir), device="cpu", sedac_lossy_exit="int8")
+    _exit_everything(llm.engine)
+    llm.engine.exit_controller.audit_every = audit_every
+    llm.engine._int8_exit_pays = lambda num_seqs: True
+    return llm
+
+
+def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
+    llm = _int8_llm(tiny_sedac_engine, audit_every=10 ** 9)
+    outs = llm.generate(PROMPTS[:4], _greedy("lossy"))     # multi-token prompts: the prefill makes token 1
+    num_layers = llm.engine.config.model.num_layers
+    for o in outs:       # the 23 others ran no full-precision layer
+        assert len(o.token_ids) == 24 and o.metrics.layers_per_token == pytest.approx(num_layers / 24)
+    assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 4 * 23}
+    assert llm.engine.stats()["sedac_skip_ratio"] == 1.0
+    assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_int8_exit_audits_ride_along_with_the_next_full_pass(tiny_sedac_engine, monkeypatch):
+    """Decode steps alternate exit / stay and every exit is audited: each audit runs as an extra row of
+    the next stay's full pass (the last exit has no stay after it, so its audit never runs)."""
+    from sedac.runtime import early_exit
+    llm = _int8_llm(tiny_sedac_engine, audit_every=1)
+    flips = itertools.cycle([1e9, -1.0])
+    monkeypatch.setattr(early_exit, "_taus", lambda c, levels, device: torch.tensor([next(flips) for _ in levels]))
+    out = llm.generate([PROMPTS[1]], _greedy("lossy"))[0]         # 23 decode steps: 12 exits, 11 stays
+    assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 12}
+    assert len(llm.engine.exit_controller.audits[0.99]) == 11
+    assert out.metrics.layers_per_token == pytest.approx(12 * llm.engine.config.model.num_layers / 24)
+
+
+def test_int8_exits_never_enter_the_prefix_cache(tiny_sedac_engine):
+    """Blocks holding int8-exit K/V are not published, so an `off` request on the same text (a chat's
+    next turn) recomputes them exactly: its output is what a fresh engine gives."""
+    llm = _int8_llm(tiny_sedac_engine, audit_every=10 ** 9)
+    ids = llm.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
+    lossy = llm.generate([ids], _greedy("lossy"))[0].token_ids
+    follow = llm.generate([ids + lossy], _greedy("off"))[0]
+    assert follow.metrics.num_cached_tokens <= len(ids)
+    fresh = LLM(str(tiny_sedac_engine), device="cpu").generate([ids + lossy], _greedy("off"))[0]
+    assert follow.token_ids == fresh.token_ids
+
+
+def test_int8_exit_runs_only_where_it_pays(tiny_sedac_engine):
+    costs = {"full": [0.9, 0.1], "int8": [0.36, 0.12]}      # SmolLM2 on 2 CPU cores
+    assert int8_exit_pays(costs, 0.95, 1) and not int8_exit_pays(costs, 0.95, 16)
+    assert not int8_exit_pays(costs, 0.3, 1)
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit="int8")
+    _exit_everything(llm.engine)
+    llm.engine._int8_exit_pays = lambda num_seqs: False
+    off = llm.generate(PROMPTS, _greedy("off"))
+    assert [o.token_ids for o in llm.generate(PROMPTS, _greedy("lossy"))] == [o.token_ids for o in off]
+    assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 0}
+    with pytest.raises(ValueError, match="sedac_lossy_exit"):
+        LLMEngine(tiny_sedac_engine, device="cpu", sedac_lossy_exit="fast")
+
+
+@pytest.mark.parametrize("lossy_exit", ["int8", "depth"])
+def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine, lossy_exit):
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit=lossy_exit)
     _exit_everything(llm.engine)
     _always_draft(llm.engine)
     alone = llm.generate(PROMPTS, _greedy("off"))
@@ -214,6 +281,24 @@ def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
     lossless = llm.generate(PROMPTS[:3], _greedy("lossless"))
     assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
     assert llm.engine.counters["sedac_drafted_tokens"] == 0
+
+
+@pytest.mark.parametrize("exit_fraction", [0.95, 0.3])
+def test_controller_judges_audits_against_the_exits_share_of_the_budget(exit_fraction):
+    """At level 0.99 exits may err at 1% / exit fraction. Audits erring at 0.9x that keep the
+    calibrated thresholds (bar a rare false alarm, relaxed back); at 3x they tighten them."""
+    def mean_scale(error_rate):
+        controller, scales = ExitController({"0.99": [1.0]}, 0.99, audit_every=1, window=256), []
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(8000):
+            exits = torch.rand((), generator=gen).item() < exit_fraction
+            if controller.should_audit(0.99, exits):
+                controller.record(0.99, torch.rand((), generator=gen).item() >= error_rate)
+                scales.append(controller.scale[0.99])
+        return sum(scales) / len(scales)
+    allowed = 0.01 / exit_fraction
+    assert mean_scale(0.9 * allowed) > 0.97
+    assert mean_scale(3 * allowed) < 0.8
 
 
 def test_learn_then_test_guarantee_holds_on_held_out_data():

@@ -1,5 +1,4 @@
 """Triton: repository export (configs parsed by Triton's own protobuf) and a real tritonserver run."""
-import asyncio
 import json
 import queue
 import re
@@ -7,7 +6,6 @@ import signal
 from functools import partial
 
 import httpx
-import numpy as np
 import pytest
 
 from sedac import LLM, SamplingParams

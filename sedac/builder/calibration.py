@@ -9,24 +9,13 @@ exact binomial p-value, so with probability >= 1 - epsilon the chosen thresholds
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from sedac.runtime.early_exit import NEVER     # the threshold of a layer that never exits
+from sedac.runtime.early_exit import NEVER, binomial_cdf   # NEVER: the threshold of a layer that never exits
+from sedac.runtime.speculative import pass_cost
 
 AGREEMENT_LEVELS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
 T_GRID = [0.0] + [10 ** (e / 8) for e in range(-32, -3)]     # 1e-4 .. ~0.42, increasing
-
-
-def binomial_cdf(k: int, n: int, p: float) -> float:
-    """P(Bin(n, p) <= k), summed in log space (n up to ~1e6 is fine)."""
-    if k >= n:
-        return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
-    top = max(log_terms)
-    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
 
 def thresholds_for(t: float, entropy: torch.Tensor, agree: torch.Tensor) -> float:
@@ -78,7 +67,6 @@ def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, draft_len: int,
     true prefix). A cycle runs draft passes while they are confident, then one verify pass over the
     drafts; pass costs as measured by sedac.builder.pass_costs (a batch-1 full pass = 1)."""
     confident, correct = (entropy <= max_entropy).tolist(), agree.tolist()
-    (fixed, per_row), int8_pass = costs["full"], sum(costs["int8"])
     i, n, tokens, cost = 0, len(correct), 0, 0.0
     while i < n:
         drafts, accepted, j = 0, 0, i
@@ -86,7 +74,7 @@ def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, draft_len: int,
             accepted += drafts == accepted and correct[j]     # only an unbroken prefix counts
             drafts, j = drafts + 1, j + 1
         passes = drafts + (drafts < draft_len and j < n)      # the unconfident pass is paid too
-        cost += passes * int8_pass + fixed + per_row * (drafts + 1)
+        cost += passes * pass_cost(costs, "int8", 1) + pass_cost(costs, "full", drafts + 1)
         tokens += accepted + 1
         i += accepted + 1
     return tokens / cost

@@ -9,6 +9,7 @@ size (sedac.runtime.speculative.draft_plan) both read them.
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 
@@ -22,17 +23,16 @@ ROWS = (1, 8)
 def measure_pass_costs(runner, repeats: int = 20) -> dict:
     """-> {"full": [fixed, per_row], "int8": [fixed, per_row]}, a full pass at 1 row = 1. The four
     passes are timed in turn, each its fastest of `repeats` (the least disturbed by other work)."""
-    model, bs = runner.model, runner.block_size
+    bs = runner.block_size
     per_seq = CONTEXT // bs + 1
     passes = {}
     for rows in ROWS:
         positions, ctx = runner.context([(list(range(i * per_seq, (i + 1) * per_seq)), CONTEXT) for i in range(rows)])
         ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
         for int8 in (False, True):
-            passes[(rows, int8)] = (lambda ids, positions, ctx, int8: lambda: model.logits(
-                runner.run(ids, None, positions, ctx, int8=int8), int8=int8))(ids, positions, ctx, int8)
+            passes[(rows, int8)] = partial(_decode_pass, runner, ids, positions, ctx, int8)
     seconds = {key: float("inf") for key in passes}
-    with scratch_kv(model, max(ROWS) * per_seq * bs):
+    with scratch_kv(runner.model, max(ROWS) * per_seq * bs):
         for fn in passes.values():
             fn()                          # warm-up
         for _ in range(repeats):
@@ -46,3 +46,7 @@ def measure_pass_costs(runner, repeats: int = 20) -> dict:
         per_row = (seconds[(ROWS[1], int8)] - seconds[(ROWS[0], int8)]) / (ROWS[1] - ROWS[0]) / unit
         costs[name] = [seconds[(1, int8)] / unit - per_row, per_row]
     return costs
+
+
+def _decode_pass(runner, ids, positions, ctx, int8: bool) -> torch.Tensor:
+    return runner.model.logits(runner.run(ids, None, positions, ctx, int8=int8), int8=int8)

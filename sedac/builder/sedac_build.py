@@ -1,4 +1,5 @@
-"""`sedac-build --sedac`: train exit heads, pick exits by the cost model, calibrate lossy thresholds.
+"""`sedac-build --sedac`: train exit heads, calibrate the lossy exits (depth and int8) and the
+lossless drafter, and pick each by the cost model.
 
 Training data: ShareGPT conversations (train split) under teacher forcing. Calibration data: the
 model's own greedy answers to held-out (calib split) prompts, the distribution SEDAC runs on.
@@ -18,6 +19,7 @@ from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
 from sedac.builder.pass_costs import measure_pass_costs
 from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
+from sedac.runtime.speculative import pass_cost
 
 CALIBRATION_FILE = "sedac_calibration.json"
 
@@ -74,7 +76,10 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
     costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **measure_pass_costs(llm.engine.runner)}
     section = _choose(layers, entropy, agree, costs)
-    section.update(_choose_lossless(model, answers, calib.argmax, costs, opts.max_draft_len))
+    int8_entropy, int8_uncertainty, int8_argmax = _int8_predictions(model, answers, len(calib.argmax))
+    int8_agree = int8_argmax == calib.argmax
+    section.update(_choose_lossless(int8_entropy, int8_agree, costs, opts.max_draft_len))
+    section.update(_calibrate_int8_exit(int8_uncertainty, int8_agree, costs, section["predicted_lossy_cost_at_0.99"]))
     lossy = section["lossy_layers"][0]
     ghost = gk.fit_ghost_kv(model, et.training_texts(tok, opts.calib_data, "train", seq_len), lossy, opts.ghost_tokens)
     section["ghost_kv_error"] = gk.kv_errors(model, et.training_texts(tok, opts.calib_data, "calib", seq_len), lossy,
@@ -83,8 +88,9 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
                    vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
                    options=asdict(opts), calib_positions=len(calib.argmax), train_positions=len(train.argmax))
     _save(engine_dir, cfg, heads, ghost, section)
-    return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_layers", "alpha",
-                                    "predicted_lossless_speedup", "vocab_coverage", "ghost_kv_error")}
+    return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_exit", "lossy_layers", "alpha",
+                                    "predicted_lossless_speedup", "predicted_lossy_cost_at_0.99",
+                                    "predicted_int8_lossy_cost_at_0.99", "vocab_coverage", "ghost_kv_error")}
 
 
 def _own_answers(llm, opts: SedacOptions, seq_len: int):
@@ -117,11 +123,9 @@ def _choose(layers, entropy, agree, costs) -> dict:
             "thresholds": levels, "default_agreement": 0.99, "curves": curves, "per_layer": per_layer}
 
 
-def _choose_lossless(model, answers, argmax: torch.Tensor, costs: dict, max_draft_len: int) -> dict:
+def _choose_lossless(entropy: torch.Tensor, agree: torch.Tensor, costs: dict, max_draft_len: int) -> dict:
     """The int8 drafter's entropy gate and draft length with the best replayed speedup, from its
     teacher-forced predictions on the calibration answers (the positions calib features hold)."""
-    entropy, agree = _int8_predictions(model, answers, len(argmax))
-    agree = agree == argmax
     gates = [float("inf")] + entropy.quantile(torch.linspace(0.5, 0.95, 10)).tolist()
     speed, k, gate = max((cal.lossless_speedup(entropy, agree, k, g, costs), k, g)
                          for k in range(1, max_draft_len + 1) for g in gates)
@@ -129,19 +133,37 @@ def _choose_lossless(model, answers, argmax: torch.Tensor, costs: dict, max_draf
             "draft_agreement": float(agree.float().mean()), "predicted_lossless_speedup": speed}
 
 
+def _calibrate_int8_exit(uncertainty: torch.Tensor, agree: torch.Tensor, costs: dict, depth_cost: float) -> dict:
+    """Lossy mode's int8 exit: a token keeps its int8 pass's token (and K/V) when that distribution is
+    confident, 1 - (p1 - p2) <= the threshold, else runs the full pass too. The top-2 margin, not the
+    entropy, is the signal: quantization noise flips near-ties (on SmolLM2 it lets ~95% of tokens
+    exit at 1% risk where entropy lets ~73%). Thresholds per agreement level by Learn-then-Test; the
+    lossy exit is whichever of int8 and the depth exit the cost model predicts cheaper at 0.99."""
+    thresholds, curves, exit_fraction = {}, {}, {}
+    for level in cal.AGREEMENT_LEVELS:
+        ltt = cal.learn_then_test([uncertainty], [agree], delta=round(1 - level, 6))
+        where, _ = cal.cascade(ltt["thresholds"], [uncertainty], [agree])
+        thresholds[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
+        exit_fraction[str(level)] = float((where == 0).float().mean())
+    cost = pass_cost(costs, "int8", 1) + (1 - exit_fraction["0.99"]) * pass_cost(costs, "full", 1)
+    return {"int8_thresholds": thresholds, "int8_curves": curves, "int8_exit_fraction": exit_fraction,
+            "predicted_int8_lossy_cost_at_0.99": cost, "lossy_exit": "int8" if cost < depth_cost else "depth"}
+
+
 @torch.inference_mode()
-def _int8_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(entropy, argmax) of the int8 model's next-token distribution at the answers' positions."""
-    entropy, argmax, total = [], [], 0
+def _int8_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy, 1 - top-2 margin, argmax) of the int8 model's next-token distribution at the answers' positions."""
+    entropy, uncertainty, argmax, total = [], [], [], 0
     for ids, first in answers:
         if len(ids) - first < 2 or total >= num_tokens:   # the documents collect_features kept
             continue
         _, final = et.teacher_pass(model, ids, [], int8=True)
         logits = model.logits(final[first:], int8=True).float()
         entropy.append(torch.ops.sedac.entropy(logits))
+        uncertainty.append(1 - torch.ops.sedac.margin(logits))
         argmax.append(logits.argmax(-1))
         total += len(logits)
-    return torch.cat(entropy)[:num_tokens], torch.cat(argmax)[:num_tokens]
+    return tuple(torch.cat(x)[:num_tokens] for x in (entropy, uncertainty, argmax))
 
 
 def _choose_lossy(layers, entropy, agree, costs):
@@ -158,7 +180,7 @@ def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, ghost: tuple, sectio
                for name, t in head.state_dict().items()}
     tensors["ghost_kv.weight"], tensors["ghost_kv.bias"] = ghost     # predictor from the lossy exit layer
     save_file(tensors, str(engine_dir / SEDAC_WEIGHTS_FILE), metadata={"format": "pt"})
-    curves = {k: section.pop(k) for k in ("curves", "per_layer")}
+    curves = {k: section.pop(k) for k in ("curves", "int8_curves", "per_layer")}
     (engine_dir / CALIBRATION_FILE).write_text(json.dumps({**curves, "alpha": section["alpha"]}, indent=2))
     cfg.sedac = section
     cfg.save(engine_dir)

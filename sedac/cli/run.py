@@ -8,12 +8,14 @@ import time
 import click
 
 from sedac.cli.common import clean_errors
-from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_MODES
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 KV_FILL = click.option("--sedac-kv-fill", type=click.Choice(SEDAC_KV_FILLS), default="deferred", show_default=True,
-                       help="how lossy mode fills exited tokens' deeper KV (engine-wide)")
+                       help="how lossy mode's depth exit fills exited tokens' deeper KV (engine-wide)")
+LOSSY_EXIT = click.option("--sedac-lossy-exit", type=click.Choice(SEDAC_LOSSY_EXITS),
+                          help="where lossy mode's tokens exit (engine-wide; default: the build's choice)")
 
 
 def sampling_options(fn):
@@ -107,6 +109,7 @@ def chat(engine, device, **sampling):
 @click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
               help="default SEDAC mode for requests that do not set one")
 @KV_FILL
+@LOSSY_EXIT
 @click.option("--speculative-disable-by-batch-size", type=int,
               help="lossless requests decode without drafts in steps with more sequences than this")
 @clean_errors
@@ -199,8 +202,9 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @KV_FILL
+@LOSSY_EXIT
 @clean_errors
-def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **options):
+def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
     or with --sedac-modes the SEDAC modes side by side."""
     if sedac_modes:
@@ -210,7 +214,7 @@ def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, **o
             raise ValueError(f"--sedac-modes takes off, lossless and lossy, got {sedac_modes!r}")
         report = options["report"] if options["report"] != "reports/bench" else "reports/sedac_bench"
         run_sedac_bench(engine, device, modes, options["output_len"], options["batch1_prompts"], batch_size,
-                        options["max_prompt_len"], agreement, report, sedac_kv_fill)
+                        options["max_prompt_len"], agreement, report, sedac_kv_fill, sedac_lossy_exit)
         return
     from sedac.cli.bench import run_bench
     run_bench(engine, device, **options)

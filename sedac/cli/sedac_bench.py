@@ -22,18 +22,20 @@ from sedac.builder.exit_training import teacher_pass
 
 
 def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report,
-                    kv_fill="deferred"):
+                    kv_fill="deferred", lossy_exit=None):
     from sedac import LLM, SamplingParams
-    llm = LLM(engine, device=device, sedac_kv_fill=kv_fill)
+    llm = LLM(engine, device=device, sedac_kv_fill=kv_fill, sedac_lossy_exit=lossy_exit)
     if any(m != "off" for m in modes) and llm.engine.config.sedac is None:
         raise ValueError(f"{engine} was built without --sedac; rebuild it with sedac-build --sedac")
     prompts = sharegpt_prompts(llm.tokenizer, "bench", max(batch1_prompts, batch_size), max_prompt_len)
     params = {m: SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=m,
                                 sedac_agreement=agreement) for m in modes}
-    for mode in modes:      # warm-up: a mode's first call pays one-off costs (the custom ops' first dispatch)
-        llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0, sedac_mode=mode))
+    for mode in modes:      # warm-up: a mode's first call at a batch size pays one-off costs (the custom
+        for batch in (prompts[:1], prompts[:batch_size]):      # ops' first dispatch, oneDNN's kernels per shape)
+            llm.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, sedac_mode=mode))
     results = {"engine": str(engine), "device": str(llm.engine.runner.device), "threads": torch.get_num_threads(),
-               "output_len": output_len, "agreement_target": agreement, "kv_fill": kv_fill, "modes": {}}
+               "output_len": output_len, "agreement_target": agreement, "kv_fill": kv_fill,
+               "lossy_exit": llm.engine.lossy_exit, "modes": {}}
     # Interleaved, prompt by prompt, so the modes share the machine's drifts in speed (a noisy VM).
     b1 = {m: [] for m in modes}
     for p in prompts[:batch1_prompts]:
@@ -89,30 +91,51 @@ def _agreement(llm, prompts, generated) -> float:
 
 @torch.inference_mode()
 def _perplexity(llm, mode, agreement, documents: int = 8, max_len: int = 256, floor: float = 1e-6) -> dict:
-    """Teacher-forced perplexity of held-out assistant answers. Lossy: each position takes its first
-    exit whose entropy is under the calibrated threshold (KV exact: this scores exit decisions alone);
-    an exit head gives 0 to tokens outside its vocabulary, so probabilities are floored at 1e-6."""
+    """Teacher-forced perplexity of held-out assistant answers. Lossy: each position takes its exit's
+    distribution where the calibrated threshold lets it exit; an exit head gives 0 to tokens outside
+    its vocabulary, so probabilities are floored at 1e-6."""
     engine = llm.engine
-    model, layers = engine.runner.model, (engine.config.sedac or {}).get("lossy_layers", [])
-    taus = engine.exit_controller.thresholds(engine.exit_controller.level(agreement), len(layers)) \
-        if mode == "lossy" else [-1.0] * len(layers)
+    level = engine.exit_controller.level(agreement) if mode == "lossy" else None
+    exits = _int8_exits if engine.lossy_exit == "int8" else _depth_exits
     nll, count, exited = 0.0, 0, 0
     for messages in _answers(documents):
         ids = llm.tokenizer.encode(messages, add_special_tokens=False)[:max_len]
-        states, final = teacher_pass(model, ids, layers)
-        logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
-        done = torch.zeros(len(ids) - 1, dtype=torch.bool)
-        for layer, tau in zip(layers, taus):
-            head = engine.runner.exit_heads[layer]
-            reduced = head(states[layer][:-1]).float()
-            go = (torch.ops.sedac.entropy(reduced) <= tau) & ~done
-            logp[go] = torch.log_softmax(head.full_vocab_logits(reduced[go], logp.shape[1]), -1)
-            done |= go
+        logp, done = exits(engine, ids, level)
         target = torch.tensor(ids[1:])
         nll -= logp[torch.arange(len(target)), target].clamp(min=math.log(floor)).sum().item()
         count += len(target)
         exited += int(done.sum())
     return {"ppl": round(math.exp(nll / count), 3), "tokens": count, "exited": round(exited / count, 4)}
+
+
+def _depth_exits(engine, ids, level):
+    """-> (log-probs [T-1, V], exited [T-1]): each position takes its first exit whose entropy is under
+    the threshold (the KV stays the full model's: this scores exit decisions alone)."""
+    model, layers = engine.runner.model, (engine.config.sedac or {}).get("lossy_layers", [])
+    states, final = teacher_pass(model, ids, layers)
+    logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
+    done = torch.zeros(len(ids) - 1, dtype=torch.bool)
+    taus = engine.exit_controller.thresholds(level, len(layers)) if engine.exit_controller else []
+    for layer, tau in zip(layers, taus):
+        head = engine.runner.exit_heads[layer]
+        reduced = head(states[layer][:-1]).float()
+        go = (torch.ops.sedac.entropy(reduced) <= tau) & ~done
+        logp[go] = torch.log_softmax(head.full_vocab_logits(reduced[go], logp.shape[1]), -1)
+        done |= go
+    return logp, done
+
+
+def _int8_exits(engine, ids, level):
+    """-> (log-probs [T-1, V], exited [T-1]): positions whose int8 distribution is confident take it.
+    The int8 pass runs the whole text on int8 K/V (at run time only exited tokens' K/V are int8)."""
+    model = engine.runner.model
+    _, final = teacher_pass(model, ids, [])
+    logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
+    _, final8 = teacher_pass(model, ids, [], int8=True)
+    int8_logits = model.logits(final8[:-1], int8=True).float()
+    done = 1 - torch.ops.sedac.margin(int8_logits) <= engine.exit_controller.thresholds(level, 1)[0]
+    logp[done] = torch.log_softmax(int8_logits[done], -1)
+    return logp, done
 
 
 def _answers(count):
@@ -132,7 +155,8 @@ def _write(results: dict, report: Path) -> None:
     keys = [k for k in next(iter(results["modes"].values())) if k != "perplexity"]
     lines = [f"# sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
              f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
-             f"{results['agreement_target']}, lossy KV fill {results['kv_fill']})", "",
+             f"{results['agreement_target']}, lossy exit {results['lossy_exit']}"
+             + (f", KV fill {results['kv_fill']})" if results["lossy_exit"] == "depth" else ")"), "",
              "| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {r['perplexity']['ppl']} |")

@@ -1,4 +1,4 @@
-"""torch.library registration: `torch.ops.sedac.{entropy,exit_decision,kv_predict,int8_linear}`.
+"""torch.library registration: `torch.ops.sedac.{entropy,margin,exit_decision,kv_predict,int8_linear}`.
 
 The default (CPU) kernel is the torch reference; CUDA tensors run the Triton kernels when triton is
 installed. Fake kernels make the ops traceable by torch.compile.
@@ -20,6 +20,11 @@ def entropy(logits: Tensor) -> Tensor:
     return reference.entropy(logits)
 
 
+@torch.library.custom_op("sedac::margin", mutates_args=())
+def margin(logits: Tensor) -> Tensor:
+    return reference.margin(logits)
+
+
 @torch.library.custom_op("sedac::exit_decision", mutates_args=())
 def exit_decision(logits: Tensor, thresholds: Tensor) -> tuple[Tensor, Tensor]:
     return reference.exit_decision(logits, thresholds)
@@ -36,6 +41,11 @@ def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -
 
 
 @entropy.register_fake
+def _(logits):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+@margin.register_fake
 def _(logits):
     return logits.new_empty(logits.shape[0], dtype=torch.float32)
 
@@ -61,6 +71,11 @@ if _HAS_TRITON:
     def _(logits):
         from sedac.plugins import triton_kernels
         return triton_kernels.entropy(logits)
+
+    @margin.register_kernel("cuda")
+    def _(logits):
+        from sedac.plugins import triton_kernels
+        return triton_kernels.margin(logits)
 
     @exit_decision.register_kernel("cuda")
     def _(logits, thresholds):

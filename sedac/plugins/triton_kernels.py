@@ -53,6 +53,39 @@ def exit_decision(logits: torch.Tensor, thresholds: torch.Tensor) -> tuple[torch
 
 
 @triton.jit
+def _margin_kernel(logits_ptr, row_stride, n_cols, out_ptr, BLOCK: tl.constexpr):
+    # One program per row, one pass: the two largest logits m1 >= m2 (a repeated maximum is its own
+    # runner-up) and s = sum(exp(x - m1)) under an online max; p1 - p2 = (1 - exp(m2 - m1)) / s.
+    row = tl.program_id(0)
+    base = logits_ptr + row.to(tl.int64) * row_stride
+    idx = tl.arange(0, BLOCK)
+    m1 = tl.full((), float("-inf"), tl.float32)
+    m2 = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK):
+        offs = start + idx
+        valid = offs < n_cols
+        x = tl.load(base + offs, mask=valid, other=float("-inf")).to(tl.float32)
+        b1 = tl.max(x, axis=0)
+        first = tl.min(tl.where(x == b1, idx, BLOCK), axis=0)          # drop one copy of the block max
+        b2 = tl.max(tl.where(idx == first, float("-inf"), x), axis=0)
+        m_new = tl.maximum(m1, b1)
+        s = s * tl.exp(m1 - m_new) + tl.sum(tl.where(valid, tl.exp(x - m_new), 0.0), axis=0)
+        m2 = tl.maximum(tl.minimum(m1, b1), tl.maximum(m2, b2))
+        m1 = m_new
+    tl.store(out_ptr + row, (1.0 - tl.exp(m2 - m1)) / s)
+
+
+def margin(logits: torch.Tensor) -> torch.Tensor:
+    n, v = logits.shape
+    logits = logits if logits.stride(1) == 1 else logits.contiguous()
+    out = torch.empty(n, dtype=torch.float32, device=logits.device)
+    if n:
+        _margin_kernel[(n,)](logits, logits.stride(0), v, out, BLOCK=1024)
+    return out
+
+
+@triton.jit
 def _linear_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, M, N, K, sxm, sxk, swk, swn, som, son,
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):

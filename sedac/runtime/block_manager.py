@@ -64,9 +64,11 @@ class BlockManager:
         return True
 
     def register_computed(self, seq: Sequence) -> None:
-        """Publish seq's newly completed full blocks to the prefix cache."""
+        """Publish seq's newly completed full blocks to the prefix cache (those with exact K/V only)."""
         bs = self.block_size
-        while seq.num_hashed_blocks < seq.num_computed_tokens // bs:
+        exact = seq.num_computed_tokens if seq.approximate_kv_from is None else min(seq.num_computed_tokens,
+                                                                                 seq.approximate_kv_from)
+        while seq.num_hashed_blocks < exact // bs:
             i = seq.num_hashed_blocks
             parent = seq.block_hashes[i - 1] if i else None
             h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))

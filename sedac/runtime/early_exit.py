@@ -1,6 +1,12 @@
-"""SEDAC lossy mode: per-token early exit at calibrated entropy thresholds.
+"""SEDAC lossy mode: per-token early exit at calibrated thresholds, at one of two exits.
 
-Decode tokens run layers [0, E); the exit head's entropy decides (the `sedac::exit_decision` op).
+The int8 exit (int8_exit_step): every token first runs the whole model on its int8 weights (about
+half a full pass on a bandwidth-bound CPU decode); a token whose int8 distribution is confident
+(1 - top-2 margin <= threshold, the `sedac::margin` op) keeps that token and the int8 K/V the pass
+wrote; the others run the full-precision pass as well, which overwrites their K/V.
+
+The depth exit (early_exit_step): decode tokens run layers [0, E); the exit head's entropy decides
+(the `sedac::exit_decision` op).
 Exited tokens leave the batch for the deeper layers; later tokens need their deeper K/V, filled
 one of three ways:
 - "deferred" (default): the exit hidden state is kept and the deeper layers run for it as an extra
@@ -17,6 +23,7 @@ thresholds when the audited agreement falls below the target; it never loosens p
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from dataclasses import dataclass
 
@@ -24,6 +31,7 @@ import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.sampler import sample
+from sedac.runtime.speculative import pass_cost
 
 NEVER = -1.0     # entropy is >= 0: a threshold no token meets
 
@@ -35,15 +43,29 @@ class ExitResult:
     exit_layer: int          # layers the token ran (num_layers when it did not exit)
 
 
-class ExitController:
-    """Calibrated per-layer thresholds for each agreement level, scaled by audit feedback."""
+def binomial_cdf(k: int, n: int, p: float) -> float:
+    """P(Bin(n, p) <= k), summed in log space (n up to ~1e6 is fine)."""
+    if k >= n:
+        return 1.0
+    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
+                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    top = max(log_terms)
+    return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
-    def __init__(self, sedac: dict, audit_every: int = 16, window: int = 256, min_audits: int = 32):
-        self.levels = sorted((float(a), t) for a, t in sedac["thresholds"].items())
-        self.default_agreement = float(sedac.get("default_agreement", 0.99))
+
+class ExitController:
+    """Calibrated per-layer thresholds for each agreement level, scaled by audit feedback. Audits see
+    exits only, so the error rate they may show is the level's budget spread over the exiting share:
+    (1 - level) / exit fraction (the int8 exit lets most tokens out, a depth exit a third)."""
+
+    def __init__(self, thresholds: dict, default_agreement: float, audit_every: int = 16, window: int = 256,
+                 min_audits: int = 32):
+        self.levels = sorted((float(a), t) for a, t in thresholds.items())
+        self.default_agreement = float(default_agreement)
         self.audit_every, self.min_audits = audit_every, min_audits
         self.scale = {a: 1.0 for a, _ in self.levels}
         self.audits = {a: deque(maxlen=window) for a, _ in self.levels}
+        self.tally = {a: [0, 0] for a, _ in self.levels}      # level -> [decisions, exits]
         self._exits = 0
 
     def level(self, agreement: float | None) -> float | None:
@@ -56,7 +78,13 @@ class ExitController:
             return [NEVER] * num_layers
         return [t * self.scale[level] if t >= 0 else NEVER for t in dict(self.levels)[level]]
 
-    def should_audit(self) -> bool:
+    def should_audit(self, level: float | None, exits: bool) -> bool:
+        """Count one lossy decision; -> whether it is an exit to audit (every audit_every-th exit)."""
+        if level is not None:
+            self.tally[level][0] += 1
+            self.tally[level][1] += exits
+        if not exits:
+            return False
         self._exits += 1
         return self._exits % self.audit_every == 0
 
@@ -65,15 +93,18 @@ class ExitController:
         audits.append(agreed)
         if len(audits) < self.min_audits:
             return
-        agreement = sum(audits) / len(audits)
-        if agreement < level:                       # off target: tighten, and judge afresh
-            self.scale[level] *= 0.8
+        decisions, exits = self.tally[level]
+        allowed = min(1.0, (1 - level) * decisions / max(1, exits))    # error rate among exits on target
+        misses = audits.count(False)
+        if misses and allowed < 1 and 1 - binomial_cdf(misses - 1, len(audits), allowed) < 0.05:
+            self.scale[level] *= 0.8                # significantly off target: tighten, and judge afresh
             audits.clear()
-        elif agreement >= 1 - (1 - level) / 2:      # comfortably on target: relax back toward calibration
+        elif misses <= allowed * len(audits) / 2:   # comfortably on target: relax back toward calibration
             self.scale[level] = min(1.0, self.scale[level] * 1.05)
 
     def stats(self) -> dict:
         return {str(a): {"scale": self.scale[a], "audits": len(self.audits[a]),
+                         "exit_fraction": self.tally[a][1] / self.tally[a][0] if self.tally[a][0] else None,
                          "audited_agreement": sum(self.audits[a]) / len(self.audits[a]) if self.audits[a] else None}
                 for a, _ in self.levels}
 
@@ -83,23 +114,21 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
                     kv_fill: str = "deferred") -> list[ExitResult]:
     """One decode step for sequences in lossy mode: each runs its last token; with deferred fill, the
     exit states it keeps (seq.exit_hidden) ride along when that token does not exit."""
-    model, vocab = runner.model, runner.config.model.vocab_size
+    vocab = runner.config.model.vocab_size
     positions, ctx = runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
     h = runner.run(torch.tensor([s.token_ids[-1] for s in seqs], device=runner.device), None, positions, ctx, 0, layer)
     head = runner.exit_heads[layer]
     reduced = head(h).float()
-    taus = torch.tensor([controller.thresholds(lv, 1)[0] for lv in levels], device=h.device)
-    _, go = torch.ops.sedac.exit_decision(reduced, taus)
-    leaving, staying, audited = [], [], {}
-    for i, goes in enumerate(go.tolist()):
-        if goes and controller.should_audit():
-            audited[i] = int(head.vocab_ids[reduced[i].argmax()])
-        (leaving if goes and i not in audited else staying).append(i)
+    _, go = torch.ops.sedac.exit_decision(reduced, _taus(controller, levels, h.device))
+    leaving, staying, audited = _triage(go.tolist(), levels, controller,
+                                        lambda i: int(head.vocab_ids[reduced[i].argmax()]))
     logits: list = [None] * len(seqs)
     for i, row in zip(leaving, head.full_vocab_logits(reduced[leaving], vocab)):
         logits[i] = row
     if leaving and kv_fill != "deferred":
         _predict_kv(runner, h[leaving], positions[leaving], ctx.slot_mapping[leaving], layer, kv_fill)
+        for i in leaving:
+            seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
     elif leaving:
         for i in leaving:
             seqs[i].exit_hidden.append(h[i])
@@ -111,6 +140,72 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
     tokens, lps = sample(torch.stack(logits), seqs)
     num_layers = runner.config.model.num_layers
     return [ExitResult(t, lp, layer if i in leaving else num_layers) for i, (t, lp) in enumerate(zip(tokens, lps))]
+
+
+@torch.inference_mode()
+def int8_exit_step(runner, seqs, levels: list[float | None], controller: ExitController) -> list[ExitResult]:
+    """One lossy decode step at the int8 exit; exit_layer counts full-precision layers (0 on exit).
+    An audited exit leaves like the others; its check rides along as an extra row of the sequence's
+    next full pass (seq.int8_audits), where a row costs a small fraction of a pass."""
+    positions, ctx = runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
+    ids = torch.tensor([s.token_ids[-1] for s in seqs], device=runner.device)
+    logits = runner.model.logits(runner.run(ids, None, positions, ctx, int8=True), int8=True).float()
+    go = 1 - torch.ops.sedac.margin(logits) <= _taus(controller, levels, logits.device)
+    _, staying, audited = _triage(go.tolist(), levels, controller, lambda i: int(logits[i].argmax()))
+    for i, predicted in audited.items():
+        seqs[i].int8_audits.append((seqs[i].num_tokens - 1, predicted, levels[i]))
+    staying = [i for i in staying if i not in audited]
+    for i in set(range(len(seqs))) - set(staying):
+        seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
+    if staying:
+        logits[staying] = _full_pass_with_audits(runner, [seqs[i] for i in staying], controller)
+    tokens, lps = sample(logits, seqs)
+    num_layers, stay = runner.config.model.num_layers, set(staying)
+    return [ExitResult(t, lp, num_layers if i in stay else 0) for i, (t, lp) in enumerate(zip(tokens, lps))]
+
+
+def _full_pass_with_audits(runner, seqs, controller: ExitController) -> torch.Tensor:
+    """The full pass for staying tokens at their positions (their true K/V replace the int8 ones),
+    each sequence's pending audits as extra rows at theirs; -> logits [len(seqs), vocab] of the
+    staying tokens. An audit compares its exit's token with the full model's choice there."""
+    rows = [(s, p, predicted, level) for s in seqs for p, predicted, level in s.int8_audits]
+    rows += [(s, s.num_tokens - 1, None, None) for s in seqs]
+    positions, ctx = runner.context([(s.block_table, p) for s, p, _, _ in rows])
+    ids = torch.tensor([s.token_ids[p] for s, p, _, _ in rows], device=runner.device)
+    logits = runner.model.logits(runner.run(ids, None, positions, ctx)).float()
+    choices = logits.argmax(-1).tolist()
+    for (_, _, predicted, level), choice in zip(rows, choices):
+        if predicted is not None:
+            controller.record(level, predicted == choice)
+    for s in seqs:
+        s.int8_audits = []
+    return logits[-len(seqs):]
+
+
+def int8_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
+    """Whether the int8 exit beats a plain decode for `rows` lossy sequences: one int8 pass for all,
+    then a full pass for those that stay (each exits with probability exit_fraction). On a
+    compute-bound batch the int8 pass costs nearly as much as the full one, and it does not."""
+    fixed, per_row = costs["full"]
+    stays = 1 - exit_fraction ** rows             # the chance that a full pass runs at all
+    expected = pass_cost(costs, "int8", rows) + stays * fixed + per_row * rows * (1 - exit_fraction)
+    return expected < pass_cost(costs, "full", rows)
+
+
+def _taus(controller: ExitController, levels: list[float | None], device) -> torch.Tensor:
+    return torch.tensor([controller.thresholds(lv, 1)[0] for lv in levels], device=device)
+
+
+def _triage(go: list[bool], levels: list[float | None], controller: ExitController,
+            predicted) -> tuple[list[int], list[int], dict]:
+    """-> (leaving, staying, audited {row: its exit's token}): rows that may exit leave, except every
+    audit_every-th, which stays so the controller can check the exit against the full model."""
+    leaving, staying, audited = [], [], {}
+    for i, (goes, level) in enumerate(zip(go, levels)):
+        if controller.should_audit(level, goes):
+            audited[i] = predicted(i)
+        (leaving if goes and i not in audited else staying).append(i)
+    return leaving, staying, audited
 
 
 def ghost_input(model, h: torch.Tensor) -> torch.Tensor:

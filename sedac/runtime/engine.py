@@ -11,10 +11,10 @@ from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import sample
-from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SamplingParams, check_sedac_mode
-from sedac.runtime.early_exit import ExitController, early_exit_step
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SamplingParams, check_sedac_mode
+from sedac.runtime.early_exit import ExitController, early_exit_step, int8_exit_pays, int8_exit_step
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
-from sedac.runtime.speculative import draft_plan, speculative_step
+from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
 from sedac.runtime.sequence import Sequence, Status
 
 
@@ -35,7 +35,7 @@ class Request:
 class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred",
+                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred", sedac_lossy_exit: str | None = None,
                  speculative_disable_by_batch_size: int | None = None):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
@@ -59,11 +59,14 @@ class LLMEngine:
         if speculative_disable_by_batch_size is not None and speculative_disable_by_batch_size < 1:
             raise ValueError("speculative_disable_by_batch_size must be >= 1")
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
-        self.exit_controller = ExitController(self.config.sedac) if self.config.sedac else None
         sedac = self.config.sedac or {}
+        self.lossy_exit = _check_lossy_exit(sedac, sedac_lossy_exit, engine_dir)
+        self.exit_controller = ExitController(sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"],
+                                              sedac["default_agreement"]) if sedac else None
         self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
                                           self.scheduler.max_num_seqs) if sedac else []
-        self.exit_histogram = {layer: 0 for layer in sedac.get("lossy_layers", [])}
+        # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
+        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))}
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
@@ -169,7 +172,7 @@ class LLMEngine:
         Lossless decodes run as plain decodes (same output) when the cost model plans no drafts for
         that many of them (drafts_by_batch: batched decode is compute-bound, and verifying drafts
         there costs more than it saves), or in steps larger than speculative_disable_by_batch_size
-        (vLLM's knob)."""
+        (vLLM's knob); int8-exit lossy decodes do too where the int8 pass would not pay."""
         full, lossless, lossy = ScheduledBatch(), [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = self.mode_of(seq)
@@ -185,11 +188,14 @@ class LLMEngine:
                 full.add(seq, n)
         limit = self.speculative_disable_by_batch_size
         if lossless and (self._batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
-            for seq in lossless:
-                full.add(seq, 1)
-            full.order_decodes_first()
-            lossless = []
+            lossless = _as_plain_decodes(full, lossless)
+        if lossy and self.lossy_exit == "int8" and not self._int8_exit_pays(len(lossy)):
+            lossy = _as_plain_decodes(full, lossy)
         return full, lossless, lossy
+
+    def _int8_exit_pays(self, num_seqs: int) -> bool:
+        sedac, level = self.config.sedac, self.exit_controller.level(None)
+        return int8_exit_pays(sedac["costs"], sedac["int8_exit_fraction"].get(str(level), 0.0), num_seqs)
 
     def _batch_drafts(self, num_seqs: int) -> int:
         return self.drafts_by_batch[min(num_seqs, len(self.drafts_by_batch) - 1)]
@@ -222,16 +228,20 @@ class LLMEngine:
     def _min_drafting(self, num_seqs: int) -> float:
         """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
         a round is one int8 pass for the batch; each accepted draft saves a full pass of the batch."""
-        (fixed, per_row), (int8_fixed, int8_per_row) = self.config.sedac["costs"]["full"], self.config.sedac["costs"]["int8"]
-        return (int8_fixed + int8_per_row * num_seqs) / (fixed + per_row * num_seqs)
+        costs = self.config.sedac["costs"]
+        return pass_cost(costs, "int8", num_seqs) / pass_cost(costs, "full", num_seqs)
 
     def _lossy_step(self, seqs: list[Sequence]):
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
-        pending = [len(s.exit_hidden) for s in seqs]
-        results = early_exit_step(self.runner, seqs, levels, self.exit_controller, self.config.sedac["lossy_layers"][0],
-                                  self.sedac_kv_fill)
-        # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
-        self._computed(seqs, [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)])
+        if self.lossy_exit == "int8":
+            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller)
+            self._computed(seqs, [1] * len(seqs))
+        else:
+            pending = [len(s.exit_hidden) for s in seqs]
+            results = early_exit_step(self.runner, seqs, levels, self.exit_controller,
+                                      self.config.sedac["lossy_layers"][0], self.sedac_kv_fill)
+            # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
+            self._computed(seqs, [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)])
         self.counters["sedac_lossy_tokens"] += len(seqs)
         for seq, r in zip(seqs, results):
             self.requests[seq.request_id].layer_rows += r.exit_layer
@@ -360,6 +370,26 @@ class LLMEngine:
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
                 "sedac_exit_layer_tokens": dict(self.exit_histogram), **self._sedac_rates(),
                 "sedac_controller": self.exit_controller.stats() if self.exit_controller else None}
+
+
+def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None:
+    """The engine's lossy exit: the build's choice unless one is asked for (None without SEDAC)."""
+    if choice is not None and choice not in SEDAC_LOSSY_EXITS:
+        raise ValueError(f"sedac_lossy_exit must be one of {', '.join(SEDAC_LOSSY_EXITS)}, got {choice!r}")
+    if not sedac:
+        return None
+    choice = choice or sedac.get("lossy_exit", "depth")
+    if choice == "int8" and "int8_thresholds" not in sedac:
+        raise ValueError(f"{engine_dir} has no int8 exit calibration; rebuild it with sedac-build --sedac")
+    return choice
+
+
+def _as_plain_decodes(full: ScheduledBatch, seqs: list[Sequence]) -> list[Sequence]:
+    """Move SEDAC decodes to the full step (decodes first, as the model runner wants them); -> []."""
+    for seq in seqs:
+        full.add(seq, 1)
+    full.order_decodes_first()
+    return []
 
 
 def _load_tokenizer(engine_dir: Path):

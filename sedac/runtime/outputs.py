@@ -1,7 +1,7 @@
 """What generate/step return, with vLLM's field names."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SEDAC_MODES = ("off", "lossless", "lossy")
-SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how lossy exits fill deeper KV
+SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how depth exits fill deeper KV
+SEDAC_LOSSY_EXITS = ("int8", "depth")                 # engine-wide: where lossy mode's tokens exit
 
 
 def check_sedac_mode(mode: str | None) -> None:

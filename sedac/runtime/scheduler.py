@@ -62,11 +62,11 @@ class Scheduler:
             if seq.status is not Status.RUNNING:   # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            extra = self.lookahead(seq) if n == 1 else 0
-            if not self._make_room(seq, n + extra, batch):
+            slots = self._slots(seq, n)
+            if not self._make_room(seq, slots, batch):
                 continue
             batch.add(seq, n)
-            budget -= min(budget, n + extra)
+            budget -= min(budget, slots)
         if not batch.preempted:
             self._admit_waiting(batch, budget)
         return batch
@@ -85,8 +85,8 @@ class Scheduler:
             seq = self.waiting[0]
             self.blocks.match_prefix(seq)
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            extra = self.lookahead(seq) if n == 1 else 0     # cached up to its last token: it may draft now
-            if not self.blocks.ensure_slots(seq, n + extra):
+            slots = self._slots(seq, n)
+            if not self.blocks.ensure_slots(seq, slots):
                 self.blocks.release(seq)
                 seq.reset_for_recompute()
                 break
@@ -94,7 +94,12 @@ class Scheduler:
             seq.status = Status.RUNNING
             self.running.append(seq)
             batch.add(seq, n)
-            budget -= min(budget, n + extra)
+            budget -= min(budget, slots)
+
+    def _slots(self, seq: Sequence, n: int) -> int:
+        """KV slots a step of n tokens may write: one token may be a lossless decode that drafts too
+        (so may a prompt the prefix cache holds up to its last token, which joins as one token)."""
+        return n + (self.lookahead(seq) if n == 1 else 0)
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

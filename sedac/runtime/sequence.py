@@ -43,6 +43,8 @@ class Sequence:
         self.detok_state: object = None
         self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
         self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
+        self.int8_audits: list = []        # lossy int8 exit: (position, exit token, level) of audits still to run
+        self.approximate_kv_from: int | None = None   # first position whose K/V is not the full model's
 
     @property
     def num_tokens(self) -> int:
@@ -70,11 +72,18 @@ class Sequence:
         child.status = self.status
         return child
 
+    def mark_approximate_kv(self, position: int) -> None:
+        """A lossy exit left K/V at position that the full model would not write: from there on the
+        sequence's blocks never enter the prefix cache, so no other request (in `off` mode, say)
+        reuses them as if they were exact."""
+        if self.approximate_kv_from is None or position < self.approximate_kv_from:
+            self.approximate_kv_from = position
+
     def reset_for_recompute(self) -> None:
         """Preemption by recompute: drop all KV; the tokens stay and are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table, self.block_hashes, self.num_hashed_blocks = [], [], 0
-        self.exit_hidden = []
+        self.exit_hidden, self.int8_audits, self.approximate_kv_from = [], [], None
         self.status = Status.WAITING
 
 

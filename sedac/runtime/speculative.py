@@ -38,19 +38,25 @@ class _Extended(Sequence):
         self.token_ids = seq.token_ids + extra
 
 
+def pass_cost(costs: dict, kind: str, rows: int) -> float:
+    """A decode pass of `rows` rows on the "full" or "int8" weights, by the build's measured costs
+    (sedac.builder.pass_costs: fixed + per_row * rows, a batch-1 full pass = 1)."""
+    fixed, per_row = costs[kind]
+    return fixed + per_row * rows
+
+
 def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) -> list[int]:
     """Drafts per sequence for each batch size B (index B; 0: decode without drafting). Each draft is
     accepted with probability alpha (the int8 drafter's agreement), so k drafts yield
     1 + alpha + ... + alpha^k tokens per sequence for k int8 passes and one verify pass over B (k + 1)
     rows, at the build's measured pass costs (fixed + per_row * rows); k maximizes tokens per cost,
     and 0 wins where a batch is compute-bound enough that plain decoding is cheaper."""
-    (fixed, per_row), (int8_fixed, int8_per_row) = costs["full"], costs["int8"]
     plan = [0]
     for b in range(1, max_batch + 1):
-        best, best_k = b / (fixed + per_row * b), 0
+        best, best_k = b / pass_cost(costs, "full", b), 0
         for k in range(1, max_draft_len + 1):
             tokens = b * sum(alpha ** j for j in range(k + 1))
-            rate = tokens / (k * (int8_fixed + int8_per_row * b) + fixed + per_row * b * (k + 1))
+            rate = tokens / (k * pass_cost(costs, "int8", b) + pass_cost(costs, "full", b * (k + 1)))
             if rate > best:
                 best, best_k = rate, k
         plan.append(best_k)
