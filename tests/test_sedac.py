@@ -189,17 +189,23 @@ def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
-def test_int8_exit_audits_ride_along_with_the_next_full_pass(tiny_sedac_engine, monkeypatch):
-    """Decode steps alternate exit / stay and every exit is audited: each audit runs as an extra row of
-    the next stay's full pass (the last exit has no stay after it, so its audit never runs)."""
+def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_engine, monkeypatch):
+    """Decode steps alternate exit / stay. Each stay's full pass reruns the exits before it as extra
+    rows, so the K/V it reads is exactly the full model's: every stay's token is the full model's
+    greedy choice on the lossy output's own prefix, and (audit_every=1) every exit but the last is audited."""
     from sedac.runtime import early_exit
     llm = _int8_llm(tiny_sedac_engine, audit_every=1)
     flips = itertools.cycle([1e9, -1.0])
     monkeypatch.setattr(early_exit, "_taus", lambda c, levels, device: torch.tensor([next(flips) for _ in levels]))
-    out = llm.generate([PROMPTS[1]], _greedy("lossy"))[0]         # 23 decode steps: 12 exits, 11 stays
+    ids = llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
+    out = llm.generate([ids], _greedy("lossy"))[0]         # 23 decode steps: 12 exits, 11 stays
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 12}
     assert len(llm.engine.exit_controller.audits[0.99]) == 11
     assert out.metrics.layers_per_token == pytest.approx(12 * llm.engine.config.model.num_layers / 24)
+    model = llm.engine.runner.model
+    _, final = teacher_pass(model, ids + out.token_ids, [])
+    best = model.logits(final[len(ids) - 1:-1]).argmax(-1).tolist()
+    assert [best[j] for j in range(2, 24, 2)] == [out.token_ids[j] for j in range(2, 24, 2)]
 
 
 def test_int8_exits_never_enter_the_prefix_cache(tiny_sedac_engine):

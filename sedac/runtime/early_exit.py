@@ -2,8 +2,10 @@
 
 The int8 exit (int8_exit_step): every token first runs the whole model on its int8 weights (about
 half a full pass on a bandwidth-bound CPU decode); a token whose int8 distribution is confident
-(1 - top-2 margin <= threshold, the `sedac::margin` op) keeps that token and the int8 K/V the pass
-wrote; the others run the full-precision pass as well, which overwrites their K/V.
+(1 - top-2 margin <= threshold, the `sedac::margin` op) keeps that token and, for now, the int8 K/V
+the pass wrote; the others run the full-precision pass as well, with the sequence's exits since its
+last full pass as extra rows: the int8 K/V is rewritten exactly (the deferred fill below, for the
+int8 exit) and every exit is audited.
 
 The depth exit (early_exit_step): decode tokens run layers [0, E); the exit head's entropy decides
 (the `sedac::exit_decision` op).
@@ -78,11 +80,15 @@ class ExitController:
             return [NEVER] * num_layers
         return [t * self.scale[level] if t >= 0 else NEVER for t in dict(self.levels)[level]]
 
-    def should_audit(self, level: float | None, exits: bool) -> bool:
-        """Count one lossy decision; -> whether it is an exit to audit (every audit_every-th exit)."""
+    def count(self, level: float | None, exits: bool) -> None:
+        """One lossy decision (the exit share that record() judges audits by)."""
         if level is not None:
             self.tally[level][0] += 1
             self.tally[level][1] += exits
+
+    def should_audit(self, level: float | None, exits: bool) -> bool:
+        """Count one lossy decision; -> whether it is an exit to audit (every audit_every-th exit)."""
+        self.count(level, exits)
         if not exits:
             return False
         self._exits += 1
@@ -143,53 +149,61 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
 
 
 @torch.inference_mode()
-def int8_exit_step(runner, seqs, levels: list[float | None], controller: ExitController) -> list[ExitResult]:
-    """One lossy decode step at the int8 exit; exit_layer counts full-precision layers (0 on exit).
-    An audited exit leaves like the others; its check rides along as an extra row of the sequence's
-    next full pass (seq.int8_audits), where a row costs a small fraction of a pass."""
-    positions, ctx = runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
-    ids = torch.tensor([s.token_ids[-1] for s in seqs], device=runner.device)
-    logits = runner.model.logits(runner.run(ids, None, positions, ctx, int8=True), int8=True).float()
-    go = 1 - torch.ops.sedac.margin(logits) <= _taus(controller, levels, logits.device)
-    _, staying, audited = _triage(go.tolist(), levels, controller, lambda i: int(logits[i].argmax()))
-    for i, predicted in audited.items():
-        seqs[i].int8_audits.append((seqs[i].num_tokens - 1, predicted, levels[i]))
-    staying = [i for i in staying if i not in audited]
-    for i in set(range(len(seqs))) - set(staying):
-        seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
+def int8_exit_step(runner, seqs, levels: list[float | None], controller: ExitController,
+                   int8_pass: bool = True) -> list[ExitResult]:
+    """One lossy decode step at the int8 exit; exit_layer counts full-precision layers at decision
+    time (0 on exit). Each sequence keeps its exits since its last full pass (seq.int8_exits); the
+    next full pass runs them again as extra rows, each a decode at its own position, which rewrites
+    their K/V exactly (so the full model's tokens are computed on the exact cache, as calibration
+    assumed) and audits every exit against the full model's choice there. int8_pass=False: the int8
+    pass would not pay at this batch size, so every sequence takes the full pass."""
+    logits = torch.empty(len(seqs), runner.config.model.vocab_size, device=runner.device)
+    go = [False] * len(seqs)
+    if int8_pass:
+        positions, ctx = runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
+        ids = torch.tensor([s.token_ids[-1] for s in seqs], device=runner.device)
+        logits = runner.model.logits(runner.run(ids, None, positions, ctx, int8=True), int8=True).float()
+        go = (1 - torch.ops.sedac.margin(logits) <= _taus(controller, levels, logits.device)).tolist()
+    staying = [i for i, exits in enumerate(go) if not exits]
     if staying:
-        logits[staying] = _full_pass_with_audits(runner, [seqs[i] for i in staying], controller)
+        logits[staying] = _full_pass(runner, [seqs[i] for i in staying], controller)
     tokens, lps = sample(logits, seqs)
-    num_layers, stay = runner.config.model.num_layers, set(staying)
-    return [ExitResult(t, lp, num_layers if i in stay else 0) for i, (t, lp) in enumerate(zip(tokens, lps))]
+    greedy = logits.argmax(-1).tolist()
+    for i, exits in enumerate(go):
+        audit = controller.should_audit(levels[i], exits)      # checked against the exit's greedy choice
+        if exits:
+            seqs[i].int8_exits.append((seqs[i].num_tokens - 1, greedy[i] if audit else None, levels[i]))
+            seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
+    num_layers = runner.config.model.num_layers
+    return [ExitResult(t, lp, 0 if exits else num_layers) for t, lp, exits in zip(tokens, lps, go)]
 
 
-def _full_pass_with_audits(runner, seqs, controller: ExitController) -> torch.Tensor:
-    """The full pass for staying tokens at their positions (their true K/V replace the int8 ones),
-    each sequence's pending audits as extra rows at theirs; -> logits [len(seqs), vocab] of the
-    staying tokens. An audit compares its exit's token with the full model's choice there."""
-    rows = [(s, p, predicted, level) for s in seqs for p, predicted, level in s.int8_audits]
+def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
+    """The full pass for staying tokens, each sequence's pending exits as extra rows before its own
+    (K/V rewritten layer by layer, as a lossless verify does); -> logits [len(seqs), vocab] of the
+    staying tokens. The sequences' caches are exact afterwards. Only audited exits' rows pay for
+    the LM head."""
+    rows = [(s, p, predicted, level) for s in seqs for p, predicted, level in s.int8_exits]
+    audits = [(row, predicted, level) for row, (_, _, predicted, level) in enumerate(rows) if predicted is not None]
     rows += [(s, s.num_tokens - 1, None, None) for s in seqs]
     positions, ctx = runner.context([(s.block_table, p) for s, p, _, _ in rows])
     ids = torch.tensor([s.token_ids[p] for s, p, _, _ in rows], device=runner.device)
-    logits = runner.model.logits(runner.run(ids, None, positions, ctx)).float()
-    choices = logits.argmax(-1).tolist()
-    for (_, _, predicted, level), choice in zip(rows, choices):
-        if predicted is not None:
-            controller.record(level, predicted == choice)
+    h = runner.run(ids, None, positions, ctx)
+    wanted = [row for row, _, _ in audits] + list(range(len(rows) - len(seqs), len(rows)))
+    logits = runner.model.logits(h[wanted]).float()
+    for (_, predicted, level), choice in zip(audits, logits[:len(audits)].argmax(-1).tolist()):
+        controller.record(level, predicted == choice)
     for s in seqs:
-        s.int8_audits = []
-    return logits[-len(seqs):]
+        s.int8_exits, s.approximate_kv_from = [], None
+    return logits[len(audits):]
 
 
 def int8_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
-    """Whether the int8 exit beats a plain decode for `rows` lossy sequences: one int8 pass for all,
-    then a full pass for those that stay (each exits with probability exit_fraction). On a
-    compute-bound batch the int8 pass costs nearly as much as the full one, and it does not."""
-    fixed, per_row = costs["full"]
-    stays = 1 - exit_fraction ** rows             # the chance that a full pass runs at all
-    expected = pass_cost(costs, "int8", rows) + stays * fixed + per_row * rows * (1 - exit_fraction)
-    return expected < pass_cost(costs, "full", rows)
+    """Whether an int8 pass pays for `rows` lossy sequences. Every token runs one full-precision row
+    either way (at once when it stays, with the next stay when it exits), so the int8 pass buys only
+    the fixed cost of the full passes that no longer run: it pays while it costs less than that,
+    int8(rows) < P(all exit) * fixed. On a compute-bound batch it costs nearly a full pass, and does not."""
+    return pass_cost(costs, "int8", rows) < exit_fraction ** rows * costs["full"][0]
 
 
 def _taus(controller: ExitController, levels: list[float | None], device) -> torch.Tensor:

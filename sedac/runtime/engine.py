@@ -172,7 +172,7 @@ class LLMEngine:
         Lossless decodes run as plain decodes (same output) when the cost model plans no drafts for
         that many of them (drafts_by_batch: batched decode is compute-bound, and verifying drafts
         there costs more than it saves), or in steps larger than speculative_disable_by_batch_size
-        (vLLM's knob); int8-exit lossy decodes do too where the int8 pass would not pay."""
+        (vLLM's knob)."""
         full, lossless, lossy = ScheduledBatch(), [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = self.mode_of(seq)
@@ -188,9 +188,10 @@ class LLMEngine:
                 full.add(seq, n)
         limit = self.speculative_disable_by_batch_size
         if lossless and (self._batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
-            lossless = _as_plain_decodes(full, lossless)
-        if lossy and self.lossy_exit == "int8" and not self._int8_exit_pays(len(lossy)):
-            lossy = _as_plain_decodes(full, lossy)
+            for seq in lossless:
+                full.add(seq, 1)
+            full.order_decodes_first()
+            lossless = []
         return full, lossless, lossy
 
     def _int8_exit_pays(self, num_seqs: int) -> bool:
@@ -234,7 +235,7 @@ class LLMEngine:
     def _lossy_step(self, seqs: list[Sequence]):
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
         if self.lossy_exit == "int8":
-            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller)
+            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, self._int8_exit_pays(len(seqs)))
             self._computed(seqs, [1] * len(seqs))
         else:
             pending = [len(s.exit_hidden) for s in seqs]
@@ -382,14 +383,6 @@ def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None
     if choice == "int8" and "int8_thresholds" not in sedac:
         raise ValueError(f"{engine_dir} has no int8 exit calibration; rebuild it with sedac-build --sedac")
     return choice
-
-
-def _as_plain_decodes(full: ScheduledBatch, seqs: list[Sequence]) -> list[Sequence]:
-    """Move SEDAC decodes to the full step (decodes first, as the model runner wants them); -> []."""
-    for seq in seqs:
-        full.add(seq, 1)
-    full.order_decodes_first()
-    return []
 
 
 def _load_tokenizer(engine_dir: Path):

@@ -43,7 +43,7 @@ class Sequence:
         self.detok_state: object = None
         self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
         self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
-        self.int8_audits: list = []        # lossy int8 exit: (position, exit token, level) of audits still to run
+        self.int8_exits: list = []         # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
         self.approximate_kv_from: int | None = None   # first position whose K/V is not the full model's
 
     @property
@@ -83,7 +83,7 @@ class Sequence:
         """Preemption by recompute: drop all KV; the tokens stay and are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table, self.block_hashes, self.num_hashed_blocks = [], [], 0
-        self.exit_hidden, self.int8_audits, self.approximate_kv_from = [], [], None
+        self.exit_hidden, self.int8_exits, self.approximate_kv_from = [], [], None
         self.status = Status.WAITING
 
 
