@@ -112,10 +112,7 @@ def _own_answers(llm, opts: SedacOptions, seq_len: int):
 def _choose(layers, entropy, agree, costs) -> dict:
     alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
     lossy_cost, lossy_layer = _choose_lossy(layers, entropy, agree, costs)
-    levels, curves = {}, {}
-    for level in cal.AGREEMENT_LEVELS:
-        ltt = cal.learn_then_test([entropy[lossy_layer]], [agree[lossy_layer]], delta=round(1 - level, 6))
-        levels[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
+    levels, curves, _ = _calibrate_levels(entropy[lossy_layer], agree[lossy_layer])
     per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
         torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
     return {"exit_layers": layers, "alpha": alpha, "lossy_layers": [lossy_layer],
@@ -139,15 +136,22 @@ def _calibrate_int8_exit(uncertainty: torch.Tensor, agree: torch.Tensor, costs: 
     entropy, is the signal: quantization noise flips near-ties (on SmolLM2 it lets ~95% of tokens
     exit at 1% risk where entropy lets ~73%). Thresholds per agreement level by Learn-then-Test; the
     lossy exit is whichever of int8 and the depth exit the cost model predicts cheaper at 0.99."""
-    thresholds, curves, exit_fraction = {}, {}, {}
-    for level in cal.AGREEMENT_LEVELS:
-        ltt = cal.learn_then_test([uncertainty], [agree], delta=round(1 - level, 6))
-        where, _ = cal.cascade(ltt["thresholds"], [uncertainty], [agree])
-        thresholds[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
-        exit_fraction[str(level)] = float((where == 0).float().mean())
+    thresholds, curves, exit_fraction = _calibrate_levels(uncertainty, agree)
     cost = pass_cost(costs, "int8", 1) + (1 - exit_fraction["0.99"]) * pass_cost(costs, "full", 1)
     return {"int8_thresholds": thresholds, "int8_curves": curves, "int8_exit_fraction": exit_fraction,
             "predicted_int8_lossy_cost_at_0.99": cost, "lossy_exit": "int8" if cost < depth_cost else "depth"}
+
+
+def _calibrate_levels(score: torch.Tensor, agree: torch.Tensor) -> tuple[dict, dict, dict]:
+    """One exit's Learn-then-Test thresholds (a token exits where score <= threshold) at every
+    agreement level -> ({level: thresholds}, {level: curve}, {level: share of tokens that exit})."""
+    thresholds, curves, exit_fraction = {}, {}, {}
+    for level in cal.AGREEMENT_LEVELS:
+        ltt = cal.learn_then_test([score], [agree], delta=round(1 - level, 6))
+        where, _ = cal.cascade(ltt["thresholds"], [score], [agree])
+        thresholds[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
+        exit_fraction[str(level)] = float((where == 0).float().mean())
+    return thresholds, curves, exit_fraction
 
 
 @torch.inference_mode()

@@ -19,8 +19,10 @@ one of three ways:
   through their K/V projections at once; approximate K/V, which later tokens then see.
 - "ghost" (Ghost KV): a predictor trained at build time (sedac.builder.ghost_kv) maps the exit state
   to all deeper layers' K/V in one GEMV; approximate too, but fitted to the true K/V.
-An adaptive controller audits a few exits (runs them to the end anyway) and tightens the
-thresholds when the audited agreement falls below the target; it never loosens past calibration.
+An adaptive controller audits every 16th exit (the full model's choice there: the depth exit runs
+the token to the end anyway, the int8 exit checks it in the next full pass) and tightens the
+thresholds when the audits show significantly more errors than the level allows among exits; it
+never loosens past calibration.
 """
 from __future__ import annotations
 
@@ -80,15 +82,12 @@ class ExitController:
             return [NEVER] * num_layers
         return [t * self.scale[level] if t >= 0 else NEVER for t in dict(self.levels)[level]]
 
-    def count(self, level: float | None, exits: bool) -> None:
-        """One lossy decision (the exit share that record() judges audits by)."""
+    def should_audit(self, level: float | None, exits: bool) -> bool:
+        """Count one lossy decision (the exit share that record() judges audits by); -> whether it is
+        an exit to audit (every audit_every-th exit)."""
         if level is not None:
             self.tally[level][0] += 1
             self.tally[level][1] += exits
-
-    def should_audit(self, level: float | None, exits: bool) -> bool:
-        """Count one lossy decision; -> whether it is an exit to audit (every audit_every-th exit)."""
-        self.count(level, exits)
         if not exits:
             return False
         self._exits += 1
