@@ -1,8 +1,9 @@
 """The C++ CPU kernels: they compile here; paged attention matches an independent per-sequence softmax
 attention, agrees with the portable SDPA path on decodes and on short chunks after a cached context,
 and rejects lengths outside a block table; the fused elementwise ops match the torch ops they replace
-(rotary bit for bit, the norms to the last bit of the RMS reduction); the int8 linear matches its
-dequantized weights and the int8 decode layer the Python layer on the same int8 copies."""
+(rotary bit for bit, the norms to the last bit of the RMS reduction); the panel linear matches x @ W
+for every tile of rows and gives each row bit for bit the same alone or in a batch; the int8 linear
+matches its dequantized weights and the int8 decode layer the Python layer on the same int8 copies."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -138,7 +139,7 @@ def _random_layer(qkv_bias: bool) -> DecoderLayer:
         p.data.normal_(0, 0.2)
     for linear in layer.modules():
         if isinstance(linear, Linear):
-            linear.pack_for_cpu(4)
+            linear.pack_for_cpu()
     return layer
 
 
@@ -160,21 +161,44 @@ def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     assert not torch.equal(results[0][1], pool[0])            # the step wrote its K into the cache
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7])               # every tile of x rows and a remainder
+@pytest.mark.parametrize("shape", [(44, 13), (576, 960), (7, 40)])   # out a multiple of 16 or padded
 @pytest.mark.parametrize("bias", [False, True])
-def test_int8_linear_matches_dequantized_weights(rows, bias, monkeypatch):
-    linear = Linear(44, 13, bias=bias)          # in not a multiple of 8, out not a multiple of 4
+def test_panel_linear_matches_matmul_and_is_batch_invariant(shape, bias):
+    n_in, n_out = shape
+    linear = Linear(n_in, n_out, bias=bias)
     linear.weight.data.normal_()
     if bias:
         linear.bias.data.normal_()
+    weight = linear.weight.clone()
+    linear.pack_for_cpu()
+    assert linear.weight is None and torch.equal(linear.dense_rows(), weight.t())
+    x = torch.randn(17, n_in)          # 17 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
+    for rows in range(1, 18):
+        y = linear(x[:rows])
+        assert torch.allclose(y, x[:rows] @ weight + (linear.bias if bias else 0), atol=1e-4, rtol=1e-4)
+        assert torch.equal(y, linear(x)[:rows])           # a row's result does not depend on the batch
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 13])           # every tile of x rows and remainders
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("packed", [True, False])   # int8 panels (CPU) or the [out, in] copy (the sedac op, CUDA)
+def test_int8_linear_matches_dequantized_weights(rows, bias, packed):
+    torch.manual_seed(rows)
+    linear = Linear(44, 13, bias=bias)          # in not a multiple of 8, out not of a panel's 16
+    linear.weight.data.normal_()
+    if bias:
+        linear.bias.data.normal_()
+    weight = linear.weight.clone()
+    if packed:
+        linear.pack_for_cpu()
     linear.quantize_int8()
-    weight, scale = linear.int8
-    assert weight.dtype == torch.int8 and (weight.float() * scale[:, None] - linear.weight.t()).abs().max() <= scale.max() / 2
+    assert linear.int8[0].dtype == torch.int8 and linear.int8[0].dim() == (3 if packed else 2)
+    assert (linear.int8_rows() - weight.t()).abs().max() <= linear.int8[1].max() / 2
     x = torch.randn(rows, 44)
-    expected = x @ (weight.float() * scale[:, None]).t() + (linear.bias if bias else 0)
+    expected = x @ linear.int8_rows().t() + (linear.bias if bias else 0)
     assert torch.allclose(linear.draft(x), expected, atol=1e-4)
-    monkeypatch.setattr(cpu_kernels, "usable", lambda _: False)    # the portable path (CUDA, other dtypes)
-    assert torch.allclose(linear.draft(x), expected, atol=1e-4)
+    if packed:
+        assert torch.equal(linear.draft(x[:1]), linear.draft(x)[:1])    # batch-invariant, like panel_linear
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])

@@ -26,7 +26,8 @@ def llm(tiny_sedac_engine):
 def _always_draft(engine: LLMEngine):
     """Draft at every batch size whatever the tiny model's measured costs plan, so verification is exercised."""
     engine.config.sedac["draft_max_entropy"] = 1e9
-    engine.drafts_by_batch = [0] + [engine.config.sedac["draft_len"]] * engine.scheduler.max_num_seqs
+    engine.sedac.drafts_by_batch = [0] + [engine.config.sedac["draft_len"]] * engine.scheduler.max_num_seqs
+    engine.sedac._min_drafting = lambda num_seqs: 0.0     # a tiny model's int8 pass may cost as much as a full one
 
 
 def _greedy(mode, **kw):
@@ -35,8 +36,8 @@ def _greedy(mode, **kw):
 
 def _exit_everything(engine: LLMEngine):
     """Thresholds no token misses, so the lossy path (exit + KV propagation) runs on every decode."""
-    engine.exit_controller.levels = [(a, [1e9] * len(t)) for a, t in engine.exit_controller.levels]
-    engine.exit_controller.audit_every = 10 ** 9
+    engine.sedac.exit_controller.levels = [(a, [1e9] * len(t)) for a, t in engine.sedac.exit_controller.levels]
+    engine.sedac.exit_controller.audit_every = 10 ** 9
 
 
 def test_engine_holds_trained_exits(tiny_sedac_engine):
@@ -109,12 +110,12 @@ def test_deferred_fill_keeps_the_kv_cache_exact(tiny_sedac_engine, kv_fill):
     greedy choice on the lossy output's own prefix; propagation and Ghost KV only approximate it."""
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_kv_fill=kv_fill, sedac_lossy_exit="depth")
     _exit_everything(llm.engine)
-    llm.engine.exit_controller.audit_every = 2
+    llm.engine.sedac.exit_controller.audit_every = 2
     model = llm.engine.runner.model
     mismatches = 0
     for prompt in PROMPTS[:4]:                  # multi-token prompts: the first token comes from the prefill
         ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
-        llm.engine.exit_controller._exits = 0   # decode steps 2, 4, ... are the audited ones
+        llm.engine.sedac.exit_controller._exits = 0   # decode steps 2, 4, ... are the audited ones
         out = llm.generate([ids], _greedy("lossy"))[0].token_ids
         _, final = teacher_pass(model, ids + out, [])
         best = model.logits(final[len(ids) - 1:-1]).argmax(-1).tolist()
@@ -173,8 +174,8 @@ def _int8_llm(engine_dir, audit_every: int) -> LLM:
     any batch size."""
     llm = LLM(str(engine_dir), device="cpu", sedac_lossy_exit="int8")
     _exit_everything(llm.engine)
-    llm.engine.exit_controller.audit_every = audit_every
-    llm.engine._int8_exit_pays = lambda num_seqs: True
+    llm.engine.sedac.exit_controller.audit_every = audit_every
+    llm.engine.sedac.int8_exit_pays = lambda num_seqs: True
     return llm
 
 
@@ -200,7 +201,7 @@ def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_e
     ids = llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
     out = llm.generate([ids], _greedy("lossy"))[0]         # 23 decode steps: 12 exits, 11 stays
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 12}
-    assert len(llm.engine.exit_controller.audits[0.99]) == 11
+    assert len(llm.engine.sedac.exit_controller.audits[0.99]) == 11
     assert out.metrics.layers_per_token == pytest.approx(12 * llm.engine.config.model.num_layers / 24)
     model = llm.engine.runner.model
     _, final = teacher_pass(model, ids + out.token_ids, [])
@@ -226,7 +227,7 @@ def test_int8_exit_runs_only_where_it_pays(tiny_sedac_engine):
     assert not int8_exit_pays(costs, 0.3, 1)
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit="int8")
     _exit_everything(llm.engine)
-    llm.engine._int8_exit_pays = lambda num_seqs: False
+    llm.engine.sedac.int8_exit_pays = lambda num_seqs: False
     off = llm.generate(PROMPTS, _greedy("off"))
     assert [o.token_ids for o in llm.generate(PROMPTS, _greedy("lossy"))] == [o.token_ids for o in off]
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 0}
@@ -281,6 +282,7 @@ def test_speculation_is_disabled_above_the_batch_size_limit(tiny_sedac_engine):
 def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     _always_draft(llm.engine)
+    del llm.engine.sedac._min_drafting                                 # judged by the costs again
     off = llm.generate(PROMPTS[:3], _greedy("off"))
     costs = llm.engine.config.sedac["costs"]
     costs["int8"] = [costs["full"][0] * 2, costs["full"][1] * 2]      # a draft round now costs more than a full pass

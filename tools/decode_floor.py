@@ -3,7 +3,7 @@
     .venv/bin/python tools/decode_floor.py --engine engines/smollm2 [--tokens 64] [--rounds 3]
 
 At batch 1 a decode step must read every weight once; the floor is the time of exactly the engine's
-matmuls (same shapes, same oneDNN-prepacked Linear) with nothing else: no attention, norms, rotary,
+matmuls (same shapes, same panel-packed Linear) with nothing else: no attention, norms, rotary,
 sampling or Python scheduling. If HF generate already runs near this floor, no engine can be 2x
 faster at the same precision without reading fewer bytes per token.
 """
@@ -15,7 +15,7 @@ import click
 import torch
 
 
-def gemv_chain(cfg, batch_hint: int):
+def gemv_chain(cfg):
     from sedac.models.layers import Linear
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     shapes = [(cfg.hidden_size, q + 2 * kv), (q, cfg.hidden_size), (cfg.hidden_size, 2 * cfg.intermediate_size),
@@ -24,7 +24,7 @@ def gemv_chain(cfg, batch_hint: int):
     for n_in, n_out in shapes:
         linear = Linear(n_in, n_out)
         linear.weight.data = torch.randn(n_in, n_out) * n_in ** -0.5
-        linear.pack_for_cpu(batch_hint)
+        linear.pack_for_cpu()
         chain.append((linear, torch.randn(1, n_in)))
     return chain
 
@@ -47,7 +47,7 @@ def main(engine, tokens, rounds):
     from sedac.builder.hf_export import load_hf_model
     llm = LLM(engine, device="cpu")
     cfg = llm.engine.config.model
-    chain = gemv_chain(cfg, llm.engine.config.build.max_batch_size)
+    chain = gemv_chain(cfg)
     hf = load_hf_model(engine)
     prompt = sharegpt_prompts(llm.tokenizer, "bench", 1, 256)[0]
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)

@@ -154,10 +154,7 @@ def train_exit_head(model, layer: int, features: Features, vocab_ids: torch.Tens
 
 
 def _lm_head_weight(model) -> torch.Tensor:
-    lm = model.lm_head
-    if lm.weight is not None:
-        return lm.weight.detach()
-    return model.embed_tokens.weight.detach().t()      # tied head, packed away for oneDNN
+    return model.lm_head.dense_rows().detach().t()     # [hidden, vocab], packed into panels or not
 
 
 def _kept_targets(features: Features, vocab_ids: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,11 @@ def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_siz
     params = {m: SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=m,
                                 sedac_agreement=agreement) for m in modes}
     for mode in modes:      # warm-up: a mode's first call at a batch size pays one-off costs (the custom
-        for batch in (prompts[:1], prompts[:batch_size]):      # ops' first dispatch, oneDNN's kernels per shape)
+        for batch in (prompts[:1], prompts[:batch_size]):      # ops' first dispatch, per-shape allocations)
             llm.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, sedac_mode=mode))
     results = {"engine": str(engine), "device": str(llm.engine.runner.device), "threads": torch.get_num_threads(),
                "output_len": output_len, "agreement_target": agreement, "kv_fill": kv_fill,
-               "lossy_exit": llm.engine.lossy_exit, "modes": {}}
+               "lossy_exit": llm.engine.sedac.lossy_exit, "modes": {}}
     # Interleaved, prompt by prompt, so the modes share the machine's drifts in speed (a noisy VM).
     b1 = {m: [] for m in modes}
     for p in prompts[:batch1_prompts]:
@@ -95,8 +95,8 @@ def _perplexity(llm, mode, agreement, documents: int = 8, max_len: int = 256, fl
     distribution where the calibrated threshold lets it exit; an exit head gives 0 to tokens outside
     its vocabulary, so probabilities are floored at 1e-6."""
     engine = llm.engine
-    level = engine.exit_controller.level(agreement) if mode == "lossy" else None
-    exits = _int8_exits if engine.lossy_exit == "int8" else _depth_exits
+    level = engine.sedac.exit_controller.level(agreement) if mode == "lossy" else None
+    exits = _int8_exits if engine.sedac.lossy_exit == "int8" else _depth_exits
     nll, count, exited = 0.0, 0, 0
     for messages in _answers(documents):
         ids = llm.tokenizer.encode(messages, add_special_tokens=False)[:max_len]
@@ -115,7 +115,7 @@ def _depth_exits(engine, ids, level):
     states, final = teacher_pass(model, ids, layers)
     logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
     done = torch.zeros(len(ids) - 1, dtype=torch.bool)
-    taus = engine.exit_controller.thresholds(level, len(layers)) if engine.exit_controller else []
+    taus = engine.sedac.exit_controller.thresholds(level, len(layers)) if engine.sedac.exit_controller else []
     for layer, tau in zip(layers, taus):
         head = engine.runner.exit_heads[layer]
         reduced = head(states[layer][:-1]).float()
@@ -133,7 +133,7 @@ def _int8_exits(engine, ids, level):
     logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
     _, final8 = teacher_pass(model, ids, [], int8=True)
     int8_logits = model.logits(final8[:-1], int8=True).float()
-    done = 1 - torch.ops.sedac.margin(int8_logits) <= engine.exit_controller.thresholds(level, 1)[0]
+    done = 1 - torch.ops.sedac.margin(int8_logits) <= engine.sedac.exit_controller.thresholds(level, 1)[0]
     logp[done] = torch.log_softmax(int8_logits[done], -1)
     return logp, done
 

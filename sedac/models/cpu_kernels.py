@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("paged_attention.cpp", "fused_ops.cpp", "int8_linear.cpp", "decode_layer.cpp")]
+           for name in ("paged_attention.cpp", "fused_ops.cpp", "panel_linear.cpp", "decode_layer.cpp")]
 
 
 def _build_name() -> str:

@@ -7,6 +7,7 @@ from torch import nn
 from sedac.config import ModelConfig
 from sedac.models import cpu_kernels
 from sedac.models.attention import get_context, paged_attention
+from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
 from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 
 
@@ -52,10 +53,10 @@ class DecoderLayer(nn.Module):
         return not ctx.prefills and weights is not None and cpu_kernels.usable(h)
 
     def _fused_decode(self, h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
-        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 with packed weights,
+        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 on the panel-packed weights,
         or on the int8 copies."""
+        projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
         if int8:
-            projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
             return torch.ops.sedac_cpu.decode_layer_int8(
                 h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
                 [p.int8[0] for p in projections], [p.int8[1] for p in projections], self.qkv_proj.bias,
@@ -63,9 +64,9 @@ class DecoderLayer(nn.Module):
                 self.num_heads, ctx.block_size)
         return torch.ops.sedac_cpu.decode_layer(
             h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-            self.qkv_proj.packed, self.qkv_proj.bias, self.o_proj.packed, self.gate_up_proj.packed,
-            self.down_proj.packed, self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks,
-            ctx.decode_lengths, self.num_heads, ctx.block_size)
+            [p.packed for p in projections], [p.out_features for p in projections], self.qkv_proj.bias,
+            self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths,
+            self.num_heads, ctx.block_size)
 
 
 def _project(linear: Linear, x: torch.Tensor, int8: bool) -> torch.Tensor:
@@ -82,6 +83,7 @@ class DecoderModel(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_positions, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)   # [hidden, vocab]
+        self.greedy_screen: GreedyScreen | None = None
 
     def tie_lm_head(self) -> None:
         """Tied models keep one copy on disk; in memory the head is a contiguous [hidden, vocab]
@@ -97,6 +99,15 @@ class DecoderModel(nn.Module):
             if isinstance(linear, Linear):
                 linear.quantize_int8()
 
+    def screen_greedy_head(self) -> None:
+        """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py).
+        Tied models screen against the embedding (the head's own rows); untied ones keep a [vocab, hidden]
+        copy of the head."""
+        if self.lm_head.int8 is None:
+            self.lm_head.quantize_int8()
+        rows = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.dense_rows().contiguous()
+        self.greedy_screen = GreedyScreen(rows, self.lm_head.int8_rows())
+
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
                    int8: bool = False):
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
@@ -110,8 +121,11 @@ class DecoderModel(nn.Module):
             h = layer(h, cos, signed_sin, int8)
         return h
 
-    def logits(self, h: torch.Tensor, int8: bool = False) -> torch.Tensor:
-        """Final-normed logits for the rows of h (only the rows that sample)."""
+    def logits(self, h: torch.Tensor, int8: bool = False, argmax_only: bool = False) -> torch.Tensor:
+        """Final-normed logits for the rows of h (only the rows that sample). argmax_only: the caller
+        takes only each row's argmax, so rows outside the argmax's candidates may come back -inf."""
+        if argmax_only and not int8 and self.greedy_screen is not None and len(h) <= MAX_SCREEN_ROWS:
+            return self.greedy_screen.logits(self.norm(h), self.lm_head.draft)
         return _project(self.lm_head, self.norm(h), int8)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

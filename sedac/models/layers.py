@@ -12,41 +12,66 @@ from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 class Linear(nn.Module):
     """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured).
 
-    On CPU at fp32 the runner prepacks the weight for oneDNN (`pack_for_cpu`): measured on 2 AVX2
-    cores, as fast as MKL at 1 row and 1.6-2x faster at 2-32 rows (decode batches, verify passes).
+    On CPU at fp32 the runner packs the weight into panels for the panel_linear kernel (`pack_for_cpu`,
+    csrc/panel_linear.cpp): measured on 2 AVX2 cores, faster than oneDNN's prepacked weights at every
+    row count and ~1.6x at batch 1; each output row is computed the same whatever the batch.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
+        self.out_features = out_features
         self.weight = nn.Parameter(torch.empty(in_features, out_features), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False) if bias else None
         self.packed: torch.Tensor | None = None
-        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None   # (weight [out, in] int8, row scales [out])
+        # (weight int8, row scales [out]): the weight [out, in], or int8 panels like `packed` when packed
+        self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def pack_for_cpu(self, batch_hint: int) -> None:
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.t().contiguous(), batch_hint)
+    def pack_for_cpu(self) -> None:
+        """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input."""
+        self.packed = _to_panels(self.weight.t())
         self.weight = None      # the packed copy replaces it: one copy of the weights in memory
 
     def quantize_int8(self) -> None:
         """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
         (a quarter of the bytes to stream; activations stay at full precision)."""
-        w = (self.weight.t() if self.packed is None else self.packed.to_dense()).float()    # [out, in]
+        w = self.dense_rows().float()
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        self.int8 = (torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous())
+        weight = torch.round(w / scale[:, None]).to(torch.int8)
+        self.int8 = (weight.contiguous() if self.packed is None else _to_panels(weight), scale.contiguous())
+
+    def dense_rows(self) -> torch.Tensor:
+        """The weight as [out, in] (a copy when packed)."""
+        return self.weight.t() if self.packed is None else _from_panels(self.packed, self.out_features)
+
+    def int8_rows(self) -> torch.Tensor:
+        """The int8 copy dequantized, [out, in] fp32."""
+        weight, scale = self.int8
+        weight = weight if weight.dim() == 2 else _from_panels(weight, self.out_features)
+        return weight.float() * scale[:, None]
 
     def draft(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on its int8 copy (quantize_int8): the C++ kernel on CPU, else the sedac op."""
         weight, scale = self.int8
-        if cpu_kernels.usable(x):
-            return torch.ops.sedac_cpu.int8_linear(x.contiguous(), weight, scale, self.bias)
+        if weight.dim() == 3:
+            return torch.ops.sedac_cpu.int8_panel_linear(x, weight, scale, self.bias, self.out_features)
         return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)   # Triton on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+            return torch.ops.sedac_cpu.panel_linear(x, self.packed, self.bias, self.out_features)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
+
+
+def _to_panels(w: torch.Tensor) -> torch.Tensor:
+    """[out, in] -> [ceil(out / 16), in, 16], the last panel zero-padded (csrc/panel_linear.cpp)."""
+    w = F.pad(w, (0, 0, 0, -w.shape[0] % 16))
+    return w.reshape(-1, 16, w.shape[1]).transpose(1, 2).contiguous()
+
+
+def _from_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
 
 
 class RMSNorm(nn.Module):

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
-from sedac.runtime.sampler import sample
+from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.speculative import pass_cost
 
 NEVER = -1.0     # entropy is >= 0: a threshold no token meets
@@ -189,7 +189,7 @@ def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
     ids = torch.tensor([s.token_ids[p] for s, p, _, _ in rows], device=runner.device)
     h = runner.run(ids, None, positions, ctx)
     wanted = [row for row, _, _ in audits] + list(range(len(rows) - len(seqs), len(rows)))
-    logits = runner.model.logits(h[wanted]).float()
+    logits = runner.model.logits(h[wanted], argmax_only=argmax_only(seqs)).float()
     for (_, predicted, level), choice in zip(audits, logits[:len(audits)].argmax(-1).tolist()):
         controller.record(level, predicted == choice)
     for s in seqs:
@@ -254,5 +254,5 @@ def _finish_layers(runner, seqs, h, layer) -> torch.Tensor:
     last = torch.tensor(list(itertools.accumulate(n for _, _, n in chunks)), device=out.device) - 1
     for s in seqs:
         s.exit_hidden = []
-    return runner.model.logits(out[last]).float()
+    return runner.model.logits(out[last], argmax_only=argmax_only(seqs)).float()
 

@@ -10,11 +10,10 @@ from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from sedac.runtime.sampler import sample
-from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SamplingParams, check_sedac_mode
-from sedac.runtime.early_exit import ExitController, early_exit_step, int8_exit_pays, int8_exit_step
+from sedac.runtime.sampler import argmax_only, sample
+from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
-from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
+from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
 
 
@@ -51,22 +50,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
         self.sedac_mode = self._check_mode(sedac_mode)
-        if sedac_kv_fill not in SEDAC_KV_FILLS:
-            raise ValueError(f"sedac_kv_fill must be one of {', '.join(SEDAC_KV_FILLS)}, got {sedac_kv_fill!r}")
-        if sedac_kv_fill == "ghost" and self.runner.ghost_kv is None:
-            raise ValueError(f"{engine_dir} has no Ghost KV predictor; rebuild it with sedac-build --sedac")
-        self.sedac_kv_fill = sedac_kv_fill
-        if speculative_disable_by_batch_size is not None and speculative_disable_by_batch_size < 1:
-            raise ValueError("speculative_disable_by_batch_size must be >= 1")
-        self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
-        sedac = self.config.sedac or {}
-        self.lossy_exit = _check_lossy_exit(sedac, sedac_lossy_exit, engine_dir)
-        self.exit_controller = ExitController(sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"],
-                                              sedac["default_agreement"]) if sedac else None
-        self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
-                                          self.scheduler.max_num_seqs) if sedac else []
-        # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
-        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))}
+        self.sedac = SedacSteps(self.runner, self.scheduler.max_num_seqs, sedac_kv_fill, sedac_lossy_exit,
+                                speculative_disable_by_batch_size, engine_dir)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
@@ -118,11 +103,10 @@ class LLMEngine:
         return seq.params.sedac_mode or self.sedac_mode
 
     def _draft_len(self, seq: Sequence) -> int:
-        """Drafts this lossless decode step (0 for other modes); never past max_tokens or max_seq_len."""
+        """Drafts this lossless decode step (0 for other modes): the KV slots the scheduler reserves."""
         if self.mode_of(seq) != "lossless" or seq.pending_forks or seq.num_computed_tokens != seq.num_tokens - 1:
             return 0
-        room = min(seq.params.max_tokens - seq.num_output_tokens, self.config.build.max_seq_len - seq.num_tokens) - 1
-        return max(0, min(self.config.sedac["draft_len"], room))
+        return self.sedac.draft_len(seq)
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, with and without a leading space (as vLLM does)."""
@@ -152,12 +136,13 @@ class LLMEngine:
         batch.order_decodes_first()
         self.runner.copy_blocks(self.blocks.pending_copies)
         self.blocks.pending_copies.clear()
-        full, lossless, lossy = self._split_by_mode(batch)
+        full, lossless, lossy = self.sedac.split(batch, self.mode_of)
         new_tokens = self._full_step(full) if full.seqs else []
         if lossless:
-            new_tokens += self._lossless_step(lossless)
+            new_tokens += self._record(lossless, self.sedac.lossless(lossless))
         if lossy:
-            new_tokens += self._lossy_step(lossy)
+            self.counters["sedac_lossy_tokens"] += len(lossy)
+            new_tokens += self._record(lossy, self.sedac.lossy(lossy))
         now = time.perf_counter()
         for seq, tokens, logprobs in new_tokens:
             for token, lp in zip(tokens, logprobs):
@@ -167,43 +152,9 @@ class LLMEngine:
         finished = self._collect_finished(touched)          # pops them: one output per request per step
         return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
 
-    def _split_by_mode(self, batch: ScheduledBatch):
-        """Decodes in lossless or lossy mode take SEDAC's paths; everything else runs the full model.
-        Lossless decodes run as plain decodes (same output) when the cost model plans no drafts for
-        that many of them (drafts_by_batch: batched decode is compute-bound, and verifying drafts
-        there costs more than it saves), or in steps larger than speculative_disable_by_batch_size
-        (vLLM's knob)."""
-        full, lossless, lossy = ScheduledBatch(), [], []
-        for seq, n in zip(batch.seqs, batch.num_new_tokens):
-            mode = self.mode_of(seq)
-            # lossy: the last token plus the exited ones whose deeper layers are still pending
-            decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
-                        and seq.num_computed_tokens + n == seq.num_tokens)
-            if decoding and mode == "lossless":
-                lossless.append(seq)
-            elif decoding and mode == "lossy":
-                lossy.append(seq)
-            else:
-                seq.exit_hidden = []        # the full path recomputes those tokens through every layer
-                full.add(seq, n)
-        limit = self.speculative_disable_by_batch_size
-        if lossless and (self._batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
-            for seq in lossless:
-                full.add(seq, 1)
-            full.order_decodes_first()
-            lossless = []
-        return full, lossless, lossy
-
-    def _int8_exit_pays(self, num_seqs: int) -> bool:
-        sedac, level = self.config.sedac, self.exit_controller.level(None)
-        return int8_exit_pays(sedac["costs"], sedac["int8_exit_fraction"].get(str(level), 0.0), num_seqs)
-
-    def _batch_drafts(self, num_seqs: int) -> int:
-        return self.drafts_by_batch[min(num_seqs, len(self.drafts_by_batch) - 1)]
-
     def _full_step(self, batch: ScheduledBatch):
         samplers, rows = self._sampling_rows(batch)
-        logits = self.runner.forward(batch, rows)
+        logits = self.runner.forward(batch, rows, argmax_only(samplers))
         self._computed(batch.seqs, batch.num_new_tokens)
         samplers, logit_rows = self._fork_children(samplers)
         tokens, logprobs = sample(logits[logit_rows], samplers)
@@ -211,12 +162,9 @@ class LLMEngine:
             self.requests[seq.request_id].layer_rows += self.config.model.num_layers
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)]
 
-    def _lossless_step(self, seqs: list[Sequence]):
-        sedac = self.config.sedac
-        k = self._batch_drafts(len(seqs))
-        results = speculative_step(self.runner, seqs, [min(k, self._draft_len(s)) for s in seqs],
-                                   sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
-        self._computed(seqs, [len(r.tokens) for r in results])
+    def _record(self, seqs: list[Sequence], results):
+        """Account a SEDAC path's results (computed tokens, layer rows, drafts) -> new tokens per seq."""
+        self._computed(seqs, [r.computed for r in results])
         for seq, r in zip(seqs, results):
             req = self.requests[seq.request_id]
             req.layer_rows += r.layer_rows
@@ -225,30 +173,6 @@ class LLMEngine:
             self.counters["sedac_drafted_tokens"] += r.drafted
             self.counters["sedac_accepted_tokens"] += r.accepted
         return [(seq, r.tokens, r.logprobs) for seq, r in zip(seqs, results)]
-
-    def _min_drafting(self, num_seqs: int) -> float:
-        """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
-        a round is one int8 pass for the batch; each accepted draft saves a full pass of the batch."""
-        costs = self.config.sedac["costs"]
-        return pass_cost(costs, "int8", num_seqs) / pass_cost(costs, "full", num_seqs)
-
-    def _lossy_step(self, seqs: list[Sequence]):
-        levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
-        if self.lossy_exit == "int8":
-            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, self._int8_exit_pays(len(seqs)))
-            self._computed(seqs, [1] * len(seqs))
-        else:
-            pending = [len(s.exit_hidden) for s in seqs]
-            results = early_exit_step(self.runner, seqs, levels, self.exit_controller,
-                                      self.config.sedac["lossy_layers"][0], self.sedac_kv_fill)
-            # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
-            self._computed(seqs, [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)])
-        self.counters["sedac_lossy_tokens"] += len(seqs)
-        for seq, r in zip(seqs, results):
-            self.requests[seq.request_id].layer_rows += r.exit_layer
-            if r.exit_layer in self.exit_histogram:
-                self.exit_histogram[r.exit_layer] += 1
-        return [(seq, [r.token], [r.logprob]) for seq, r in zip(seqs, results)]
 
     def _computed(self, seqs: list[Sequence], counts: list[int]) -> None:
         for seq, n in zip(seqs, counts):
@@ -357,8 +281,7 @@ class LLMEngine:
 
     # ---- introspection ----------------------------------------------------------------------------
     def _sedac_rates(self) -> dict:
-        c, num_layers = self.counters, self.config.model.num_layers
-        skipped = sum((num_layers - layer) * n for layer, n in self.exit_histogram.items())
+        c, num_layers, skipped = self.counters, self.config.model.num_layers, self.sedac.skipped_layers()
         return {"sedac_acceptance_rate": c["sedac_accepted_tokens"] / max(1, c["sedac_drafted_tokens"]),
                 "sedac_skip_ratio": skipped / max(1, num_layers * c["sedac_lossy_tokens"])}
 
@@ -369,20 +292,8 @@ class LLMEngine:
                 "kv_cache_bytes": self.runner.kv_cache_bytes,
                 "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
-                "sedac_exit_layer_tokens": dict(self.exit_histogram), **self._sedac_rates(),
-                "sedac_controller": self.exit_controller.stats() if self.exit_controller else None}
-
-
-def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None:
-    """The engine's lossy exit: the build's choice unless one is asked for (None without SEDAC)."""
-    if choice is not None and choice not in SEDAC_LOSSY_EXITS:
-        raise ValueError(f"sedac_lossy_exit must be one of {', '.join(SEDAC_LOSSY_EXITS)}, got {choice!r}")
-    if not sedac:
-        return None
-    choice = choice or sedac.get("lossy_exit", "depth")
-    if choice == "int8" and "int8_thresholds" not in sedac:
-        raise ValueError(f"{engine_dir} has no int8 exit calibration; rebuild it with sedac-build --sedac")
-    return choice
+                "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self._sedac_rates(),
+                "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None}
 
 
 def _load_tokenizer(engine_dir: Path):

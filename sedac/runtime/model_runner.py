@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
-from sedac.models import AttentionContext, DecoderModel, PrefillChunk, set_context
+from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
@@ -55,6 +55,8 @@ class ModelRunner:
         model = self._pack_for_cpu(model.to(self.device).eval())
         if self.config.sedac:      # lossless mode drafts on int8 copies of the weights
             model.quantize_int8()
+        if self._cpu_kernels():
+            model.screen_greedy_head()    # measured on CPU only (sedac.models.greedy_head)
         return model
 
     def _load_sedac_weights(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
@@ -77,12 +79,15 @@ class ModelRunner:
         return heads, ghost
 
     def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
-        """fp32 on CPU: every Linear runs on oneDNN-prepacked weights (see Linear.pack_for_cpu)."""
-        if self.device.type == "cpu" and self.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+        """fp32 on CPU: every Linear runs on panel-packed weights (see Linear.pack_for_cpu)."""
+        if self._cpu_kernels():
             for linear in module.modules():
                 if isinstance(linear, Linear):
-                    linear.pack_for_cpu(self.config.build.max_batch_size)
+                    linear.pack_for_cpu()
         return module
+
+    def _cpu_kernels(self) -> bool:
+        return self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.available()
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
@@ -118,11 +123,12 @@ class ModelRunner:
             layer.v_cache[dst] = layer.v_cache[src]
 
     @torch.inference_mode()
-    def forward(self, batch: ScheduledBatch, sample_rows: list[int]) -> torch.Tensor:
-        """Run the step; return logits [len(sample_rows), vocab] for the given token rows."""
+    def forward(self, batch: ScheduledBatch, sample_rows: list[int], argmax_only: bool = False) -> torch.Tensor:
+        """Run the step; return logits [len(sample_rows), vocab] for the given token rows (argmax_only:
+        see DecoderModel.logits)."""
         input_ids, positions, ctx = self.prepare(batch)
         hidden = self.run(input_ids, None, positions, ctx)
-        return self.model.logits(hidden[sample_rows]).float()
+        return self.model.logits(hidden[sample_rows], argmax_only=argmax_only).float()
 
     def prepare(self, batch: ScheduledBatch):
         """Decodes (one new token) first, then prefill chunks; returns ids, positions, context."""

@@ -20,6 +20,14 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
     return token_list, token_logprobs(raw_logprobs, token_list, seqs)
 
 
+def argmax_only(seqs: list[Sequence]) -> bool:
+    """Whether every sequence's choice is the plain argmax of its logits: greedy, no logprobs, no
+    penalties or banned words (those read or change logits beyond the argmax)."""
+    return all(s.params.greedy and s.params.logprobs is None and not s.bad_words_ids
+               and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
+               and not s.params.frequency_penalty for s in seqs)
+
+
 def process(logits: torch.Tensor, seqs) -> torch.Tensor:
     """Penalties and bad words: the logits every decision (greedy or sampled) is taken from."""
     return _ban_bad_words(_apply_penalties(logits, seqs), seqs)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
-from sedac.runtime.sampler import draw, filtered_probs, process, sample, token_logprobs
+from sedac.runtime.sampler import argmax_only, draw, filtered_probs, process, sample, token_logprobs
 from sedac.runtime.sequence import Sequence
 
 
@@ -73,7 +73,8 @@ def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
     drafts, qs = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs))
     ids = torch.tensor([t for s, d in zip(seqs, drafts) for t in [s.token_ids[-1], *d]], device=runner.device)
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
-    logits = runner.model.logits(runner.run(ids, None, positions, ctx)).float()   # verify: writes the true KV
+    hidden = runner.run(ids, None, positions, ctx)                        # verify: writes the true KV
+    logits = runner.model.logits(hidden, argmax_only=argmax_only(seqs)).float()
     results, row, num_layers = [], 0, runner.config.model.num_layers
     for seq, d, q in zip(seqs, drafts, qs):
         k = len(d)

@@ -6,19 +6,7 @@
 // kernels (so the result is bit-identical to it), dispatched from C++.
 #include "kernels.h"
 
-#include <ATen/core/dispatch/Dispatcher.h>
-
 namespace {
-
-// oneDNN linear on a weight prepacked by torch.ops.mkldnn._reorder_linear_weight (Linear.pack_for_cpu).
-torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& packed, const std::optional<torch::Tensor>& bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("mkldnn::_linear_pointwise", "")
-                       .typed<torch::Tensor(const torch::Tensor&, const torch::Tensor&, const std::optional<torch::Tensor>&,
-                                            c10::string_view, c10::List<std::optional<c10::Scalar>>,
-                                            std::optional<c10::string_view>)>();
-  return op.call(x, packed, bias, "none", c10::List<std::optional<c10::Scalar>>(), std::nullopt);
-}
 
 // The layer, with `linear(x, i)` applying projection i (0 qkv with its bias, 1 o, 2 gate_up, 3 down).
 // h [B, hidden]; cos, signed_sin [B, 1, D]; caches [slots, KV, D]; slots [B] where this step's K/V go;
@@ -43,30 +31,29 @@ torch::Tensor layer(const torch::Tensor& h, const torch::Tensor& cos, const torc
 
 torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                            const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
-                           const torch::Tensor& qkv_packed, const std::optional<torch::Tensor>& qkv_bias,
-                           const torch::Tensor& o_packed, const torch::Tensor& gate_up_packed,
-                           const torch::Tensor& down_packed, torch::Tensor k_cache, torch::Tensor v_cache,
+                           at::TensorList panels, at::IntArrayRef out_features,
+                           const std::optional<torch::Tensor>& qkv_bias, torch::Tensor k_cache, torch::Tensor v_cache,
                            const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lengths,
                            int64_t num_heads, int64_t block_size) {
-  const torch::Tensor* packed[] = {&qkv_packed, &o_packed, &gate_up_packed, &down_packed};
+  TORCH_CHECK(panels.size() == 4 && out_features.size() == 4, "decode_layer: four projections");
   auto linear = [&](const torch::Tensor& x, int i) {
-    return packed_linear(x, *packed[i], i == 0 ? qkv_bias : std::nullopt);
+    return panel_linear(x, panels[i], i == 0 ? qkv_bias : std::nullopt, out_features[i]);
   };
   return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
                num_heads, block_size);
 }
 
-// The same layer on int8 weights (a lossless-mode draft pass): weights = [qkv, o, gate_up, down] int8
-// [out, in], scales their [out] fp32 row scales.
+// The same layer on int8 weights (a lossless-mode draft pass): panels = [qkv, o, gate_up, down] int8
+// panels, scales their [out] fp32 row scales.
 torch::Tensor decode_layer_int8(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                                 const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
-                                at::TensorList weights, at::TensorList scales,
+                                at::TensorList panels, at::TensorList scales,
                                 const std::optional<torch::Tensor>& qkv_bias, torch::Tensor k_cache,
                                 torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& tables,
                                 const torch::Tensor& lengths, int64_t num_heads, int64_t block_size) {
-  TORCH_CHECK(weights.size() == 4 && scales.size() == 4, "decode_layer_int8: four projections");
+  TORCH_CHECK(panels.size() == 4 && scales.size() == 4, "decode_layer_int8: four projections");
   auto linear = [&](const torch::Tensor& x, int i) {
-    return int8_linear(x, weights[i], scales[i], i == 0 ? qkv_bias : std::nullopt);
+    return int8_panel_linear(x, panels[i], scales[i], i == 0 ? qkv_bias : std::nullopt, scales[i].numel());
   };
   return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
                num_heads, block_size);
@@ -74,13 +61,11 @@ torch::Tensor decode_layer_int8(const torch::Tensor& h, const torch::Tensor& cos
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
   m.def("decode_layer(Tensor h, Tensor cos, Tensor signed_sin, Tensor input_norm, Tensor post_norm, float eps, "
-        "Tensor qkv_packed, Tensor? qkv_bias, Tensor o_packed, Tensor gate_up_packed, Tensor down_packed, "
-        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor tables, Tensor lengths, "
-        "int num_heads, int block_size) -> Tensor");
-  // The prepacked weights are MkldnnCPU tensors, so dispatch lands on that key.
-  m.impl("decode_layer", c10::DispatchKey::MkldnnCPU, &decode_layer);
+        "Tensor[] panels, int[] out_features, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor slots, Tensor tables, Tensor lengths, int num_heads, int block_size) -> Tensor");
+  m.impl("decode_layer", torch::kCPU, &decode_layer);
   m.def("decode_layer_int8(Tensor h, Tensor cos, Tensor signed_sin, Tensor input_norm, Tensor post_norm, float eps, "
-        "Tensor[] weights, Tensor[] scales, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
+        "Tensor[] panels, Tensor[] scales, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
         "Tensor slots, Tensor tables, Tensor lengths, int num_heads, int block_size) -> Tensor");
   m.impl("decode_layer_int8", torch::kCPU, &decode_layer_int8);
 }

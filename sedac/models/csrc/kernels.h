@@ -1,4 +1,5 @@
-// The CPU kernels the fused decode layer composes (defined in paged_attention.cpp, fused_ops.cpp, int8_linear.cpp).
+// The CPU kernels the fused decode layer composes (defined in paged_attention.cpp, fused_ops.cpp,
+// panel_linear.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -12,5 +13,7 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& h, co
                                                       const torch::Tensor& weight, double eps);
 torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& signed_sin);
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& weight, const torch::Tensor& scale,
-                          const std::optional<torch::Tensor>& bias);
+torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
+                           int64_t out_features);
+torch::Tensor int8_panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& scale,
+                                const std::optional<torch::Tensor>& bias, int64_t out_features);

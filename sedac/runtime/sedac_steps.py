@@ -1,0 +1,125 @@
+"""SEDAC inside the engine step: which decodes take lossless or lossy mode, and running them
+(self-speculative cycles on the int8 drafter; the int8 or the depth exit) under the build's costs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sedac.runtime.early_exit import ExitController, early_exit_step, int8_exit_pays, int8_exit_step
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS
+from sedac.runtime.scheduler import ScheduledBatch
+from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
+
+
+@dataclass
+class SedacTokens:
+    """What a SEDAC path produced for one sequence this step."""
+    tokens: list[int]
+    logprobs: list
+    computed: int            # tokens whose K/V this step completed
+    layer_rows: int          # decoder-layer passes spent on the sequence
+    drafted: int = 0
+    accepted: int = 0
+
+
+class SedacSteps:
+    def __init__(self, runner, max_num_seqs: int, kv_fill: str, lossy_exit: str | None,
+                 speculative_disable_by_batch_size: int | None, engine_dir):
+        if kv_fill not in SEDAC_KV_FILLS:
+            raise ValueError(f"sedac_kv_fill must be one of {', '.join(SEDAC_KV_FILLS)}, got {kv_fill!r}")
+        if kv_fill == "ghost" and runner.ghost_kv is None:
+            raise ValueError(f"{engine_dir} has no Ghost KV predictor; rebuild it with sedac-build --sedac")
+        if speculative_disable_by_batch_size is not None and speculative_disable_by_batch_size < 1:
+            raise ValueError("speculative_disable_by_batch_size must be >= 1")
+        self.runner, self.kv_fill = runner, kv_fill
+        self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
+        self.sedac = sedac = runner.config.sedac or {}
+        self.lossy_exit = _check_lossy_exit(sedac, lossy_exit, engine_dir)
+        self.exit_controller = ExitController(sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"],
+                                              sedac["default_agreement"]) if sedac else None
+        self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
+                                          max_num_seqs) if sedac else []
+        # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
+        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))}
+
+    def split(self, batch: ScheduledBatch, mode_of):
+        """-> (full batch, lossless seqs, lossy seqs). Decodes in lossless or lossy mode take SEDAC's
+        paths; everything else runs the full model. Lossless decodes run as plain decodes (same output)
+        when the cost model plans no drafts for that many of them (drafts_by_batch: batched decode is
+        compute-bound, and verifying drafts there costs more than it saves), or in steps larger than
+        speculative_disable_by_batch_size (vLLM's knob)."""
+        full, lossless, lossy = ScheduledBatch(), [], []
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            mode = mode_of(seq)
+            # lossy: the last token plus the exited ones whose deeper layers are still pending
+            decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
+                        and seq.num_computed_tokens + n == seq.num_tokens)
+            if decoding and mode == "lossless":
+                lossless.append(seq)
+            elif decoding and mode == "lossy":
+                lossy.append(seq)
+            else:
+                seq.exit_hidden = []        # the full path recomputes those tokens through every layer
+                full.add(seq, n)
+        limit = self.speculative_disable_by_batch_size
+        if lossless and (self.batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
+            for seq in lossless:
+                full.add(seq, 1)
+            full.order_decodes_first()
+            lossless = []
+        return full, lossless, lossy
+
+    def batch_drafts(self, num_seqs: int) -> int:
+        return self.drafts_by_batch[min(num_seqs, len(self.drafts_by_batch) - 1)]
+
+    def draft_len(self, seq) -> int:
+        """Drafts for a lossless decode step of seq; never past max_tokens or max_seq_len."""
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.runner.config.build.max_seq_len - seq.num_tokens) - 1
+        return max(0, min(self.sedac["draft_len"], room))
+
+    def lossless(self, seqs) -> list[SedacTokens]:
+        k = self.batch_drafts(len(seqs))
+        results = speculative_step(self.runner, seqs, [min(k, self.draft_len(s)) for s in seqs],
+                                   self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
+        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens), r.layer_rows, r.drafted, r.accepted) for r in results]
+
+    def _min_drafting(self, num_seqs: int) -> float:
+        """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
+        a round is one int8 pass for the batch; each accepted draft saves a full pass of the batch."""
+        costs = self.sedac["costs"]
+        return pass_cost(costs, "int8", num_seqs) / pass_cost(costs, "full", num_seqs)
+
+    def int8_exit_pays(self, num_seqs: int) -> bool:
+        level = self.exit_controller.level(None)
+        return int8_exit_pays(self.sedac["costs"], self.sedac["int8_exit_fraction"].get(str(level), 0.0), num_seqs)
+
+    def lossy(self, seqs) -> list[SedacTokens]:
+        levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
+        if self.lossy_exit == "int8":
+            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, self.int8_exit_pays(len(seqs)))
+            computed = [1] * len(seqs)
+        else:
+            pending = [len(s.exit_hidden) for s in seqs]
+            results = early_exit_step(self.runner, seqs, levels, self.exit_controller,
+                                      self.sedac["lossy_layers"][0], self.kv_fill)
+            # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
+            computed = [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)]
+        for r in results:
+            if r.exit_layer in self.exit_histogram:
+                self.exit_histogram[r.exit_layer] += 1
+        return [SedacTokens([r.token], [r.logprob], c, r.exit_layer) for r, c in zip(results, computed)]
+
+    def skipped_layers(self) -> int:
+        num_layers = self.runner.config.model.num_layers
+        return sum((num_layers - layer) * n for layer, n in self.exit_histogram.items())
+
+
+def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None:
+    """The engine's lossy exit: the build's choice unless one is asked for (None without SEDAC)."""
+    if choice is not None and choice not in SEDAC_LOSSY_EXITS:
+        raise ValueError(f"sedac_lossy_exit must be one of {', '.join(SEDAC_LOSSY_EXITS)}, got {choice!r}")
+    if not sedac:
+        return None
+    choice = choice or sedac.get("lossy_exit", "depth")
+    if choice == "int8" and "int8_thresholds" not in sedac:
+        raise ValueError(f"{engine_dir} has no int8 exit calibration; rebuild it with sedac-build --sedac")
+    return choice

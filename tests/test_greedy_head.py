@@ -1,0 +1,69 @@
+"""The int8-screened greedy head: its argmax is the full fp32 head's, on random heads and on near-ties
+that the int8 copy alone gets wrong; the engine takes it only for plain greedy rows, and greedy output
+is the same with and without it."""
+import pytest
+import torch
+
+from sedac import LLM, SamplingParams
+from sedac.models import cpu_kernels
+from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
+from sedac.models.layers import Linear
+
+
+def _screen(rows: torch.Tensor) -> GreedyScreen:
+    head = Linear(rows.shape[1], rows.shape[0])
+    head.weight.data = rows.t().contiguous()
+    head.quantize_int8()
+    return GreedyScreen(rows, head.int8_rows()), head
+
+
+@pytest.fixture(autouse=True)
+def _inference():
+    assert cpu_kernels.available()
+    with torch.inference_mode():
+        yield
+
+
+def test_screen_argmax_is_the_full_heads_on_random_heads():
+    torch.manual_seed(0)
+    rows = torch.randn(4096, 64) * 0.05
+    screen, head = _screen(rows)
+    x = torch.randn(MAX_SCREEN_ROWS, 64) * 20
+    out = screen.logits(x, head.draft)
+    exact = x @ rows.t()
+    assert torch.equal(out.argmax(-1), exact.argmax(-1))
+    kept = out > float("-inf")
+    assert torch.allclose(out[kept], exact[kept], atol=1e-4, rtol=1e-5)   # candidates carry exact logits
+    assert kept.sum(-1).max() < 4096 // 10                                 # and few tokens are candidates
+
+
+def test_screen_resolves_near_ties_the_int8_copy_gets_wrong():
+    """Pairs of rows a hair apart: int8 rounding alone often picks the wrong one of the pair."""
+    torch.manual_seed(1)
+    base = torch.randn(512, 32) * 0.1
+    rows = torch.cat([base, base + torch.randn(512, 32) * 1e-4])
+    screen, head = _screen(rows)
+    x = torch.randn(2000, 32) * 10
+    exact = (x @ rows.t()).argmax(-1)
+    assert not torch.equal(head.draft(x).argmax(-1), exact)          # the test has teeth
+    screened = torch.cat([screen.logits(chunk, head.draft).argmax(-1) for chunk in x.split(MAX_SCREEN_ROWS)])
+    assert torch.equal(screened, exact)
+
+
+def test_engine_screens_only_plain_greedy_rows_and_output_is_unchanged(tiny_llama, monkeypatch):
+    llm = LLM(str(tiny_llama), device="cpu")
+    model = llm.engine.runner.model
+    assert model.greedy_screen is not None
+    calls = []
+    screen_logits = model.greedy_screen.logits
+    monkeypatch.setattr(model.greedy_screen, "logits", lambda *a: calls.append(1) or screen_logits(*a))
+    prompts = ["The quick brown fox", "Hello"]
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    screened = [o.token_ids for o in llm.generate(prompts, greedy)]
+    assert calls
+    calls.clear()
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, logprobs=2))
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3))
+    assert not calls                                  # those need the whole distribution
+    model.greedy_screen = None
+    assert [o.token_ids for o in llm.generate(prompts, greedy)] == screened
