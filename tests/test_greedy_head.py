@@ -10,11 +10,14 @@ from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
 from sedac.models.layers import Linear
 
 
-def _screen(rows: torch.Tensor) -> GreedyScreen:
+def _screen(rows: torch.Tensor, packed: bool) -> GreedyScreen:
+    """The screen on a head as the engine keeps it on CPU (packed into panels) or plain."""
     head = Linear(rows.shape[1], rows.shape[0])
     head.weight.data = rows.t().contiguous()
+    if packed:
+        head.pack_for_cpu()
     head.quantize_int8()
-    return GreedyScreen(rows, head.int8_rows()), head
+    return GreedyScreen(head), head
 
 
 @pytest.fixture(autouse=True)
@@ -24,12 +27,13 @@ def _inference():
         yield
 
 
-def test_screen_argmax_is_the_full_heads_on_random_heads():
+@pytest.mark.parametrize("packed", [True, False])
+def test_screen_argmax_is_the_full_heads_on_random_heads(packed):
     torch.manual_seed(0)
     rows = torch.randn(4096, 64) * 0.05
-    screen, head = _screen(rows)
+    screen, head = _screen(rows, packed)
     x = torch.randn(MAX_SCREEN_ROWS, 64) * 20
-    out = screen.logits(x, head.draft)
+    out = screen.logits(x)
     exact = x @ rows.t()
     assert torch.equal(out.argmax(-1), exact.argmax(-1))
     kept = out > float("-inf")
@@ -37,16 +41,17 @@ def test_screen_argmax_is_the_full_heads_on_random_heads():
     assert kept.sum(-1).max() < 4096 // 10                                 # and few tokens are candidates
 
 
-def test_screen_resolves_near_ties_the_int8_copy_gets_wrong():
+@pytest.mark.parametrize("packed", [True, False])
+def test_screen_resolves_near_ties_the_int8_copy_gets_wrong(packed):
     """Pairs of rows a hair apart: int8 rounding alone often picks the wrong one of the pair."""
     torch.manual_seed(1)
     base = torch.randn(512, 32) * 0.1
     rows = torch.cat([base, base + torch.randn(512, 32) * 1e-4])
-    screen, head = _screen(rows)
+    screen, head = _screen(rows, packed)
     x = torch.randn(2000, 32) * 10
     exact = (x @ rows.t()).argmax(-1)
     assert not torch.equal(head.draft(x).argmax(-1), exact)          # the test has teeth
-    screened = torch.cat([screen.logits(chunk, head.draft).argmax(-1) for chunk in x.split(MAX_SCREEN_ROWS)])
+    screened = torch.cat([screen.logits(chunk).argmax(-1) for chunk in x.split(MAX_SCREEN_ROWS)])
     assert torch.equal(screened, exact)
 
 

@@ -28,9 +28,9 @@ def main(engine, prompts, tokens):
         raise click.ClickException("no greedy screen: it runs on CPU at fp32 with the C++ kernels")
     counts, differ, screened = [], 0, screen.logits
 
-    def checked(x, int8_logits):
+    def checked(x):
         nonlocal differ
-        out = screened(x, int8_logits)
+        out = screened(x)
         counts.extend((out > float("-inf")).sum(-1).tolist())
         differ += int((out.argmax(-1) != model.lm_head(x).argmax(-1)).sum())
         return out

@@ -100,13 +100,10 @@ class DecoderModel(nn.Module):
                 linear.quantize_int8()
 
     def screen_greedy_head(self) -> None:
-        """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py).
-        Tied models screen against the embedding (the head's own rows); untied ones keep a [vocab, hidden]
-        copy of the head."""
+        """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py)."""
         if self.lm_head.int8 is None:
             self.lm_head.quantize_int8()
-        rows = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.dense_rows().contiguous()
-        self.greedy_screen = GreedyScreen(rows, self.lm_head.int8_rows())
+        self.greedy_screen = GreedyScreen(self.lm_head)
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
                    int8: bool = False):
@@ -125,7 +122,7 @@ class DecoderModel(nn.Module):
         """Final-normed logits for the rows of h (only the rows that sample). argmax_only: the caller
         takes only each row's argmax, so rows outside the argmax's candidates may come back -inf."""
         if argmax_only and not int8 and self.greedy_screen is not None and len(h) <= MAX_SCREEN_ROWS:
-            return self.greedy_screen.logits(self.norm(h), self.lm_head.draft)
+            return self.greedy_screen.logits(self.norm(h))
         return _project(self.lm_head, self.norm(h), int8)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

@@ -19,22 +19,23 @@ MAX_SCREEN_ROWS = 4
 
 
 class GreedyScreen:
-    def __init__(self, rows: torch.Tensor, int8_rows: torch.Tensor):
-        """rows [V, H]: the head's exact weight rows; int8_rows [V, H]: the int8 copy the screen runs on,
-        dequantized."""
-        self.rows = rows
-        error = (rows.double() - int8_rows.double()).norm(dim=1)
+    def __init__(self, head):
+        """head: the LM head Linear, with its int8 copy (quantize_int8); the screen reads its rows in
+        place, so no second copy of the head is kept."""
+        self.head = head
+        rows = head.dense_rows().double()                                   # [V, H], at start-up only
+        error = (rows - head.int8_rows().double()).norm(dim=1)
         # fp32 rounding of the two dot products, each within hidden * eps of |x| |w| (with room to spare)
-        rounding = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * rows.double().norm(dim=1)
+        rounding = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * rows.norm(dim=1)
         self.row_bound = (error + rounding).float()         # [V]
 
-    def logits(self, x: torch.Tensor, int8_logits) -> torch.Tensor:
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,
-        -inf elsewhere. int8_logits: the head on the int8 copy (the model's own kernel for it)."""
-        approx = int8_logits(x)                                             # [R, V]
+        -inf elsewhere."""
+        approx = self.head.draft(x)                                         # [R, V] on the int8 copy
         bound = x.norm(dim=1, keepdim=True) * self.row_bound                # [R, V]
         best_lower = (approx - bound).amax(dim=1, keepdim=True)             # [R, 1]
         rows, cols = torch.nonzero(approx + bound >= best_lower, as_tuple=True)
         out = torch.full_like(approx, float("-inf"))
-        out[rows, cols] = (x[rows] * self.rows[cols]).sum(dim=1)
+        out[rows, cols] = (x[rows] * self.head.output_rows(cols)).sum(dim=1)
         return out

@@ -43,6 +43,12 @@ class Linear(nn.Module):
         """The weight as [out, in] (a copy when packed)."""
         return self.weight.t() if self.packed is None else _from_panels(self.packed, self.out_features)
 
+    def output_rows(self, outputs: torch.Tensor) -> torch.Tensor:
+        """The weight rows [len(outputs), in] of the given output indices, read in place."""
+        if self.packed is None:
+            return self.weight[:, outputs].t()
+        return self.packed[outputs // 16, :, outputs % 16]
+
     def int8_rows(self) -> torch.Tensor:
         """The int8 copy dequantized, [out, in] fp32."""
         weight, scale = self.int8
