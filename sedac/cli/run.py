@@ -37,9 +37,28 @@ def make_params(max_tokens, temperature, top_k, top_p, seed, stop, sedac_mode="o
                           seed=seed, stop=list(stop), sedac_mode=sedac_mode, sedac_agreement=sedac_agreement, **extra)
 
 
+def _print_version(ctx, _param, value):
+    if not value or ctx.resilient_parsing:
+        return
+    from sedac import __version__
+    from sedac.models import cpu_kernels
+    click.echo(f"sedac-run {__version__}\n{cpu_kernels.status().line()}")
+    ctx.exit()
+
+
 @click.group()
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_print_version,
+              help="the version and the C++ kernels this installation runs")
 def main():
     """Run a SEDAC engine."""
+
+
+@main.command()
+def env():
+    """What this installation runs on: torch, CPU and its flags, the C++ kernels, triton, GPU."""
+    from sedac.cli.env import environment
+    for key, value in environment().items():
+        click.echo(f"{key + ':':13}{value}")
 
 
 @main.command()

@@ -1,48 +1,80 @@
-"""C++ CPU kernels, compiled on first use with torch.utils.cpp_extension and cached by torch.
+"""C++ CPU kernels: compiled when the package is installed (setup.py), loaded here as a library.
 
-Compiled on the machine that runs them (-march=native: AVX2/AVX-512 wherever the CPU has it); a
-machine without a C++ toolchain falls back to the portable PyTorch path with one warning.
-make install compiles them ahead of time (cpu_kernels.available()).
+Loading needs no compiler, no build directory and no lock file, so an interrupted start can never leave
+anything behind that a later start waits on. A source install (`make install`) builds one library for
+this CPU (-march=native); a portable wheel ships one per instruction-set level and the best one the CPU
+supports is loaded. Without a library (a source tree never installed, a torch it was not built for) CPU
+runs take the PyTorch path, with one warning that says how to build them.
 SEDAC_CPU_KERNELS=0 turns them off (A/B measurements, debugging).
 """
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import warnings
+from dataclasses import dataclass
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import torch
 
-SOURCES = [Path(__file__).parent / "csrc" / name
-           for name in ("paged_attention.cpp", "fused_ops.cpp", "panel_linear.cpp", "decode_layer.cpp")]
+# Preference order: a build for this very CPU, then the portable levels best first (setup.py's names),
+# each with the torch CPU capabilities that can run it.
+LEVELS = {"native": None, "avx2": {"AVX2", "AVX512"}}
+REBUILD = "reinstall the package to build them (make install, or pip install --no-build-isolation -e .)"
 
 
-def _build_name() -> str:
-    """One build per installed copy: torch rewrites build.ninja with the copy's source paths, so two
-    checkouts sharing one build directory would recompile each other's build on every load."""
-    return "sedac_cpu_kernels_" + hashlib.sha1(str(Path(__file__).resolve().parent).encode()).hexdigest()[:10]
+@dataclass(frozen=True)
+class KernelStatus:
+    loaded: bool
+    detail: str       # the library's build info and path, or why the kernels are off
+
+    def line(self) -> str:
+        return f"SEDAC C++ CPU kernels: {'loaded, ' if self.loaded else 'off: '}{self.detail}"
+
+
+def library_path() -> Path | None:
+    """The installed library this CPU should run, if any."""
+    here = Path(__file__).parent
+    capability = torch.backends.cpu.get_cpu_capability()
+    for level, runs_on in LEVELS.items():
+        if runs_on is not None and capability not in runs_on:
+            continue
+        for suffix in EXTENSION_SUFFIXES:
+            if (path := here / f"_cpu_kernels_{level}{suffix}").is_file():
+                return path
+    return None
 
 
 @functools.cache
-def available() -> bool:
-    """Compile (or load the cached build of) the kernels once per process; False if that fails."""
+def status() -> KernelStatus:
+    """Load the library once per process (registers torch.ops.sedac_cpu)."""
     if os.environ.get("SEDAC_CPU_KERNELS", "1") == "0":
-        return False
-    from torch.utils.cpp_extension import load
+        return KernelStatus(False, "disabled by SEDAC_CPU_KERNELS=0")
+    path = library_path()
+    if path is None:
+        return _off(f"not built for this CPU; {REBUILD}")
     try:
-        # -ffp-contract=off: no fused multiply-adds, so elementwise results round exactly as torch's do.
-        load(name=_build_name(), sources=[str(s) for s in SOURCES], is_python_module=False, verbose=False,
-             extra_cflags=["-O3", "-march=native", "-fopenmp", "-ffp-contract=off"])
-    except Exception as e:   # no compiler, no ninja, unsupported platform
-        warnings.warn(f"SEDAC CPU kernels unavailable, using the PyTorch path: {str(e).splitlines()[0]}")
-        return False
-    return True
+        torch.ops.load_library(str(path))
+    except OSError as e:      # built against another torch (undefined symbols), a foreign architecture
+        return _off(f"{path.name} does not load ({str(e).splitlines()[0]}); {REBUILD}")
+    info = torch.ops.sedac_cpu.build_info()
+    built_for = info.rsplit("torch=", 1)[1]
+    if built_for != torch.__version__:
+        return _off(f"{path.name} was built for torch {built_for}, this is {torch.__version__}; {REBUILD}")
+    return KernelStatus(True, f"{info} ({path})")
+
+
+def _off(why: str) -> KernelStatus:
+    warnings.warn(f"SEDAC C++ CPU kernels unavailable, CPU runs take the slower PyTorch path: {why}", stacklevel=3)
+    return KernelStatus(False, why)
+
+
+def available() -> bool:
+    return status().loaded
 
 
 def usable(x: torch.Tensor) -> bool:
     """The kernels take float32 CPU tensors and have no backward: training (exit heads) and other
     devices or dtypes run the PyTorch path."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
-

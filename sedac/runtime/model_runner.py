@@ -8,6 +8,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
+from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
@@ -33,6 +34,8 @@ class ModelRunner:
         self.model = self._load_model(engine_dir)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
+        if device.type == "cpu":
+            self._log_kernels()
 
     def _load_model(self, engine_dir: Path) -> DecoderModel:
         path = Path(engine_dir) / WEIGHTS_FILE
@@ -85,6 +88,13 @@ class ModelRunner:
                 if isinstance(linear, Linear):
                     linear.pack_for_cpu()
         return module
+
+    def _log_kernels(self) -> None:
+        """One line at load: which kernels this CPU engine runs, and why not when it cannot."""
+        line = cpu_kernels.status().line()
+        if cpu_kernels.available() and self.dtype != torch.float32:
+            line += f"; not used by this {self.config.build.precision} engine (they take float32): slow PyTorch path"
+        logger.info(line)
 
     def _cpu_kernels(self) -> bool:
         return self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.available()
