@@ -6,7 +6,7 @@ ENGINE := engines/smollm2
 SEDAC_ENGINE := engines/smollm2-sedac
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install demo test bench bench-sedac wheel clean
+.PHONY: install demo test bench bench-sedac bench-precisions wheel clean
 
 install: $(VENV)/.installed
 
@@ -43,6 +43,10 @@ $(SEDAC_ENGINE)/sedac.safetensors: | install
 
 bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 	$(VENV)/bin/sedac-run bench --engine $(SEDAC_ENGINE) --sedac-modes off,lossless,lossy --report reports/sedac_bench
+
+# fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing)
+bench-precisions: install $(ENGINE)/config.json
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8 --report reports/precision_bench
 
 clean:
 	rm -rf $(VENV) engines reports build dist sedac/models/_cpu_kernels_*.so

@@ -16,7 +16,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 
 CSRC = Path("sedac/models/csrc")
 # level name -> -march; the loader (sedac/models/cpu_kernels.py) ranks them by the same names
-PORTABLE_LEVELS = {"avx2": "x86-64-v3"}
+PORTABLE_LEVELS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3"}
 
 
 def kernels(target: str, march: str) -> CppExtension:

@@ -14,7 +14,11 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"      # converted weights inside an engine directory
 SEDAC_WEIGHTS_FILE = "sedac.safetensors"  # trained exit heads (engines built with --sedac)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# precision -> the dtype an engine stores its float tensors in (on CPU every step computes in fp32)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
+# weight-only precisions: linear weights stored quantized, one scale per output channel
+WEIGHT_ONLY = ("int8",)
+SCALE_SUFFIX = ".weight_scale"    # a quantized linear's scales beside its "<name>.weight"
 
 
 @dataclass

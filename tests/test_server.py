@@ -188,3 +188,15 @@ def test_streamed_n_choices_finish_once_each(server):
     full = c.completions.create(model="tiny", prompt="Hello", max_tokens=6, n=3, temperature=1.0, seed=2)
     for choice in full.choices:
         assert "".join(ch.choices[0].text for ch in chunks if ch.choices[0].index == choice.index) == choice.text
+
+
+def test_chat_without_max_tokens_gets_what_fits_and_max_completion_tokens(server):
+    c = client(server)
+    msgs = [{"role": "user", "content": "Tell me everything"}]
+    r = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length"          # vLLM's default: up to max_seq_len (256 here)
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 256
+    r = c.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_completion_tokens=5,
+                                  max_tokens=50, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5                  # the current name wins over the old one
+    assert_pool_free(server)

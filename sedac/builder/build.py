@@ -10,10 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from sedac.builder.convert import convert_checkpoint, model_config_from_hf
+from sedac.builder.convert import convert_checkpoint, model_config_from_hf, quantize_linears
 from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
-from sedac.config import PRECISIONS, WEIGHTS_FILE, BuildConfig, EngineConfig
+from sedac.config import PRECISIONS, WEIGHT_ONLY, WEIGHTS_FILE, BuildConfig, EngineConfig
 
 
 def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: SedacOptions | None = None) -> dict:
@@ -21,6 +21,9 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
     build.validate()
     if sedac is not None:
         sedac.validate()
+        if build.precision in WEIGHT_ONLY:
+            raise ValueError(f"--sedac needs a fp32, fp16 or bf16 base: its drafter and exits are int8 copies, "
+                             f"no cheaper than a {build.precision} engine")
     started = time.time()
     source = resolve_source(model)
     tokenizer = source.load_tokenizer()
@@ -35,7 +38,11 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
         sedac.layers(cfg.num_layers)          # a bad --exit-layers fails before any work
     if tokenizer.chat_template is None:
         raise ValueError("the model's tokenizer has no chat template")
-    weights = convert_checkpoint(source.tensors(), cfg, getattr(torch, PRECISIONS[build.precision]))
+    dtype = getattr(torch, PRECISIONS[build.precision])
+    if build.precision in WEIGHT_ONLY:     # quantized from the source's own precision, not a rounded copy
+        weights = quantize_linears(convert_checkpoint(source.tensors(), cfg, torch.float32), dtype)
+    else:
+        weights = convert_checkpoint(source.tensors(), cfg, dtype)
 
     out = Path(output)
     tmp = out.with_name(out.name + ".building")

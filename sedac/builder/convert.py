@@ -6,7 +6,8 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from sedac.config import SUPPORTED_ARCHITECTURES, ModelConfig
+from sedac.config import SCALE_SUFFIX, SUPPORTED_ARCHITECTURES, ModelConfig
+from sedac.models.layers import quantize_rows
 
 
 def model_config_from_hf(hf, eos_token_ids: list[int] | None = None) -> ModelConfig:
@@ -77,3 +78,16 @@ def _required(t, name: str) -> torch.Tensor:
     if t is None:
         raise ValueError(f"checkpoint is missing tensor {name}")
     return t
+
+
+def quantize_linears(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Weight-only int8: every projection as int8 [out, in] with fp32 scales per output; the other
+    tensors in `dtype`. The LM head stays in `dtype`, as TensorRT-LLM's quantization excludes lm_head by
+    default: its argmax is the token, and the greedy screen already reads an int8 copy of it at decode."""
+    out = {}
+    for name, t in weights.items():
+        if name.endswith("proj.weight"):
+            out[name], out[name[:-len(".weight")] + SCALE_SUFFIX] = quantize_rows(t.t())
+        else:
+            out[name] = t.to(dtype).contiguous()
+    return out

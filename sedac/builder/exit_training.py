@@ -102,7 +102,7 @@ def scratch_kv(model, num_slots: int):
     """K/V go to scratch caches of num_slots slots meanwhile: an engine's pool (and the prefix cache
     in it) is never touched."""
     m, pools = model.cfg, [(layer.k_cache, layer.v_cache) for layer in model.layers]
-    dtype, dev = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+    dtype, dev = model.norm.weight.dtype, model.embed_tokens.weight.device   # the compute dtype
     try:
         for layer in model.layers:
             layer.k_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sedac.config import WEIGHTS_FILE, EngineConfig, ModelConfig
+from sedac.config import SCALE_SUFFIX, WEIGHTS_FILE, EngineConfig, ModelConfig
 
 
 def hf_config(cfg: ModelConfig):
@@ -43,11 +43,20 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return {k: v.contiguous() for k, v in out.items()}
 
 
+def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Weight-only int8 layers (int [out, in] and their scales) as fp32 in the engine layout [in, out]."""
+    out = {k: v for k, v in weights.items() if not k.endswith(SCALE_SUFFIX)}
+    for name in weights.keys() - out.keys():
+        weight = name[:-len(SCALE_SUFFIX)] + ".weight"
+        out[weight] = (weights[weight].float() * weights[name].float()[:, None]).t()
+    return out
+
+
 def load_hf_model(engine_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """An HF AutoModelForCausalLM with exactly the engine's weights (fp32 by default)."""
+    """An HF AutoModelForCausalLM with exactly the engine's weights (fp32 by default; int8 dequantized)."""
     from transformers import AutoModelForCausalLM
     cfg = EngineConfig.load(Path(engine_dir)).model
-    weights = load_file(str(Path(engine_dir) / WEIGHTS_FILE))
+    weights = dequantized(load_file(str(Path(engine_dir) / WEIGHTS_FILE)))
     model = AutoModelForCausalLM.from_config(hf_config(cfg), dtype=dtype)
     model.load_state_dict({k: v.to(dtype) for k, v in hf_state_dict(weights, cfg).items()}, strict=False)
     return model.eval()

@@ -218,14 +218,25 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="also run HF transformers generate")
 @click.option("--report", default="reports/bench", show_default=True, help="writes REPORT.json and REPORT.md")
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
+@click.option("--precisions", help="compare precisions instead, e.g. fp32,fp16,bf16,int8 (ENGINE is the fp32 one; "
+                                   "the others are ENGINE-PRECISION, built when missing)")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @KV_FILL
 @LOSSY_EXIT
 @clean_errors
-def bench(engine, device, sedac_modes, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit, **options):
+def bench(engine, device, sedac_modes, precisions, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
-    or with --sedac-modes the SEDAC modes side by side."""
+    or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side."""
+    if sedac_modes and precisions:
+        raise ValueError("give one of --sedac-modes or --precisions")
+    if precisions:
+        from sedac.cli.precision_bench import run_precision_bench
+        report = options["report"] if options["report"] != "reports/bench" else "reports/precision_bench"
+        run_precision_bench(engine, device, [p.strip() for p in precisions.split(",") if p.strip()],
+                            options["num_prompts"], options["output_len"], options["batch1_prompts"],
+                            options["max_prompt_len"], report)
+        return
     if sedac_modes:
         from sedac.cli.sedac_bench import run_sedac_bench
         modes = [m.strip() for m in sedac_modes.split(",") if m.strip()]

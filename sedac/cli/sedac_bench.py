@@ -98,7 +98,7 @@ def _perplexity(llm, mode, agreement, documents: int = 8, max_len: int = 256, fl
     level = engine.sedac.exit_controller.level(agreement) if mode == "lossy" else None
     exits = _int8_exits if engine.sedac.lossy_exit == "int8" else _depth_exits
     nll, count, exited = 0.0, 0, 0
-    for messages in _answers(documents):
+    for messages in held_out_answers(documents):
         ids = llm.tokenizer.encode(messages, add_special_tokens=False)[:max_len]
         logp, done = exits(engine, ids, level)
         target = torch.tensor(ids[1:])
@@ -138,7 +138,7 @@ def _int8_exits(engine, ids, level):
     return logp, done
 
 
-def _answers(count):
+def held_out_answers(count):
     texts = []
     for messages in sharegpt_conversations("bench"):
         answer = next((m["content"] for m in messages if m["role"] == "assistant"), None)

@@ -20,7 +20,7 @@ import torch
 
 # Preference order: a build for this very CPU, then the portable levels best first (setup.py's names),
 # each with the torch CPU capabilities that can run it.
-LEVELS = {"native": None, "avx2": {"AVX2", "AVX512"}}
+LEVELS = {"native": None, "avx512": {"AVX512"}, "avx2": {"AVX2", "AVX512"}}
 REBUILD = "reinstall the package to build them (make install, or pip install --no-build-isolation -e .)"
 
 

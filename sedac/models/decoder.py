@@ -91,7 +91,8 @@ class DecoderModel(nn.Module):
         self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.t().contiguous(), requires_grad=False)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.embed_tokens(input_ids)
+        """[T] -> [T, hidden] in the compute dtype (the table may be kept at a lower precision)."""
+        return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def quantize_int8(self) -> None:
         """int8 copies of every projection and the LM head: the lossless-mode drafter."""
@@ -105,8 +106,14 @@ class DecoderModel(nn.Module):
             self.lm_head.quantize_int8()
         self.greedy_screen = GreedyScreen(self.lm_head)
 
+    @property
+    def int8_weights(self) -> bool:
+        """An int8 engine: every projection is weight-only int8, so each layer pass is an int8 pass."""
+        return self.layers[0].qkv_proj.weight_only_int8
+
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
                    int8: bool = False):
+        int8 = int8 or self.int8_weights
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
         layers = [self.layers[i] for i in range(*slice(start, end).indices(len(self.layers)))]
         ctx = get_context()

@@ -27,17 +27,28 @@ class Linear(nn.Module):
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def pack_for_cpu(self) -> None:
-        """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input."""
+        """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
+        at the weight's own precision (fp32, fp16, bf16; int8 with its scales)."""
+        if self.weight_only_int8:
+            self.int8 = (_to_panels(self.int8[0]), self.int8[1])
+            return
         self.packed = _to_panels(self.weight.t())
         self.weight = None      # the packed copy replaces it: one copy of the weights in memory
 
     def quantize_int8(self) -> None:
         """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
         (a quarter of the bytes to stream; activations stay at full precision)."""
-        w = self.dense_rows().float()
-        scale = w.abs().amax(1).clamp(min=1e-12) / 127
-        weight = torch.round(w / scale[:, None]).to(torch.int8)
-        self.int8 = (weight.contiguous() if self.packed is None else _to_panels(weight), scale.contiguous())
+        weight, scale = quantize_rows(self.dense_rows())
+        self.int8 = (weight if self.packed is None else _to_panels(weight), scale)
+
+    def load_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        """Make the layer weight-only int8 (an int8 engine): weight [out, in] int8, scale [out]."""
+        self.weight = None
+        self.int8 = (weight, scale)
+
+    @property
+    def weight_only_int8(self) -> bool:
+        return self.weight is None and self.packed is None
 
     def dense_rows(self) -> torch.Tensor:
         """The weight as [out, in] (a copy when packed)."""
@@ -65,9 +76,19 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.sedac_cpu.panel_linear(x, self.packed, self.bias, self.out_features)
+        if self.weight_only_int8:
+            return self.draft(x)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per row (TensorRT-LLM's weight-only int8): w [out, in] ->
+    (int8 [out, in], fp32 scale [out]) with w ~= int8 * scale[:, None]."""
+    w = w.float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous()
 
 
 def _to_panels(w: torch.Tensor) -> torch.Tensor:

@@ -7,13 +7,25 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sedac.config import PRECISIONS, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
+from sedac.config import PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.scheduler import ScheduledBatch
+
+
+def _load_int8_linears(model: DecoderModel, weights: dict[str, torch.Tensor]) -> None:
+    """Weight-only int8 layers (an int8 engine) take their int8 weight and scales out of `weights`."""
+    for name in [k for k in weights if k.endswith(SCALE_SUFFIX)]:
+        prefix = name[:-len(SCALE_SUFFIX)]
+        try:
+            linear = model.get_submodule(prefix)
+            weight = weights.pop(prefix + ".weight")
+        except (AttributeError, KeyError):
+            raise ValueError(f"engine weights do not match its config (stray {name})") from None
+        linear.load_int8(weight, weights.pop(name).float())
 
 
 def resolve_device(device: str) -> torch.device:
@@ -29,13 +41,16 @@ def resolve_device(device: str) -> torch.device:
 class ModelRunner:
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, kv_cache_bytes: int | None):
         self.config, self.device = config, device
-        self.dtype = getattr(torch, PRECISIONS[config.build.precision])
+        # The engine's float weights are stored at its precision; on CPU every step computes in fp32
+        # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
+        self.weight_dtype = getattr(torch, PRECISIONS[config.build.precision])
+        self.dtype = torch.float32 if device.type == "cpu" else self.weight_dtype
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
         if device.type == "cpu":
-            self._log_kernels()
+            logger.info(cpu_kernels.status().line())
 
     def _load_model(self, engine_dir: Path) -> DecoderModel:
         path = Path(engine_dir) / WEIGHTS_FILE
@@ -46,6 +61,7 @@ class ModelRunner:
         except Exception as e:
             raise ValueError(f"corrupt engine weights {path}: {e}") from None
         model = DecoderModel(self.config.model, self.config.build.max_seq_len)
+        _load_int8_linears(model, weights)
         tied = self.config.model.tie_word_embeddings
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
@@ -55,7 +71,8 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
-        model = self._pack_for_cpu(model.to(self.device).eval())
+        model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)   # packed panels keep their dtype
+        model.embed_tokens.to(self.weight_dtype)          # gathered rows are widened (DecoderModel.embed)
         if self.config.sedac:      # lossless mode drafts on int8 copies of the weights
             model.quantize_int8()
         if self._cpu_kernels():
@@ -82,22 +99,15 @@ class ModelRunner:
         return heads, ghost
 
     def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
-        """fp32 on CPU: every Linear runs on panel-packed weights (see Linear.pack_for_cpu)."""
+        """On CPU every Linear runs on panels packed at the weights' precision (see Linear.pack_for_cpu)."""
         if self._cpu_kernels():
             for linear in module.modules():
                 if isinstance(linear, Linear):
                     linear.pack_for_cpu()
         return module
 
-    def _log_kernels(self) -> None:
-        """One line at load: which kernels this CPU engine runs, and why not when it cannot."""
-        line = cpu_kernels.status().line()
-        if cpu_kernels.available() and self.dtype != torch.float32:
-            line += f"; not used by this {self.config.build.precision} engine (they take float32): slow PyTorch path"
-        logger.info(line)
-
     def _cpu_kernels(self) -> bool:
-        return self.device.type == "cpu" and self.dtype == torch.float32 and cpu_kernels.available()
+        return self.device.type == "cpu" and cpu_kernels.available()
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model

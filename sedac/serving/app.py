@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import signal
 
@@ -59,6 +60,12 @@ class Server:
             return req.sampling_params(default_max_tokens, logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+
+    def fit_max_tokens(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
+        """params with max_tokens = what fits in max_seq_len after a prompt of prompt_tokens tokens."""
+        if prompt_tokens >= self.max_seq_len:
+            raise HTTPError(400, f"prompt ({prompt_tokens} tokens) leaves no room in max_seq_len {self.max_seq_len}")
+        return dataclasses.replace(params, max_tokens=self.max_seq_len - prompt_tokens)
 
     def tokenized(self, prompts: list, params: SamplingParams) -> list[list[int]]:
         """Token ids per prompt; a prompt that cannot fit with max_tokens is a 400 (as in vLLM)."""

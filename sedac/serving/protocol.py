@@ -12,6 +12,7 @@ class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
     max_tokens: StrictInt | None = None
+    max_completion_tokens: StrictInt | None = None     # the OpenAI SDK's current name; wins over max_tokens
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: StrictInt = 0
@@ -35,12 +36,16 @@ class _Sampling(BaseModel):
         extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement))
                  if v is not None}
         return SamplingParams(
-            max_tokens=self.max_tokens if self.max_tokens is not None else default_max_tokens,
+            max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
             priority=self.priority, **extra)
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
     def include_usage(self) -> bool:

@@ -1,0 +1,161 @@
+"""Engine precisions on CPU: fp16 and bf16 weights are widened in the kernels' registers and computed in
+fp32, so a half-precision panel gives bit for bit the fp32 kernel's result on the widened weights (any
+batch), and an fp16/bf16 engine decodes greedy tokens identical to HF transformers at fp32 on the same
+rounded weights. int8 engines store weight-only int8 projections (one scale per output; the head stays
+fp16) and decode like HF on the dequantized weights; without the kernels every precision still runs. Every precision takes the fused decode layer."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from sedac import LLM, SamplingParams
+from sedac.builder import build_engine
+from sedac.builder.hf_export import load_hf_model
+from sedac.cli.build import main as build_main
+from sedac.config import BuildConfig
+from sedac.models import cpu_kernels
+from sedac.models.layers import Linear
+from tests.conftest import hf_greedy
+from tests.test_parity_tiny import PROMPTS
+
+HALF = [torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    assert cpu_kernels.available()    # every precision must take the C++ path here, not fall back
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("shape", [(44, 13), (576, 960)])
+def test_half_panels_equal_fp32_panels_on_widened_weights(dtype, shape):
+    torch.manual_seed(0)
+    n_in, n_out = shape
+    half, wide = Linear(n_in, n_out, bias=True), Linear(n_in, n_out, bias=True)
+    half.weight.data = torch.randn(n_in, n_out).to(dtype)
+    wide.weight.data = half.weight.data.float()
+    half.bias.data = wide.bias.data = torch.randn(n_out)
+    half.pack_for_cpu()
+    wide.pack_for_cpu()
+    assert half.packed.dtype == dtype            # streamed at half the bytes
+    x = torch.randn(17, n_in)
+    with torch.inference_mode():
+        y = half(x)
+        assert torch.equal(y, wide(x))
+        for rows in (1, 2, 3, 5, 6, 7):
+            assert torch.equal(half(x[:rows]), y[:rows])      # batch-invariant
+
+
+def test_panel_linear_rejects_other_dtypes():
+    with pytest.raises(RuntimeError, match="float32, float16 or bfloat16 panels"):
+        torch.ops.sedac_cpu.panel_linear(torch.randn(1, 4), torch.zeros(1, 4, 16, dtype=torch.float64), None, 16)
+
+
+def _engine(tmp_path, source, precision: str):
+    path = tmp_path / precision
+    build_engine(str(source), path, BuildConfig(precision=precision, max_batch_size=8, max_seq_len=256,
+                                                max_num_tokens=256, kv_block_size=4))
+    return path
+
+
+def _fused_steps(llm) -> list[int]:
+    """Counts fused decode-layer calls, to show decode steps took the fast path."""
+    calls = []
+    for layer in llm.engine.runner.model.layers:
+        original = layer._fused_decode
+        layer._fused_decode = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    return calls
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_models, precision, arch):
+    from transformers import AutoModelForCausalLM
+    engine = _engine(tmp_path, tiny_models[arch], precision)
+    assert load_file(str(engine / "model.safetensors"))["layers.0.qkv_proj.weight"].dtype == \
+        getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+    hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.to(load_file(str(engine / "model.safetensors"))["norm.weight"].dtype).float())
+    llm = LLM(str(engine), device="cpu")
+    fused = _fused_steps(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 24)
+    assert fused                                   # the decode steps ran the fused C++ layer
+    assert llm.engine.runner.model.layers[0].qkv_proj.packed.dtype != torch.float32
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+    engine = _engine(tmp_path, tiny_models[arch], "int8")
+    weights = load_file(str(engine / "model.safetensors"))
+    assert weights["layers.0.gate_up_proj.weight"].dtype == torch.int8
+    assert weights["layers.0.qkv_proj.weight_scale"].shape == (weights["layers.0.qkv_proj.weight"].shape[0],)
+    assert weights.get("lm_head.weight", weights["embed_tokens.weight"]).dtype == torch.float16   # head excluded
+    hf = load_hf_model(engine)
+    llm = LLM(str(engine), device="cpu")
+    model = llm.engine.runner.model
+    assert model.int8_weights and model.layers[0].qkv_proj.int8[0].dim() == 3     # int8 panels
+    fused = _fused_steps(llm)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 24)
+    assert fused
+    # and the logits (not only the argmax) are HF's on the dequantized weights, up to summation order
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    ours = llm.generate([PROMPTS[0]], params)[0].outputs[0].logprobs[0]
+    with torch.inference_mode():
+        theirs = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].log_softmax(-1)
+    for token, logprob in ours.items():
+        assert abs(logprob - theirs[token].item()) < 1e-4
+
+
+def test_precision_errors(tmp_path, tiny_models):
+    runner = CliRunner()
+    out = runner.invoke(build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"),
+                                     "--precision", "int3"])
+    assert out.exit_code != 0 and "int3" in out.output and "int8" in out.output and "bf16" in out.output
+    out = runner.invoke(build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"),
+                                     "--precision", "int8", "--sedac"])
+    assert out.exit_code != 0 and "--sedac needs a fp32, fp16 or bf16 base" in out.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_engine_size_follows_precision(tmp_path, tiny_models):
+    sizes = {p: json.loads((_engine(tmp_path, tiny_models["llama"], p) / "build_report.json").read_text())
+             ["weights_bytes"] for p in ("fp32", "fp16", "int8")}
+    assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
+
+
+def test_precision_bench_reports_every_precision(tmp_path, tiny_models):
+    from sedac.cli.precision_bench import run_precision_bench
+    reference = _engine(tmp_path, tiny_models["qwen2"], "fp32")
+    results = run_precision_bench(reference, "cpu", ["fp32", "bf16", "int8"], num_prompts=3, output_len=6,
+                                  batch1_prompts=2, max_prompt_len=64, report=tmp_path / "report",
+                                  answers=2, answer_len=48, prefill_len=80)
+    rows = results["precisions"]
+    assert list(rows) == ["fp32", "bf16", "int8"]
+    assert (tmp_path / "fp32-int8" / "config.json").is_file()         # built beside the reference
+    assert rows["fp32"]["agreement_vs_fp32"] == 1.0 and rows["fp32"]["batch1_decode_vs_fp32"] == 1.0
+    assert 0.5 < rows["bf16"]["agreement_vs_fp32"] <= 1.0 and rows["int8"]["perplexity"] > 1
+    assert rows["int8"]["resident_weight_mb"] < rows["bf16"]["resident_weight_mb"] < rows["fp32"]["resident_weight_mb"]
+    assert all(r["batch1_tok_s"] > 0 and r["concurrent3_tok_s"] > 0 and r["prefill80_tok_s"] > 0 for r in rows.values())
+    assert "| int8 |" in (tmp_path / "report.md").read_text()
+    with pytest.raises(ValueError, match="unknown int3"):
+        run_precision_bench(reference, "cpu", ["fp32", "int3"], 1, 1, 1, 64, tmp_path / "r")
+
+
+@pytest.mark.parametrize("precision", ["fp16", "int8"])
+def test_without_kernels_every_precision_runs_the_torch_path(tmp_path, tiny_models, monkeypatch, precision):
+    engine = _engine(tmp_path, tiny_models["llama"], precision)
+    with_kernels = [o.token_ids for o in LLM(str(engine), device="cpu").generate(
+        PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))]
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    llm = LLM(str(engine), device="cpu")
+    assert llm.engine.runner.model.layers[0].qkv_proj.packed is None        # nothing packed: torch ops
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    assert [o.token_ids for o in outs] == with_kernels
