@@ -49,6 +49,8 @@ class ExitResult:
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(Bin(n, p) <= k), summed in log space (n up to ~1e6 is fine)."""
+    if k < 0:
+        return 0.0      # P(X <= -1): the p-value 1 - cdf(wrong - 1) of zero errors is 1
     if k >= n:
         return 1.0
     log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
