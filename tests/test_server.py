@@ -107,6 +107,11 @@ BAD = [
     (json.dumps({"prompt": "hi", "model": "gpt-17"}).encode(), 404),
     (json.dumps({"prompt": "hi", "sedac_mode": "lossy"}).encode(), 400),
     (b"x" * (10 * 1024 * 1024), 413),
+    (b'{"prompt": "hi", "max_tokens": 2, "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400),
+    (b'{"prompt": "hi", "max_tokens": 2, "temperature": Infinity}', 400),
+    (b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', 400),
+    (b'{"prompt": "hi", "max_tokens": 2, "top_p": 1e999}', 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "n": 10**6}).encode(), 400),
 ]
 
 

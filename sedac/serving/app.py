@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import dataclasses
 import json
+import math
 import signal
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,20 @@ from sedac.serving.openai_api import OpenAIHandlers
 from sedac.serving.protocol import BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
 
 MAX_BODY_BYTES = 1 << 20
+
+
+MAX_N = 64     # completions per request: each holds KV blocks and a share of every step
+
+
+def _non_finite(name: str):
+    raise ValueError(f"non-finite number {name} is not allowed")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]} overflows a float")
+    return value
 
 
 class HTTPError(Exception):
@@ -40,13 +55,17 @@ class Server:
         if len(body) > self.max_body_bytes:
             raise HTTPError(413, f"request body is over {self.max_body_bytes} bytes")
         try:
-            data = json.loads(body.decode("utf-8"))
+            data = json.loads(body.decode("utf-8"), parse_constant=_non_finite, parse_float=_finite_float)
         except UnicodeDecodeError:
             raise HTTPError(400, "request body is not valid UTF-8") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, ValueError) as e:
             raise HTTPError(400, f"request body is not valid JSON: {e}") from None
+        except RecursionError:
+            raise HTTPError(400, "request body nests too deeply") from None
         try:
             req = schema.model_validate(data)
+        except RecursionError:
+            raise HTTPError(400, "request body nests too deeply") from None
         except ValidationError as e:
             first = e.errors()[0]
             raise HTTPError(400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
@@ -57,9 +76,12 @@ class Server:
 
     def params(self, req, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
-            return req.sampling_params(default_max_tokens, logprobs)
+            params = req.sampling_params(default_max_tokens, logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+        if params.n > MAX_N:
+            raise HTTPError(400, f"n must be at most {MAX_N}, got {params.n}")
+        return params
 
     def fit_max_tokens(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
         """params with max_tokens = what fits in max_seq_len after a prompt of prompt_tokens tokens."""
