@@ -112,6 +112,8 @@ BAD = [
     (b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', 400),
     (b'{"prompt": "hi", "max_tokens": 2, "top_p": 1e999}', 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "n": 10**6}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 100}}).encode(), 400),    # not silently
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_object"}}).encode(), 400),
 ]
 
 
@@ -205,3 +207,16 @@ def test_chat_without_max_tokens_gets_what_fits_and_max_completion_tokens(server
                                   max_tokens=50, extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 5                  # the current name wins over the old one
     assert_pool_free(server)
+
+
+def test_content_parts_and_unsupported_fields_named(server):
+    c = client(server)
+    parts = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi"}]
+    as_parts = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": parts}], max_tokens=6,
+                                         temperature=0, response_format={"type": "text"})
+    as_text = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Say hi"}], max_tokens=6,
+                                        temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[tool])

@@ -3,13 +3,34 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from sedac.runtime.sampling_params import SamplingParams
 
 
+# OpenAI / vLLM fields that would change the output but are not implemented yet: answered 400 naming the
+# field, never silently ignored. A value that asks for nothing (the benign ones) passes.
+UNSUPPORTED_FIELDS = {
+    "response_format": lambda v: v in ({"type": "text"},), "tools": lambda v: not v, "functions": lambda v: not v,
+    "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none", "logit_bias": lambda v: not v,
+    "min_tokens": lambda v: v == 0, "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
+    "structured_outputs": lambda v: not v, "guided_json": lambda v: not v, "guided_regex": lambda v: not v,
+    "guided_choice": lambda v: not v, "guided_grammar": lambda v: not v, "prompt_logprobs": lambda v: not v,
+}
+
+
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore")     # unknown fields that change nothing (user, metadata, ...)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_unsupported(cls, data):
+        if isinstance(data, dict):
+            for name, benign in UNSUPPORTED_FIELDS.items():
+                if data.get(name) is not None and not benign(data[name]):
+                    raise ValueError(f"'{name}' is not supported by this server yet")
+        return data
+
     model: str | None = None
     max_tokens: StrictInt | None = None
     max_completion_tokens: StrictInt | None = None     # the OpenAI SDK's current name; wins over max_tokens
@@ -58,9 +79,19 @@ class CompletionRequest(_Sampling):
     echo: StrictBool = False
 
 
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str
+    content: str | list[TextPart]      # content parts: text only (no image or audio input)
+
+    def for_template(self) -> dict:
+        """{role, content} with text parts joined, as chat templates take it."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return {"role": self.role, "content": text}
 
 
 class ChatCompletionRequest(_Sampling):
