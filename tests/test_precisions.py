@@ -159,3 +159,20 @@ def test_without_kernels_every_precision_runs_the_torch_path(tmp_path, tiny_mode
     assert llm.engine.runner.model.layers[0].qkv_proj.packed is None        # nothing packed: torch ops
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
     assert [o.token_ids for o in outs] == with_kernels
+
+
+def test_sedac_over_a_half_base(tmp_path, tiny_models):
+    """The exits train and calibrate on a bf16 engine's fp32 compute, and lossless stays lossless."""
+    from sedac.builder import SedacOptions
+    from tests.conftest import TINY_SEDAC
+    path = tmp_path / "sedac-bf16"
+    build_engine(str(tiny_models["llama"]), path, BuildConfig(precision="bf16", max_batch_size=8, max_seq_len=256,
+                                                              max_num_tokens=256, kv_block_size=4),
+                 SedacOptions(**TINY_SEDAC))
+    from tests.test_sedac import _always_draft
+    llm = LLM(str(path), device="cpu")
+    _always_draft(llm.engine)
+    runs = {m: llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, sedac_mode=m))
+            for m in ("off", "lossless")}
+    assert [o.token_ids for o in runs["lossless"]] == [o.token_ids for o in runs["off"]]
+    assert llm.engine.stats()["sedac_drafted_tokens"] > 0          # the int8 drafter over the bf16 base ran
