@@ -30,7 +30,7 @@ def client(base, **kw):
 
 
 def assert_pool_free(base):
-    stats = httpx.get(base + "/metrics", timeout=10).json()
+    stats = httpx.get(base + "/stats", timeout=10).json()
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["num_requests_running"] == 0
 
 
@@ -87,7 +87,8 @@ def test_native_endpoints_and_prometheus(server):
     results = r.json()["results"]
     assert r.status_code == 200 and "error" in results[1] and "text" in results[0] and "text" in results[2]
     assert httpx.get(server + "/health").json()["status"] == "ok"
-    text = httpx.get(server + "/metrics/prometheus").text
+    text = httpx.get(server + "/metrics").text
+    assert httpx.get(server + "/metrics/prometheus").text.splitlines()[0] == text.splitlines()[0]   # the alias
     for name in ("sedac:num_requests_running", "sedac:num_requests_waiting", "sedac:kv_cache_usage_perc",
                  "sedac:prefix_cache_hit_rate", "sedac:time_to_first_token_seconds_bucket",
                  "sedac:time_per_output_token_seconds_bucket", "sedac:e2e_request_latency_seconds_count",
@@ -133,7 +134,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
         assert next(l for l in lines if l.startswith("data:"))
     # the connection is closed here, mid-stream: the server must abort the request
     for _ in range(100):
-        stats = httpx.get(server + "/metrics", timeout=10).json()
+        stats = httpx.get(server + "/stats", timeout=10).json()
         if stats["num_requests_running"] == 0:
             break
         threading.Event().wait(0.1)

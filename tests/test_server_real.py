@@ -36,6 +36,6 @@ def test_64_concurrent_streams_equal_offline(real_engine):
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600)
             return await asyncio.gather(*(one(client, m) for m in conversations))
         got = asyncio.run(main())
-        stats = httpx.get(base + "/metrics", timeout=10).json()
+        stats = httpx.get(base + "/stats", timeout=10).json()
     assert got == expected
     assert stats["kv_blocks_free"] == stats["kv_blocks_total"] and stats["requests_finished"] == 64

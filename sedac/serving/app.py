@@ -133,7 +133,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        open_paths = ("/health", "/metrics", "/metrics/prometheus")
+        open_paths = ("/health", "/stats", "/metrics", "/metrics/prometheus")
         if api_key and request.url.path not in open_paths and \
                 request.headers.get("authorization") != f"Bearer {api_key}":
             return await http_error(request, HTTPError(401, "missing or wrong API key", "authentication_error"))
@@ -171,11 +171,12 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
             return JSONResponse({"status": "error", "detail": str(llm.error)}, status_code=503)
         return {"status": "ok", "model": model_name}
 
-    @app.get("/metrics")
-    async def metrics_json():
+    @app.get("/stats")
+    async def stats_json():
         return await llm.stats()
 
-    @app.get("/metrics/prometheus")
+    @app.get("/metrics")               # Prometheus text where vLLM and TensorRT-LLM serve it
+    @app.get("/metrics/prometheus")    # the original SEDAC path, kept as an alias
     async def metrics_prometheus():
         return Response(server.metrics.render(await llm.stats()), media_type="text/plain; version=0.0.4")
 
