@@ -93,8 +93,10 @@ def test_native_endpoints_and_prometheus(server):
                  "sedac:prefix_cache_hit_rate", "sedac:time_to_first_token_seconds_bucket",
                  "sedac:time_per_output_token_seconds_bucket", "sedac:e2e_request_latency_seconds_count",
                  "sedac:prompt_tokens_total", "sedac:generation_tokens_total", "sedac:sedac_skip_ratio",
-                 "sedac:sedac_acceptance_rate"):
+                 "sedac:sedac_acceptance_rate", "sedac:num_preemptions_total", "sedac:prefix_cache_hits_total"):
         assert name in text, name
+    types = dict(line.split()[2:4] for line in text.splitlines() if line.startswith("# TYPE"))
+    assert types["sedac:prefix_cache_queries_total"] == types["sedac:num_preemptions_total"] == "counter"
 
 
 BAD = [

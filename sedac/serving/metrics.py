@@ -14,10 +14,10 @@ class ServerMetrics:
         self.running = Gauge("sedac:num_requests_running", "Requests in the running batch", labels, registry=r)
         self.waiting = Gauge("sedac:num_requests_waiting", "Requests waiting to be scheduled", labels, registry=r)
         self.kv_usage = Gauge("sedac:kv_cache_usage_perc", "Fraction of KV cache blocks in use", labels, registry=r)
-        self.prefix_queries = Gauge("sedac:prefix_cache_queries", "Prefix cache lookups (blocks)", labels, registry=r)
-        self.prefix_hits = Gauge("sedac:prefix_cache_hits", "Prefix cache hits (blocks)", labels, registry=r)
+        self.prefix_queries = Counter("sedac:prefix_cache_queries", "Prefix cache lookups (blocks)", labels, registry=r)
+        self.prefix_hits = Counter("sedac:prefix_cache_hits", "Prefix cache hits (blocks)", labels, registry=r)
         self.prefix_hit_rate = Gauge("sedac:prefix_cache_hit_rate", "Prefix cache hit rate", labels, registry=r)
-        self.preemptions = Gauge("sedac:num_preemptions", "Preemptions so far", labels, registry=r)
+        self.preemptions = Counter("sedac:num_preemptions", "Preemptions", labels, registry=r)
         self.ttft = Histogram("sedac:time_to_first_token_seconds", "TTFT", labels, buckets=_LATENCY, registry=r)
         self.tpot = Histogram("sedac:time_per_output_token_seconds", "TPOT", labels, buckets=_PER_TOKEN, registry=r)
         self.e2e = Histogram("sedac:e2e_request_latency_seconds", "End-to-end latency", labels, buckets=_LATENCY,
@@ -28,9 +28,10 @@ class ServerMetrics:
                                 registry=r)
         self.skip_ratio = Gauge("sedac:sedac_skip_ratio", "SEDAC fraction of layers skipped", labels, registry=r)
         self.acceptance = Gauge("sedac:sedac_acceptance_rate", "SEDAC draft acceptance rate", labels, registry=r)
-        self.exits = Gauge("sedac:sedac_exit_tokens", "Lossy-mode tokens that exited at each layer (histogram)",
-                           labels + ["layer"], registry=r)
+        self.exits = Counter("sedac:sedac_exit_tokens", "Lossy-mode tokens that exited at each layer",
+                             labels + ["layer"], registry=r)
         self.model = model_name
+        self._totals: dict = {}      # the engine's running totals last seen, per counter and labels
 
     def observe_finished(self, out) -> None:
         m, label = out.metrics, self.model
@@ -50,12 +51,18 @@ class ServerMetrics:
         self.running.labels(label).set(stats["num_requests_running"])
         self.waiting.labels(label).set(stats["num_requests_waiting"])
         self.kv_usage.labels(label).set(stats["kv_cache_usage"])
-        self.prefix_queries.labels(label).set(stats["prefix_cache_queries"])
-        self.prefix_hits.labels(label).set(stats["prefix_cache_hits"])
+        self._count_to(self.prefix_queries, stats["prefix_cache_queries"], label)
+        self._count_to(self.prefix_hits, stats["prefix_cache_hits"], label)
         self.prefix_hit_rate.labels(label).set(stats["prefix_cache_hits"] / max(1, stats["prefix_cache_queries"]))
-        self.preemptions.labels(label).set(stats["num_preemptions"])
+        self._count_to(self.preemptions, stats["num_preemptions"], label)
         self.skip_ratio.labels(label).set(stats.get("sedac_skip_ratio", 0.0))
         self.acceptance.labels(label).set(stats.get("sedac_acceptance_rate", 0.0))
         for layer, count in stats.get("sedac_exit_layer_tokens", {}).items():
-            self.exits.labels(label, str(layer)).set(count)
+            self._count_to(self.exits, count, label, str(layer))
         return generate_latest(self.registry)
+
+    def _count_to(self, counter: Counter, total: int, *labels: str) -> None:
+        """Counters for monotonic counts: advance by what the engine's running total grew since last seen."""
+        key = (counter, labels)
+        counter.labels(*labels).inc(max(0, total - self._totals.get(key, 0)))
+        self._totals[key] = total
