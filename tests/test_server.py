@@ -223,3 +223,16 @@ def test_content_parts_and_unsupported_fields_named(server):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
         c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[tool])
+
+
+def test_tokenize_detokenize_version(server, offline):
+    r = httpx.post(server + "/tokenize", json={"prompt": "Hello world"}, timeout=30).json()
+    assert r["tokens"] == offline.tokenizer.encode("Hello world", add_special_tokens=False)
+    assert r["count"] == len(r["tokens"]) and r["max_model_len"] == 256
+    chat = httpx.post(server + "/tokenize", json={"messages": [{"role": "user", "content": "Hi"}]}, timeout=30).json()
+    assert chat["tokens"] == offline.apply_chat_template([{"role": "user", "content": "Hi"}])
+    back = httpx.post(server + "/detokenize", json={"tokens": r["tokens"]}, timeout=30).json()
+    assert back["prompt"] == "Hello world"
+    assert httpx.post(server + "/detokenize", json={"tokens": [-1]}, timeout=30).status_code == 400
+    assert httpx.post(server + "/tokenize", json={"prompt": "a", "messages": []}, timeout=30).status_code == 400
+    assert httpx.get(server + "/version", timeout=30).json()["version"]

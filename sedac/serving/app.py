@@ -12,11 +12,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ValidationError
 
+from sedac import __version__
 from sedac.runtime.async_engine import AsyncLLM, QueueFullError
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.serving.metrics import ServerMetrics
 from sedac.serving.openai_api import OpenAIHandlers
-from sedac.serving.protocol import BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, GenerateRequest
+from sedac.serving.protocol import (BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                                    GenerateRequest, TokenizeRequest)
 
 MAX_BODY_BYTES = 1 << 20
 
@@ -164,6 +166,28 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     async def batch_generate(request: Request):
         req = await server.parse(request, BatchGenerateRequest)
         return {"results": await _native_generate(server, req, req.prompts, fail_alone=True)}
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        req = await server.parse(request, TokenizeRequest)
+        if req.messages is not None:
+            ids = server.chat_prompt([m.for_template() for m in req.messages])
+        else:
+            ids = server.tokenizer.encode(req.prompt, add_special_tokens=False)
+        return {"count": len(ids), "max_model_len": server.max_seq_len, "tokens": ids}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        req = await server.parse(request, DetokenizeRequest)
+        try:
+            ids = llm.engine.tokenize(req.tokens)          # validates the ids against the vocabulary
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
+        return {"prompt": server.tokenizer.decode(ids)}
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/health")
     async def health():

@@ -109,3 +109,21 @@ class GenerateRequest(_Sampling):
 class BatchGenerateRequest(_Sampling):
     prompts: list[str | list[StrictInt]] = Field(min_length=1)
     max_new_tokens: StrictInt | None = None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    model: str | None = None
+    tokens: list[StrictInt]
