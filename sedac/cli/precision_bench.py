@@ -4,8 +4,7 @@ The fp32 `--engine` is the reference; each other precision's engine lies beside 
 from the same source when missing. All engines are loaded together and the batch-1 prompts interleaved across
 them, so they share the machine's drifts in speed. Per precision, on held-out ShareGPT prompts and answers
 (bench split): batch-1 output and decode (1 / TPOT) tok/s and N-concurrent output tok/s (greedy, fixed
-output length), prefill tok/s of one
-1,024-token prompt (the answers' tokens), teacher-forced greedy
+output length), prefill tok/s of one 1,024-token prompt (the answers' tokens), teacher-forced greedy
 agreement with the fp32 engine and perplexity on the answers, engine size on disk, resident weight bytes.
 """
 from __future__ import annotations
@@ -47,19 +46,19 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
             batch1[p][2] += outs[0].metrics.tpot * (len(outs[0].token_ids) - 1)
     long_prompt = [t for text in texts for t in text][:prefill_len]
     prefill = {p: _timed(llm, [long_prompt], SamplingParams(max_tokens=1))[0] for p, llm in llms.items()}
-    reference = _teacher_forced(llms["fp32"], texts)
+    forced = {p: _teacher_forced(llm, texts) for p, llm in llms.items()}    # (greedy choices, mean NLL)
     results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device),
                "threads": torch.get_num_threads(), "output_len": output_len, "num_prompts": num_prompts,
                "held_out_tokens": sum(len(t) - 1 for t in texts), "precisions": {}}
     for p, llm in llms.items():
         dt, outs = _timed(llm, prompts[:num_prompts], params)
-        argmax, nll = _teacher_forced(llm, texts)
+        argmax, nll = forced[p]
         results["precisions"][p] = {
             "batch1_tok_s": round(batch1[p][0] / batch1[p][1], 2),
             "batch1_decode_tok_s": round((batch1[p][0] - len(prompts[:batch1_prompts])) / batch1[p][2], 2),
             f"concurrent{num_prompts}_tok_s": round(sum(len(o.token_ids) for o in outs) / dt, 2),
             f"prefill{len(long_prompt)}_tok_s": round(len(long_prompt) / prefill[p], 1),
-            "agreement_vs_fp32": round(float((argmax == reference[0]).float().mean()), 4),
+            "agreement_vs_fp32": round(float((argmax == forced["fp32"][0]).float().mean()), 4),
             "perplexity": round(math.exp(nll), 3),
             "engine_mb": round((Path(llm.engine.engine_dir) / WEIGHTS_FILE).stat().st_size / 2**20, 1),
             "resident_weight_mb": round(resident_weight_bytes(llm.engine.runner.model) / 2**20, 1)}

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import math
 import signal
@@ -21,8 +20,6 @@ from sedac.serving.protocol import (BatchGenerateRequest, ChatCompletionRequest,
                                     GenerateRequest, TokenizeRequest)
 
 MAX_BODY_BYTES = 1 << 20
-
-
 MAX_N = 64     # completions per request: each holds KV blocks and a share of every step
 
 
@@ -85,11 +82,11 @@ class Server:
             raise HTTPError(400, f"n must be at most {MAX_N}, got {params.n}")
         return params
 
-    def fit_max_tokens(self, params: SamplingParams, prompt_tokens: int) -> SamplingParams:
-        """params with max_tokens = what fits in max_seq_len after a prompt of prompt_tokens tokens."""
+    def room_after(self, prompt_tokens: int) -> int:
+        """Tokens that fit in max_seq_len after a prompt (vLLM's default max_tokens for chat)."""
         if prompt_tokens >= self.max_seq_len:
             raise HTTPError(400, f"prompt ({prompt_tokens} tokens) leaves no room in max_seq_len {self.max_seq_len}")
-        return dataclasses.replace(params, max_tokens=self.max_seq_len - prompt_tokens)
+        return self.max_seq_len - prompt_tokens
 
     def tokenized(self, prompts: list, params: SamplingParams) -> list[list[int]]:
         """Token ids per prompt; a prompt that cannot fit with max_tokens is a 400 (as in vLLM)."""

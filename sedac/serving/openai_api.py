@@ -60,10 +60,8 @@ class OpenAIHandlers:
     # ---- chat -----------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = self.server.params(req, default_max_tokens=self.server.max_seq_len, logprobs=logprobs)
         ids = self.server.chat_prompt([m.for_template() for m in req.messages])
-        if req.requested_max_tokens is None:      # vLLM's default: whatever fits after the prompt
-            params = self.server.fit_max_tokens(params, len(ids))
+        params = self.server.params(req, default_max_tokens=self.server.room_after(len(ids)), logprobs=logprobs)
         stream = await self.server.submit(self.server.tokenized([ids], params)[0], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
