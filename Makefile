@@ -46,7 +46,7 @@ bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 
 # fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing)
 bench-precisions: install $(ENGINE)/config.json
-	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8 --report reports/precision_bench
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,gguf --report reports/precision_bench
 
 clean:
 	rm -rf $(VENV) engines reports build dist sedac/models/_cpu_kernels_*.so

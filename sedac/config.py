@@ -15,10 +15,13 @@ WEIGHTS_FILE = "model.safetensors"      # converted weights inside an engine dir
 SEDAC_WEIGHTS_FILE = "sedac.safetensors"  # trained exit heads (engines built with --sedac)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # precision -> the dtype an engine stores its float tensors in (on CPU every step computes in fp32)
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16"}
-# weight-only precisions: linear weights stored quantized, one scale per output channel
-WEIGHT_ONLY = ("int8",)
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16", "int4": "float16",
+              "gguf": "float32"}
+# weight-only precisions: linear weights stored quantized (int8: one scale per output channel; int4:
+# a scale and a minimum per group of inputs; gguf: the source file's own blocks)
+WEIGHT_ONLY = ("int8", "int4", "gguf")
 SCALE_SUFFIX = ".weight_scale"    # a quantized linear's scales beside its "<name>.weight"
+MIN_SUFFIX = ".weight_min"        # and a 4-bit block weight's minimums
 
 
 @dataclass
@@ -48,11 +51,12 @@ class BuildConfig:
     max_seq_len: int = 2048
     max_num_tokens: int = 2048
     kv_block_size: int = 16
+    group_size: int = 32           # int4: inputs per scale and minimum
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size", "group_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer")
         if self.max_num_tokens < self.max_batch_size:

@@ -143,19 +143,23 @@ def _random_layer(qkv_bias: bool) -> DecoderLayer:
     return layer
 
 
+def run_step(layer: DecoderLayer, pool, ctx, run):
+    """run() under ctx on fresh copies of the KV pool (kept on the layer for the caller to inspect)."""
+    layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
+    set_context(ctx)
+    try:
+        return run()
+    finally:
+        set_context(None)
+
+
 @pytest.mark.parametrize("qkv_bias", [False, True])          # Llama, Qwen2
 def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=False)
-    results = []
-    for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin)):
-        layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
-        set_context(ctx)
-        try:
-            results.append((run(), layer.k_cache, layer.v_cache))
-        finally:
-            set_context(None)
+    results = [(run_step(layer, pool, ctx, run), layer.k_cache, layer.v_cache)
+               for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))]
     for fused_tensor, python_tensor in zip(*results):
         assert torch.equal(fused_tensor, python_tensor)
     assert not torch.equal(results[0][1], pool[0])            # the step wrote its K into the cache
@@ -212,14 +216,7 @@ def test_int8_decode_layer_matches_python_layer_on_int8_weights(pool, qkv_bias):
     runs = {"fused": lambda: layer._fused_decode(h, cos, signed_sin, ctx, int8=True),
             "python": lambda: layer(h, cos, signed_sin, int8=True),
             "fp32": lambda: layer._fused_decode(h, cos, signed_sin, ctx)}
-    out = {}
-    for name, run in runs.items():
-        layer.k_cache, layer.v_cache = pool[0].clone(), pool[1].clone()
-        set_context(ctx)
-        try:
-            out[name] = run()
-        finally:
-            set_context(None)
+    out = {name: run_step(layer, pool, ctx, run) for name, run in runs.items()}
     assert torch.equal(out["fused"], out["python"])
     assert not torch.equal(out["fused"], out["fp32"])                    # it did run on the int8 copies,
     assert (out["fused"] - out["fp32"]).norm() < 0.05 * out["fp32"].norm()   # which stay close to the weights

@@ -134,15 +134,16 @@ def test_engine_size_follows_precision(tmp_path, tiny_models):
 def test_precision_bench_reports_every_precision(tmp_path, tiny_models):
     from sedac.cli.precision_bench import run_precision_bench
     reference = _engine(tmp_path, tiny_models["qwen2"], "fp32")
-    results = run_precision_bench(reference, "cpu", ["fp32", "bf16", "int8"], num_prompts=3, output_len=6,
+    results = run_precision_bench(reference, "cpu", ["fp32", "bf16", "int8", "int4"], num_prompts=3, output_len=6,
                                   batch1_prompts=2, max_prompt_len=64, report=tmp_path / "report",
                                   answers=2, answer_len=48, prefill_len=80)
     rows = results["precisions"]
-    assert list(rows) == ["fp32", "bf16", "int8"]
+    assert list(rows) == ["fp32", "bf16", "int8", "int4"]
     assert (tmp_path / "fp32-int8" / "config.json").is_file()         # built beside the reference
     assert rows["fp32"]["agreement_vs_fp32"] == 1.0 and rows["fp32"]["batch1_decode_vs_fp32"] == 1.0
     assert 0.5 < rows["bf16"]["agreement_vs_fp32"] <= 1.0 and rows["int8"]["perplexity"] > 1
-    assert rows["int8"]["resident_weight_mb"] < rows["bf16"]["resident_weight_mb"] < rows["fp32"]["resident_weight_mb"]
+    mb = {p: r["resident_weight_mb"] for p, r in rows.items()}
+    assert mb["int4"] < mb["int8"] < mb["bf16"] < mb["fp32"]
     assert all(r["batch1_tok_s"] > 0 and r["concurrent3_tok_s"] > 0 and r["prefill80_tok_s"] > 0 for r in rows.values())
     assert "| int8 |" in (tmp_path / "report.md").read_text()
     with pytest.raises(ValueError, match="unknown int3"):

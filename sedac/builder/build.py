@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from sedac.builder.convert import convert_checkpoint, model_config_from_hf, quantize_linears
+from sedac.builder.gguf_blocks import gguf_engine_weights
 from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
 from sedac.config import PRECISIONS, WEIGHT_ONLY, WEIGHTS_FILE, BuildConfig, EngineConfig
@@ -23,7 +24,7 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
         sedac.validate()
         if build.precision in WEIGHT_ONLY:
             raise ValueError(f"--sedac needs a fp32, fp16 or bf16 base: its drafter and exits are int8 copies, "
-                             f"no cheaper than a {build.precision} engine")
+                             f"no cheaper than a {build.precision} engine's weights")
     started = time.time()
     source = resolve_source(model)
     tokenizer = source.load_tokenizer()
@@ -38,11 +39,7 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
         sedac.layers(cfg.num_layers)          # a bad --exit-layers fails before any work
     if tokenizer.chat_template is None:
         raise ValueError("the model's tokenizer has no chat template")
-    dtype = getattr(torch, PRECISIONS[build.precision])
-    if build.precision in WEIGHT_ONLY:     # quantized from the source's own precision, not a rounded copy
-        weights = quantize_linears(convert_checkpoint(source.tensors(), cfg, torch.float32), dtype)
-    else:
-        weights = convert_checkpoint(source.tensors(), cfg, dtype)
+    weights = _engine_weights(source, cfg, build)
 
     out = Path(output)
     tmp = out.with_name(out.name + ".building")
@@ -65,6 +62,19 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
     shutil.rmtree(out, ignore_errors=True)   # an engine is replaced whole, never half-written
     tmp.rename(out)
     return report
+
+
+def _engine_weights(source, cfg, build: BuildConfig) -> dict[str, torch.Tensor]:
+    dtype = getattr(torch, PRECISIONS[build.precision])
+    if build.precision == "gguf":
+        if source.gguf_path is None:
+            raise ValueError("--precision gguf keeps a GGUF file's own blocks and needs a .gguf source; "
+                             "for this model use int4 or int8")
+        return gguf_engine_weights(source.gguf_path, cfg)
+    if build.precision in WEIGHT_ONLY:     # quantized from the source's own precision, not a rounded copy
+        fp32 = convert_checkpoint(source.tensors(), cfg, torch.float32)
+        return quantize_linears(fp32, dtype, build.precision, build.group_size)
+    return convert_checkpoint(source.tensors(), cfg, dtype)
 
 
 def _eos_ids(hf_config, tokenizer) -> list[int]:

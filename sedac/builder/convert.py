@@ -6,8 +6,8 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from sedac.config import SCALE_SUFFIX, SUPPORTED_ARCHITECTURES, ModelConfig
-from sedac.models.layers import quantize_rows
+from sedac.config import MIN_SUFFIX, SCALE_SUFFIX, SUPPORTED_ARCHITECTURES, ModelConfig
+from sedac.models.quant import quantize_int4, quantize_int8_blocks, quantize_rows
 
 
 def model_config_from_hf(hf, eos_token_ids: list[int] | None = None) -> ModelConfig:
@@ -80,14 +80,27 @@ def _required(t, name: str) -> torch.Tensor:
     return t
 
 
-def quantize_linears(weights: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Weight-only int8: every projection as int8 [out, in] with fp32 scales per output; the other
-    tensors in `dtype`. The LM head stays in `dtype`, as TensorRT-LLM's quantization excludes lm_head by
-    default: its argmax is the token, and the greedy screen already reads an int8 copy of it at decode."""
+def quantize_linears(weights: dict[str, torch.Tensor], dtype: torch.dtype, precision: str,
+                     group_size: int) -> dict[str, torch.Tensor]:
+    """Weight-only int8: every projection int8 [out, in] with fp32 scales per output; the LM head stays in
+    `dtype`, as TensorRT-LLM's quantization excludes lm_head by default (its argmax is the token, and the
+    greedy screen already reads an int8 copy of it at decode).
+    int4: every projection as 4-bit codes with fp16 scales and minimums per `group_size` inputs, and the
+    head (with a tied embedding table) as 8-bit codes per 32 inputs, as llama.cpp's Q4 files keep theirs
+    at 6-8 bits: a third of fp16's bytes, and no screen copy beside it.
+    The other tensors in `dtype`."""
+    head = "lm_head.weight" if "lm_head.weight" in weights else "embed_tokens.weight"
     out = {}
     for name, t in weights.items():
-        if name.endswith("proj.weight"):
-            out[name], out[name[:-len(".weight")] + SCALE_SUFFIX] = quantize_rows(t.t())
+        prefix = name[:-len(".weight")]
+        if precision == "int8" and name.endswith("proj.weight"):
+            out[name], out[prefix + SCALE_SUFFIX] = quantize_rows(t.t())
+        elif precision == "int4" and (name.endswith("proj.weight") or name == head):
+            rows = t if name == "embed_tokens.weight" else t.t()           # [out, in]
+            blocks = quantize_int4(rows, group_size) if name != head else quantize_int8_blocks(rows)
+            out[name], out[prefix + SCALE_SUFFIX] = blocks.codes, blocks.scale
+            if blocks.minimum is not None:
+                out[prefix + MIN_SUFFIX] = blocks.minimum
         else:
             out[name] = t.to(dtype).contiguous()
     return out

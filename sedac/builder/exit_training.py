@@ -82,7 +82,7 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = Fal
     """One causal pass over a whole document -> ({exit layer: hidden [T, H]}, last hidden [T, H]);
     int8: on the int8 weight copies (the lossless drafter)."""
     t, states = len(ids), {}
-    dev = model.embed_tokens.weight.device
+    dev = model.norm.weight.device
     with scratch_kv(model, t):
         set_context(AttentionContext(torch.arange(t, device=dev), block_size=1,
                                      prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))]))
@@ -102,7 +102,7 @@ def scratch_kv(model, num_slots: int):
     """K/V go to scratch caches of num_slots slots meanwhile: an engine's pool (and the prefix cache
     in it) is never touched."""
     m, pools = model.cfg, [(layer.k_cache, layer.v_cache) for layer in model.layers]
-    dtype, dev = model.norm.weight.dtype, model.embed_tokens.weight.device   # the compute dtype
+    dtype, dev = model.norm.weight.dtype, model.norm.weight.device   # the compute dtype
     try:
         for layer in model.layers:
             layer.k_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)

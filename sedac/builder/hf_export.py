@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from sedac.config import SCALE_SUFFIX, WEIGHTS_FILE, EngineConfig, ModelConfig
+from sedac.config import MIN_SUFFIX, SCALE_SUFFIX, WEIGHTS_FILE, EngineConfig, ModelConfig
+from sedac.models.quant import BlockWeight
 
 
 def hf_config(cfg: ModelConfig):
@@ -44,16 +45,22 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 
 def dequantized(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Weight-only int8 layers (int [out, in] and their scales) as fp32 in the engine layout [in, out]."""
-    out = {k: v for k, v in weights.items() if not k.endswith(SCALE_SUFFIX)}
-    for name in weights.keys() - out.keys():
-        weight = name[:-len(SCALE_SUFFIX)] + ".weight"
-        out[weight] = (weights[weight].float() * weights[name].float()[:, None]).t()
+    """Weight-only layers (int8 rows, int4 or gguf blocks; a gguf embedding table too) as fp32 in the
+    engine layout ([in, out] for linears)."""
+    out = {k: v for k, v in weights.items() if not k.endswith((SCALE_SUFFIX, MIN_SUFFIX))}
+    for name in [k for k in weights if k.endswith(SCALE_SUFFIX)]:
+        prefix = name[:-len(SCALE_SUFFIX)]
+        codes, scale = weights[prefix + ".weight"], weights[name]
+        if scale.dim() == 1:
+            dense = codes.float() * scale.float()[:, None]
+        else:
+            dense = BlockWeight(codes, scale, weights.get(prefix + MIN_SUFFIX), codes.shape[0]).dense()
+        out[prefix + ".weight"] = dense if prefix == "embed_tokens" else dense.t()
     return out
 
 
 def load_hf_model(engine_dir: str | Path, dtype: torch.dtype = torch.float32):
-    """An HF AutoModelForCausalLM with exactly the engine's weights (fp32 by default; int8 dequantized)."""
+    """An HF AutoModelForCausalLM with exactly the engine's weights (fp32 by default; quantized ones dequantized)."""
     from transformers import AutoModelForCausalLM
     cfg = EngineConfig.load(Path(engine_dir)).model
     weights = dequantized(load_file(str(Path(engine_dir) / WEIGHTS_FILE)))

@@ -18,6 +18,7 @@ class ModelSource:
     hf_config: object                      # transformers PretrainedConfig
     load_tokenizer: Callable[[], object]
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # HF-named tensors, fp32 or native
+    gguf_path: Path | None = None           # a GGUF source's file (--precision gguf reads its blocks)
 
 
 def smollm2_gguf_path() -> Path:
@@ -66,7 +67,7 @@ def _gguf_source(path: Path) -> ModelSource:
         yield from model.state_dict().items()
 
     return ModelSource(f"gguf:{path}", config, lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name),
-                       tensors)
+                       tensors, gguf_path=path)
 
 
 def _hf_dir_source(path: Path) -> ModelSource:

@@ -1,4 +1,4 @@
-"""`sedac-run bench --precisions fp32,fp16,bf16,int8`: one engine per precision of the same model, in one run.
+"""`sedac-run bench --precisions fp32,fp16,bf16,int8,int4,gguf`: one engine per precision of the same model, in one run.
 
 The fp32 `--engine` is the reference; each other precision's engine lies beside it (`ENGINE-PRECISION`), built
 from the same source when missing. All engines are loaded together and the batch-1 prompts interleaved across
@@ -89,10 +89,13 @@ def precision_engines(reference: Path, precisions: list[str]) -> dict[str, Path]
 
 
 def resident_weight_bytes(model) -> int:
-    """Bytes of every weight tensor the model keeps (packed panels, int8 copies, the greedy screen's
-    bounds), each counted once; KV caches and rotary tables excluded."""
+    """Bytes of every weight tensor the model keeps (packed panels, int8 copies, block codes and scales,
+    the greedy screen's bounds), each counted once; KV caches and rotary tables excluded."""
     tensors = [t for m in model.modules() for t in m._parameters.values()]
-    tensors += [t for m in model.modules() if isinstance(m, Linear) for t in (m.packed, *(m.int8 or ()))]
+    tensors += [t for m in model.modules() if isinstance(m, Linear)
+                for t in (m.packed, *(m.int8 or ()), *(m.blocks.tensors() if m.blocks else ()))]
+    if model.embed_blocks is not None:
+        tensors += model.embed_blocks.tensors()
     if model.greedy_screen is not None:
         tensors.append(model.greedy_screen.row_bound)
     unique = {t.data_ptr(): t for t in tensors if t is not None}

@@ -8,6 +8,7 @@ from sedac.config import ModelConfig
 from sedac.models import cpu_kernels
 from sedac.models.attention import get_context, paged_attention
 from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
+from sedac.models.quant import BlockWeight
 from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 
 
@@ -49,22 +50,16 @@ class DecoderLayer(nn.Module):
         return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, int8)), int8)
 
     def _fusable(self, h: torch.Tensor, ctx, int8: bool) -> bool:
-        weights = self.qkv_proj.int8 if int8 else self.qkv_proj.packed
-        return not ctx.prefills and weights is not None and cpu_kernels.usable(h)
+        return not ctx.prefills and self.qkv_proj.kernel_weights(int8) is not None and cpu_kernels.usable(h)
 
     def _fused_decode(self, h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
-        """The same layer as one C++ call (bit-identical): a CPU decode step at fp32 on the panel-packed weights,
-        or on the int8 copies."""
+        """The same layer as one C++ call (bit-identical): a CPU decode step on the packed weights
+        (fp32, fp16, bf16, int8 or blocks), or on the int8 copies."""
         projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-        if int8:
-            return torch.ops.sedac_cpu.decode_layer_int8(
-                h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-                [p.int8[0] for p in projections], [p.int8[1] for p in projections], self.qkv_proj.bias,
-                self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths,
-                self.num_heads, ctx.block_size)
+        panels, scales, mins = zip(*(p.kernel_weights(int8) for p in projections))
         return torch.ops.sedac_cpu.decode_layer(
             h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-            [p.packed for p in projections], [p.out_features for p in projections], self.qkv_proj.bias,
+            list(panels), list(scales), list(mins), [p.out_features for p in projections], self.qkv_proj.bias,
             self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths,
             self.num_heads, ctx.block_size)
 
@@ -84,14 +79,28 @@ class DecoderModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_positions, cfg.rope_scaling)
         self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)   # [hidden, vocab]
         self.greedy_screen: GreedyScreen | None = None
+        self.embed_blocks: BlockWeight | None = None     # a block-quantized table (gguf engines)
 
     def tie_lm_head(self) -> None:
         """Tied models keep one copy on disk; in memory the head is a contiguous [hidden, vocab]
-        transpose of the embedding, a GEMV layout measured ~1.7x faster on CPU than x @ E.T."""
+        transpose of the embedding, a GEMV layout measured ~1.7x faster on CPU than x @ E.T. A
+        block-quantized table is the head's weight as it is, and the embedding reads the head's rows."""
+        if self.embed_blocks is not None:
+            self.lm_head.load_blocks(self.embed_blocks)
+            self.embed_blocks = None
+            return
         self.lm_head.weight = nn.Parameter(self.embed_tokens.weight.t().contiguous(), requires_grad=False)
 
+    def load_embedding_blocks(self, blocks: BlockWeight) -> None:
+        self.embed_tokens.weight = None
+        self.embed_blocks = blocks
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """[T] -> [T, hidden] in the compute dtype (the table may be kept at a lower precision)."""
+        """[T] -> [T, hidden] in the compute dtype (the table may be kept at a lower precision, or
+        block-quantized: its rows dequantized as they are looked up)."""
+        if self.embed_tokens.weight is None:
+            blocks = self.embed_blocks if self.embed_blocks is not None else self.lm_head.blocks
+            return blocks.dense(input_ids).to(self.norm.weight.dtype)
         return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
     def quantize_int8(self) -> None:
@@ -101,7 +110,10 @@ class DecoderModel(nn.Module):
                 linear.quantize_int8()
 
     def screen_greedy_head(self) -> None:
-        """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py)."""
+        """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py);
+        a block-quantized head (gguf) is already no more bytes than the screen's int8 copy."""
+        if self.lm_head.blocks is not None:
+            return
         if self.lm_head.int8 is None:
             self.lm_head.quantize_int8()
         self.greedy_screen = GreedyScreen(self.lm_head)

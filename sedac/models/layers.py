@@ -6,15 +6,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sedac.models import cpu_kernels
+from sedac.models.quant import BlockWeight, from_panels, quantize_rows, to_panels
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 
 
 class Linear(nn.Module):
     """Weight stored [in, out]: x @ W is a faster GEMV than F.linear's x @ W.T on CPU (measured).
 
-    On CPU at fp32 the runner packs the weight into panels for the panel_linear kernel (`pack_for_cpu`,
-    csrc/panel_linear.cpp): measured on 2 AVX2 cores, faster than oneDNN's prepacked weights at every
-    row count and ~1.6x at batch 1; each output row is computed the same whatever the batch.
+    On CPU the runner packs the weight into panels for the panel kernels (`pack_for_cpu`,
+    csrc/panel_linear.cpp, csrc/block_linear.cpp): measured on 2 AVX2 cores, faster than oneDNN's
+    prepacked weights at every row count and ~1.6x at batch 1; each output row is computed the same
+    whatever the batch. Weight-only engines hold `int8` (int8 engines) or `blocks` (int4, gguf) instead.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
@@ -25,34 +27,49 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         # (weight int8, row scales [out]): the weight [out, in], or int8 panels like `packed` when packed
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.blocks: BlockWeight | None = None     # block-quantized weight (int4 and gguf engines)
 
     def pack_for_cpu(self) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
-        at the weight's own precision (fp32, fp16, bf16; int8 with its scales)."""
-        if self.weight_only_int8:
-            self.int8 = (_to_panels(self.int8[0]), self.int8[1])
-            return
-        self.packed = _to_panels(self.weight.t())
-        self.weight = None      # the packed copy replaces it: one copy of the weights in memory
+        at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs)."""
+        if self.blocks is not None:
+            self.blocks = self.blocks.panels()
+        elif self.weight_only_int8:
+            self.int8 = (to_panels(self.int8[0]), self.int8[1])
+        else:
+            self.packed = to_panels(self.weight.t())
+            self.weight = None      # the packed copy replaces it: one copy of the weights in memory
 
     def quantize_int8(self) -> None:
         """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
         (a quarter of the bytes to stream; activations stay at full precision)."""
         weight, scale = quantize_rows(self.dense_rows())
-        self.int8 = (weight if self.packed is None else _to_panels(weight), scale)
+        self.int8 = (weight if self.packed is None else to_panels(weight), scale)
 
     def load_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         """Make the layer weight-only int8 (an int8 engine): weight [out, in] int8, scale [out]."""
         self.weight = None
         self.int8 = (weight, scale)
 
+    def load_blocks(self, blocks: BlockWeight) -> None:
+        """Make the layer block-quantized (an int4 or gguf engine)."""
+        self.weight = None
+        self.blocks = blocks
+
+    def dequantize_blocks(self, dtype: torch.dtype) -> None:
+        """Back to a dense weight (devices without a block kernel)."""
+        self.weight = nn.Parameter(self.blocks.dense().t().to(dtype).contiguous(), requires_grad=False)
+        self.blocks = None
+
     @property
     def weight_only_int8(self) -> bool:
-        return self.weight is None and self.packed is None
+        return self.weight is None and self.packed is None and self.blocks is None
 
     def dense_rows(self) -> torch.Tensor:
-        """The weight as [out, in] (a copy when packed)."""
-        return self.weight.t() if self.packed is None else _from_panels(self.packed, self.out_features)
+        """The weight as [out, in] (a copy when packed or quantized)."""
+        if self.blocks is not None:
+            return self.blocks.dense()
+        return self.weight.t() if self.packed is None else from_panels(self.packed, self.out_features)
 
     def output_rows(self, outputs: torch.Tensor) -> torch.Tensor:
         """The weight rows [len(outputs), in] of the given output indices, read in place."""
@@ -63,8 +80,16 @@ class Linear(nn.Module):
     def int8_rows(self) -> torch.Tensor:
         """The int8 copy dequantized, [out, in] fp32."""
         weight, scale = self.int8
-        weight = weight if weight.dim() == 2 else _from_panels(weight, self.out_features)
+        weight = weight if weight.dim() == 2 else from_panels(weight, self.out_features)
         return weight.float() * scale[:, None]
+
+    def kernel_weights(self, int8: bool) -> tuple | None:
+        """(panels, scale or None, minimum or None) as the fused CPU decode layer takes them, once packed."""
+        if self.blocks is not None:
+            return (self.blocks.codes, self.blocks.scale, self.blocks.minimum) if self.blocks.packed else None
+        if int8 or self.weight_only_int8:
+            return (*self.int8, None) if self.int8 is not None and self.int8[0].dim() == 3 else None
+        return None if self.packed is None else (self.packed, None, None)
 
     def draft(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on its int8 copy (quantize_int8): the C++ kernel on CPU, else the sedac op."""
@@ -76,29 +101,13 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
             return torch.ops.sedac_cpu.panel_linear(x, self.packed, self.bias, self.out_features)
+        if self.blocks is not None:
+            return self.blocks.linear(x, self.bias)
         if self.weight_only_int8:
             return self.draft(x)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
-
-
-def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8, one scale per row (TensorRT-LLM's weight-only int8): w [out, in] ->
-    (int8 [out, in], fp32 scale [out]) with w ~= int8 * scale[:, None]."""
-    w = w.float()
-    scale = w.abs().amax(1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous()
-
-
-def _to_panels(w: torch.Tensor) -> torch.Tensor:
-    """[out, in] -> [ceil(out / 16), in, 16], the last panel zero-padded (csrc/panel_linear.cpp)."""
-    w = F.pad(w, (0, 0, 0, -w.shape[0] % 16))
-    return w.reshape(-1, 16, w.shape[1]).transpose(1, 2).contiguous()
-
-
-def _from_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
-    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
 
 
 class RMSNorm(nn.Module):

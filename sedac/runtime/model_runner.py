@@ -7,25 +7,33 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sedac.config import PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
+from sedac.config import MIN_SUFFIX, PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
+from sedac.models.quant import BlockWeight
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.scheduler import ScheduledBatch
 
 
-def _load_int8_linears(model: DecoderModel, weights: dict[str, torch.Tensor]) -> None:
-    """Weight-only int8 layers (an int8 engine) take their int8 weight and scales out of `weights`."""
+def _load_quantized(model: DecoderModel, weights: dict[str, torch.Tensor]) -> None:
+    """Weight-only layers take their codes and scales out of `weights`: int8 rows (one scale per output,
+    int8 engines) or blocks (2-D scales: int4 and gguf engines, whose embedding table may be blocks too)."""
     for name in [k for k in weights if k.endswith(SCALE_SUFFIX)]:
         prefix = name[:-len(SCALE_SUFFIX)]
         try:
-            linear = model.get_submodule(prefix)
+            module = model.get_submodule(prefix)
             weight = weights.pop(prefix + ".weight")
         except (AttributeError, KeyError):
             raise ValueError(f"engine weights do not match its config (stray {name})") from None
-        linear.load_int8(weight, weights.pop(name).float())
+        scale, minimum = weights.pop(name), weights.pop(prefix + MIN_SUFFIX, None)
+        if scale.dim() == 1:
+            module.load_int8(weight, scale.float())
+        elif prefix == "embed_tokens":
+            model.load_embedding_blocks(BlockWeight(weight, scale, minimum, weight.shape[0]))
+        else:
+            module.load_blocks(BlockWeight(weight, scale, minimum, module.out_features))
 
 
 def resolve_device(device: str) -> torch.device:
@@ -61,7 +69,7 @@ class ModelRunner:
         except Exception as e:
             raise ValueError(f"corrupt engine weights {path}: {e}") from None
         model = DecoderModel(self.config.model, self.config.build.max_seq_len)
-        _load_int8_linears(model, weights)
+        _load_quantized(model, weights)
         tied = self.config.model.tie_word_embeddings
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False, assign=True)
@@ -71,6 +79,8 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
+        if not self._cpu_kernels() and self.config.build.precision in ("int4", "gguf"):
+            self._dequantize_blocks(model)
         model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)   # packed panels keep their dtype
         model.embed_tokens.to(self.weight_dtype)          # gathered rows are widened (DecoderModel.embed)
         if self.config.sedac:      # lossless mode drafts on int8 copies of the weights
@@ -78,6 +88,18 @@ class ModelRunner:
         if self._cpu_kernels():
             model.screen_greedy_head()    # measured on CPU only (sedac.models.greedy_head)
         return model
+
+    def _dequantize_blocks(self, model: DecoderModel) -> None:
+        """Block weights have a kernel on CPU only: elsewhere they are dequantized once, at load."""
+        logger.warning(f"{self.config.build.precision} weights have no kernel on {self.device.type} "
+                       f"{'' if self.device.type != 'cpu' else 'without the C++ kernels '}here: dequantized to "
+                       f"{self.weight_dtype} at load (the memory and speed of a {self.weight_dtype} engine)")
+        if model.embed_tokens.weight is None:     # before the head: a tied table reads the head's blocks
+            table = model.embed(torch.arange(self.config.model.vocab_size, device=self.device))
+            model.embed_tokens.weight = nn.Parameter(table.to(self.weight_dtype), requires_grad=False)
+        for linear in model.modules():
+            if isinstance(linear, Linear) and linear.blocks is not None:
+                linear.dequantize_blocks(self.weight_dtype)
 
     def _load_sedac_weights(self, engine_dir: Path) -> tuple[dict[int, ExitHead], tuple | None]:
         """The exit heads the modes use and the Ghost KV predictor (weight, bias), if the build made one."""

@@ -29,31 +29,29 @@ torch::Tensor layer(const torch::Tensor& h, const torch::Tensor& cos, const torc
 
 }  // namespace
 
+// One projection on whatever the runner packed: fp32/fp16/bf16 panels (no scale), int8 panels with
+// one fp32 scale per output (a 1-D scale: int8 engines, lossless mode's drafter), or block panels
+// (fp16 scales per group: int4 and gguf engines).
+torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& scale,
+                            const std::optional<torch::Tensor>& min, const std::optional<torch::Tensor>& bias,
+                            int64_t out_features) {
+  if (!scale) return panel_linear(x, panels, bias, out_features);
+  if (scale->dim() == 1) return int8_panel_linear(x, panels, *scale, bias, out_features);
+  return block_linear(x, panels, *scale, min, bias, out_features);
+}
+
+// panels, scales, mins: the four projections [qkv, o, gate_up, down] as packed_linear takes them.
 torch::Tensor decode_layer(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
                            const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
-                           at::TensorList panels, at::IntArrayRef out_features,
+                           at::TensorList panels, const c10::List<std::optional<torch::Tensor>>& scales,
+                           const c10::List<std::optional<torch::Tensor>>& mins, at::IntArrayRef out_features,
                            const std::optional<torch::Tensor>& qkv_bias, torch::Tensor k_cache, torch::Tensor v_cache,
                            const torch::Tensor& slots, const torch::Tensor& tables, const torch::Tensor& lengths,
                            int64_t num_heads, int64_t block_size) {
-  TORCH_CHECK(panels.size() == 4 && out_features.size() == 4, "decode_layer: four projections");
+  TORCH_CHECK(panels.size() == 4 && scales.size() == 4 && mins.size() == 4 && out_features.size() == 4,
+              "decode_layer: four projections");
   auto linear = [&](const torch::Tensor& x, int i) {
-    return panel_linear(x, panels[i], i == 0 ? qkv_bias : std::nullopt, out_features[i]);
-  };
-  return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
-               num_heads, block_size);
-}
-
-// The same layer on int8 weights (a lossless-mode draft pass): panels = [qkv, o, gate_up, down] int8
-// panels, scales their [out] fp32 row scales.
-torch::Tensor decode_layer_int8(const torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& signed_sin,
-                                const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps,
-                                at::TensorList panels, at::TensorList scales,
-                                const std::optional<torch::Tensor>& qkv_bias, torch::Tensor k_cache,
-                                torch::Tensor v_cache, const torch::Tensor& slots, const torch::Tensor& tables,
-                                const torch::Tensor& lengths, int64_t num_heads, int64_t block_size) {
-  TORCH_CHECK(panels.size() == 4 && scales.size() == 4, "decode_layer_int8: four projections");
-  auto linear = [&](const torch::Tensor& x, int i) {
-    return int8_panel_linear(x, panels[i], scales[i], i == 0 ? qkv_bias : std::nullopt, scales[i].numel());
+    return packed_linear(x, panels[i], scales.get(i), mins.get(i), i == 0 ? qkv_bias : std::nullopt, out_features[i]);
   };
   return layer(h, cos, signed_sin, input_norm, post_norm, eps, linear, k_cache, v_cache, slots, tables, lengths,
                num_heads, block_size);
@@ -61,11 +59,8 @@ torch::Tensor decode_layer_int8(const torch::Tensor& h, const torch::Tensor& cos
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
   m.def("decode_layer(Tensor h, Tensor cos, Tensor signed_sin, Tensor input_norm, Tensor post_norm, float eps, "
-        "Tensor[] panels, int[] out_features, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, Tensor tables, Tensor lengths, int num_heads, int block_size) -> Tensor");
+        "Tensor[] panels, Tensor?[] scales, Tensor?[] mins, int[] out_features, Tensor? qkv_bias, "
+        "Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots, Tensor tables, Tensor lengths, int num_heads, "
+        "int block_size) -> Tensor");
   m.impl("decode_layer", torch::kCPU, &decode_layer);
-  m.def("decode_layer_int8(Tensor h, Tensor cos, Tensor signed_sin, Tensor input_norm, Tensor post_norm, float eps, "
-        "Tensor[] panels, Tensor[] scales, Tensor? qkv_bias, Tensor(a!) k_cache, Tensor(b!) v_cache, "
-        "Tensor slots, Tensor tables, Tensor lengths, int num_heads, int block_size) -> Tensor");
-  m.impl("decode_layer_int8", torch::kCPU, &decode_layer_int8);
 }

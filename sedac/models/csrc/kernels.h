@@ -1,5 +1,5 @@
 // The CPU kernels the fused decode layer composes (defined in paged_attention.cpp, fused_ops.cpp,
-// panel_linear.cpp).
+// panel_linear.cpp, block_linear.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -17,3 +17,8 @@ torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, 
                            int64_t out_features);
 torch::Tensor int8_panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& scale,
                                 const std::optional<torch::Tensor>& bias, int64_t out_features);
+torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
+                           const std::optional<torch::Tensor>& mins, const std::optional<torch::Tensor>& bias,
+                           int64_t out_features);
+// `count` fp32 panels [count, n, 16] against x [T, n] -> y (row stride ldy), panel_linear's tiles.
+void fp32_panel_group(const float* panels, int64_t n, int64_t count, const float* x, int64_t t, float* y, int64_t ldy);

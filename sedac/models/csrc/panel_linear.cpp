@@ -13,7 +13,7 @@
 // each output by its row's scale after the chain: quantizing activations too (fbgemm's dynamic int8)
 // cost SmolLM2 40 points of draft agreement, its hidden states have outlier channels.
 #include "kernels.h"
-#include <ATen/Parallel.h>
+#include "panel_schedule.h"
 
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
@@ -21,8 +21,7 @@
 
 namespace {
 
-constexpr int64_t kPanel = 16;      // outputs per panel: one AVX-512 or two AVX2 registers
-constexpr int64_t kGroup = 6;       // panels per parallel task (a multiple of every tile's P)
+using namespace sedac_panels;
 
 #if defined(__AVX512F__)
 // The 16 weights of panel row k as one register of 16 floats: half the conversions of AVX2's two,
@@ -119,31 +118,25 @@ inline void tile(const W* w, int64_t ps, const float* x, int64_t ldx, int64_t n,
 #endif
 }
 
-// R (< 6) rows of x against `panels` panels: P = 6 / R at a time, then one at a time.
-template <int R, class W>
-inline void row_block(const W* w, int64_t ps, const float* x, int64_t n, float* y, int64_t ldy, int64_t panels) {
-  constexpr int P = 6 / R;
-  int64_t p = 0;
-  for (; p + P <= panels; p += P) tile<R, P, W>(w + p * ps, ps, x, n, n, y + p * kPanel, ldy);
-  for (; p < panels; ++p) tile<R, 1, W>(w + p * ps, ps, x, n, n, y + p * kPanel, ldy);
+// The tiles over panels of weight type W (panel_schedule.h runs them).
+template <class W>
+struct DenseKernel {
+  const W* w;
+  int64_t ps, n;      // panel stride, inputs
+  template <int R, int P>
+  void tile(int64_t panel, const float* x, int64_t ldx, float* y, int64_t ldy) const {
+    ::tile<R, P, W>(w + panel * ps, ps, x, ldx, n, y, ldy);
+  }
+  bool run_group(int64_t, int64_t, const float*, int64_t, float*, int64_t) const { return false; }
+};
+
+}  // namespace
+
+void fp32_panel_group(const float* panels, int64_t n, int64_t count, const float* x, int64_t t, float* y, int64_t ldy) {
+  panel_group(DenseKernel<float>{panels, n * kPanel, n}, 0, count, x, t, n, y, ldy);
 }
 
-// All T rows of x against `count` (<= kGroup) panels, writing their outputs in y (row stride ldy).
-// Whole 6-row tiles run panel by panel, so each panel stays in cache across them; the remaining rows
-// then reuse the group from cache (a pass over all of a task's panels per row tile re-read the LM
-// head from memory for every tile: 2x slower at 32 rows).
-template <class W>
-void panel_group(const W* w, int64_t ps, int64_t count, const float* x, int64_t t, int64_t n, float* y, int64_t ldy) {
-  int64_t r = t - t % 6;
-  for (int64_t p = 0; p < count; ++p)
-    for (int64_t q = 0; q < r; q += 6) tile<6, 1>(w + p * ps, ps, x + q * n, n, n, y + q * ldy + p * kPanel, ldy);
-  if (t - r == 3 || t - r == 5) {   // 4 rows run as 2 + 2: int8 conversions crowd a 3-row tile's registers
-    row_block<3>(w, ps, x + r * n, n, y + r * ldy, ldy, count);
-    r += 3;
-  }
-  for (; t - r >= 2; r += 2) row_block<2>(w, ps, x + r * n, n, y + r * ldy, ldy, count);
-  if (t - r == 1) row_block<1>(w, ps, x + r * n, n, y + r * ldy, ldy, count);
-}
+namespace {
 
 // x [T, in] fp32 against panels [P, in, 16] -> [T, out] (before any scale or bias).
 template <class W>
@@ -153,17 +146,8 @@ torch::Tensor panel_matmul(const torch::Tensor& x_in, const torch::Tensor& panel
               panels.size(1) == x_in.size(1) && panels.size(0) * kPanel >= out_features,
               "panel_linear: panels [ceil(out / 16), in, 16] matching x");
   const auto x = x_in.contiguous();
-  const int64_t t = x.size(0), n = x.size(1), num_panels = panels.size(0), m = num_panels * kPanel;
-  auto y = torch::empty({t, m}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const W* wp = panels.data_ptr<W>();
-  float* yp = y.data_ptr<float>();
-  const int64_t ps = n * kPanel;
-  at::parallel_for(0, (num_panels + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) panel_group(wp + g * kGroup * ps, ps, std::min(kGroup, num_panels - g * kGroup),
-                                                      xp, t, n, yp + g * kGroup * kPanel, m);
-  });
-  return m == out_features ? y : y.narrow(1, 0, out_features).contiguous();   // a padded last panel
+  const int64_t n = x.size(1);
+  return run_panels(DenseKernel<W>{panels.data_ptr<W>(), n * kPanel, n}, x, panels.size(0), out_features);
 }
 
 }  // namespace

@@ -1,0 +1,134 @@
+"""Weight-only quantized formats: int8 rows (one scale per output) and blocks (a scale, and for 4-bit
+codes a minimum, per group of inputs: int4 engines and GGUF's Q4_0, Q4_1 and Q8_0 blocks).
+
+A block weight is stored by rows ([out, ...], what engines keep on disk) and packed into panels for
+the CPU kernel (csrc/block_linear.cpp); `dense` is the reference both must match.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+PANEL = 16      # outputs per panel (csrc/panel_schedule.h)
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8, one scale per row (TensorRT-LLM's weight-only int8): w [out, in] ->
+    (int8 [out, in], fp32 scale [out]) with w ~= int8 * scale[:, None]."""
+    w = w.float()
+    scale = w.abs().amax(1).clamp(min=1e-12) / 127
+    return torch.round(w / scale[:, None]).to(torch.int8).contiguous(), scale.contiguous()
+
+
+def to_panels(w: torch.Tensor) -> torch.Tensor:
+    """[out, in...] -> [ceil(out / 16), in..., 16], the last panel zero-padded (csrc/panel_linear.cpp)."""
+    w = F.pad(w, (0, 0, 0, -w.shape[0] % PANEL))
+    return w.reshape(-1, PANEL, w.shape[1]).transpose(1, 2).contiguous()
+
+
+def from_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes [out, in] (0..15) -> [out, in / 2] uint8, input 2k in the low nibble, 2k + 1 in the high."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] uint8 -> codes [out, in] uint8."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+@dataclass
+class BlockWeight:
+    """codes: 4-bit [out, in / 2] uint8 (pack_nibbles) or 8-bit [out, in] int8; scale [out, groups]
+    fp16; minimum like scale for 4-bit codes (w = q * scale + minimum), None for 8-bit (w = q * scale).
+    Packed (`panels`): codes [P, in / 2 or in, 16], scale and minimum [P, groups, 16]."""
+    codes: torch.Tensor
+    scale: torch.Tensor
+    minimum: torch.Tensor | None
+    out_features: int
+    packed: bool = False
+
+    def __post_init__(self):
+        if (self.codes.dtype == torch.uint8) != (self.minimum is not None):
+            raise ValueError("4-bit codes (uint8) take a minimum, 8-bit codes (int8) none")
+
+    @property
+    def bits(self) -> int:
+        return 4 if self.codes.dtype == torch.uint8 else 8
+
+    @property
+    def in_features(self) -> int:
+        return self.codes.shape[1] * 8 // self.bits
+
+    @property
+    def group_size(self) -> int:
+        return self.in_features // self.scale.shape[1]
+
+    def panels(self) -> "BlockWeight":
+        """The layout csrc/block_linear.cpp reads."""
+        if self.packed:
+            return self
+        pack = to_panels
+        return BlockWeight(pack(self.codes), pack(self.scale), None if self.minimum is None else pack(self.minimum),
+                           self.out_features, packed=True)
+
+    def rows(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(codes, scale, minimum) of the given output rows (all by default), by rows; 4-bit codes unpacked."""
+        if self.packed:
+            index = torch.arange(self.out_features, device=self.codes.device) if index is None else index
+            pick = lambda t: None if t is None else t[index // PANEL, :, index % PANEL]  # noqa: E731
+        else:
+            pick = lambda t: None if t is None else (t if index is None else t[index])  # noqa: E731
+        codes = pick(self.codes)
+        return (unpack_nibbles(codes) if self.bits == 4 else codes), pick(self.scale), pick(self.minimum)
+
+    def dense(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Dequantized fp32 rows [len(index) or out, in]: q * d + m, as the kernel computes each weight
+        (the product of a code and an fp16 scale is exact in fp32, so this rounds once, like its fma)."""
+        codes, scale, minimum = self.rows(index)
+        group = self.group_size
+        w = codes.float() * scale.float().repeat_interleave(group, dim=1)
+        return w if minimum is None else w + minimum.float().repeat_interleave(group, dim=1)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x [T, in] fp32 -> [T, out] on the CPU kernel (packed) or the dequantized reference."""
+        if self.packed:
+            return torch.ops.sedac_cpu.block_linear(x, self.codes, self.scale, self.minimum, bias, self.out_features)
+        y = x @ self.dense().to(x.dtype).t()
+        return y if bias is None else y + bias
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scale, self.minimum) if t is not None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> BlockWeight:
+    """Round-to-nearest asymmetric 4-bit per group of inputs (GGUF Q4_1's scheme, any group size):
+    scale = (max - min) / 15 and minimum = min per group, both rounded to fp16 first so that the codes
+    are chosen against the values the kernel uses. w [out, in] -> BlockWeight."""
+    out, inp = w.shape
+    if group_size <= 0 or group_size % 2 or inp % group_size:
+        raise ValueError(f"--group-size {group_size} must be even and divide every projection's inputs "
+                         f"({inp} here)")
+    g = w.float().reshape(out, inp // group_size, group_size)
+    low, high = g.amin(-1), g.amax(-1)
+    scale, minimum = ((high - low) / 15).half(), low.half()           # [out, groups]
+    step = scale.float().clamp(min=torch.finfo(torch.float16).tiny)[..., None]   # a constant group: codes 0
+    codes = torch.round((g - minimum.float()[..., None]) / step).clamp(0, 15).to(torch.uint8)
+    return BlockWeight(pack_nibbles(codes.reshape(out, inp)), scale.contiguous(), minimum.contiguous(), out)
+
+
+def quantize_int8_blocks(w: torch.Tensor, group_size: int = 32) -> BlockWeight:
+    """Symmetric 8-bit per group of inputs (GGUF Q8_0's scheme; the whole row when the group does not
+    divide it): scale = max |w| / 127 rounded to fp16, codes round(w / scale). w [out, in] -> BlockWeight."""
+    out, inp = w.shape
+    group = group_size if inp % group_size == 0 else inp
+    g = w.float().reshape(out, inp // group, group)
+    scale = (g.abs().amax(-1) / 127).half()
+    step = scale.float().clamp(min=torch.finfo(torch.float16).tiny)[..., None]
+    codes = torch.round(g / step).clamp(-127, 127).to(torch.int8)
+    return BlockWeight(codes.reshape(out, inp).contiguous(), scale.contiguous(), None, out)

@@ -1,0 +1,203 @@
+"""Block-quantized weights (int4 engines, GGUF Q4_0/Q4_1/Q8_0 kept as they are): the kernel dequantizes
+each weight exactly as the reference does and runs panel_linear's chain, so its result is bit for bit the
+fp32 kernel's on the dequantized weights, in any batch; a gguf engine holds exactly the weights the fp32
+engine built from the same file holds and decodes the same tokens; an int4 engine decodes like HF on its
+dequantized weights. Bad inputs name what is supported."""
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from gguf import GGMLQuantizationType
+from safetensors.torch import load_file
+
+from sedac import LLM, SamplingParams
+from sedac.builder import build_engine
+from sedac.builder.convert import convert_checkpoint, model_config_from_hf
+from sedac.builder.gguf_blocks import _read, gguf_engine_weights
+from sedac.builder.hf_export import dequantized, load_hf_model
+from sedac.builder.sources import resolve_source, smollm2_gguf_path
+from sedac.cli.build import main as build_main
+from sedac.config import BuildConfig
+from sedac.models import cpu_kernels
+from sedac.models.layers import Linear
+from sedac.models.quant import BlockWeight, pack_nibbles, quantize_int4, to_panels
+from tests.conftest import hf_greedy
+from tests.test_cpu_kernels import H, D, _decode_context, _random_layer, pool, run_step  # noqa: F401  (fixture)
+from tests.test_parity_tiny import PROMPTS
+
+
+@pytest.fixture(autouse=True)
+def _kernels():
+    assert cpu_kernels.available()
+    with torch.inference_mode():
+        yield
+
+
+def _random_blocks(out: int, inp: int, group: int, bits: int) -> BlockWeight:
+    scale = (torch.rand(out, inp // group) * 0.1 + 0.01).half()
+    if bits == 8:
+        return BlockWeight(torch.randint(-128, 128, (out, inp), dtype=torch.int8), scale, None, out)
+    codes = torch.randint(0, 16, (out, inp), dtype=torch.uint8)
+    return BlockWeight(pack_nibbles(codes), scale, (torch.randn(out, inp // group) * 0.1).half(), out)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])   # out, in, group
+@pytest.mark.parametrize("bias", [False, True])
+def test_block_linear_is_fp32_panels_on_dequantized_weights(bits, shape, bias):
+    torch.manual_seed(bits)
+    out, inp, group = shape
+    blocks = _random_blocks(out, inp, group, bits)
+    dense = blocks.dense()                                     # [out, in] fp32, the reference values
+    packed, b = blocks.panels(), (torch.randn(out) if bias else None)
+    assert torch.equal(packed.dense(), dense) and torch.equal(packed.dense(torch.tensor([3, out - 1])), dense[[3, -1]])
+    x = torch.randn(13, inp)            # 13 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
+    y = packed.linear(x, b)
+    for rows in range(1, 14):
+        expected = torch.ops.sedac_cpu.panel_linear(x[:rows], to_panels(dense), b, out)
+        assert torch.equal(packed.linear(x[:rows], b), expected)        # bitwise the fp32 chain
+        assert torch.equal(y[:rows], expected)                          # whatever the batch
+    tolerance = 1e-5 * (x.abs() @ dense.abs().t()).max()           # summation order only
+    assert (y - (x @ dense.t() + (0 if b is None else b))).abs().max() <= tolerance
+    assert (blocks.linear(x, b) - y).abs().max() <= tolerance       # the unpacked (torch) path
+
+
+def test_int4_quantization_rounds_to_nearest_within_half_a_step():
+    torch.manual_seed(0)
+    w = torch.randn(24, 64)
+    w[3, :32] = 0.7                                              # a constant group
+    blocks = quantize_int4(w, 32)
+    assert blocks.codes.shape == (24, 32) and blocks.scale.shape == (24, 2) and blocks.group_size == 32
+    step = blocks.scale.float().repeat_interleave(32, dim=1)
+    error = (blocks.dense() - w).abs()
+    assert (error <= step * 0.5 + 2e-3 * w.abs().amax(1, keepdim=True)).all()   # + the fp16 rounding of the min
+    assert torch.equal(blocks.dense()[3, :32], torch.full((32,), torch.tensor(0.7).half().item()))
+    with pytest.raises(ValueError, match="--group-size 48 must be even and divide"):
+        quantize_int4(w, 48)
+
+
+def test_block_linear_rejects_mismatched_inputs():
+    blocks = _random_blocks(16, 64, 32, 4).panels()
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="4-bit codes take minimums"):
+        torch.ops.sedac_cpu.block_linear(x, blocks.codes, blocks.scale, None, None, 16)
+    with pytest.raises(RuntimeError, match="matching x"):
+        torch.ops.sedac_cpu.block_linear(torch.randn(1, 32), blocks.codes, blocks.scale, blocks.minimum, None, 16)
+    with pytest.raises(RuntimeError, match="scales fp16"):
+        torch.ops.sedac_cpu.block_linear(x, blocks.codes, blocks.scale.float(), blocks.minimum, None, 16)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_fused_decode_layer_on_blocks_is_bit_identical_to_python_layer(pool, bits):  # noqa: F811
+    layer, ctx = _random_layer(qkv_bias=True), _decode_context([7, 1, 12, 16])
+    for linear in layer.modules():
+        if isinstance(linear, Linear):
+            linear.load_blocks(_random_blocks(linear.out_features, linear.dense_rows().shape[1], 16, bits))
+            linear.packed = None
+            linear.pack_for_cpu()
+    h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
+    assert layer._fusable(h, ctx, int8=False)
+    fused = run_step(layer, pool, ctx, lambda: layer._fused_decode(h, cos, signed_sin, ctx))
+    assert torch.equal(fused, run_step(layer, pool, ctx, lambda: layer(h, cos, signed_sin)))
+
+
+def _engine(tmp_path, source, precision: str, **build):
+    path = tmp_path / precision
+    build_engine(str(source), path, BuildConfig(precision=precision, max_batch_size=8, max_seq_len=256,
+                                                max_num_tokens=256, kv_block_size=4, **build))
+    return path
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_int4_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+    engine = _engine(tmp_path, tiny_models[arch], "int4", group_size=16)
+    weights = load_file(str(engine / "model.safetensors"))
+    assert weights["layers.0.down_proj.weight"].dtype == torch.uint8          # 4-bit codes, two a byte
+    assert weights["layers.0.down_proj.weight_scale"].shape == (64, 128 // 16)
+    hf = load_hf_model(engine)
+    llm = LLM(str(engine), device="cpu")
+    model = llm.engine.runner.model
+    assert model.layers[0].qkv_proj.blocks.packed and not model.int8_weights
+    fused = []
+    for layer in model.layers:
+        original = layer._fused_decode
+        layer._fused_decode = lambda *a, _f=original, **k: fused.append(1) or _f(*a, **k)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    for prompt, out in zip(PROMPTS, outs):
+        assert out.token_ids == hf_greedy(hf, prompt, 24)
+    assert fused                                    # decode steps ran the fused layer on the blocks
+
+
+def test_int4_engine_without_kernels_dequantizes_at_load(tmp_path, tiny_models, monkeypatch, caplog):
+    engine = _engine(tmp_path, tiny_models["llama"], "int4", group_size=16)
+    with_kernels = [o.token_ids for o in LLM(str(engine), device="cpu").generate(
+        PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))]
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    llm = LLM(str(engine), device="cpu")
+    assert "int4 weights have no kernel" in caplog.text
+    assert llm.engine.runner.model.layers[0].qkv_proj.blocks is None
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    assert [o.token_ids for o in outs] == with_kernels
+
+
+def test_quantized_precision_errors(tmp_path, tiny_models):
+    runner = CliRunner()
+    base = ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--max-seq-len", "256"]
+    out = runner.invoke(build_main, [*base, "--precision", "gguf"])
+    assert out.exit_code != 0 and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output
+    out = runner.invoke(build_main, [*base, "--precision", "int8", "--group-size", "64"])
+    assert out.exit_code != 0 and "--group-size applies to --precision int4 only" in out.output
+    out = runner.invoke(build_main, [*base, "--precision", "int4", "--group-size", "48"])
+    assert out.exit_code != 0 and "--group-size 48 must be even and divide" in out.output
+    out = runner.invoke(build_main, [*base, "--precision", "int4", "--sedac"])
+    assert out.exit_code != 0 and "--sedac needs a fp32, fp16 or bf16 base" in out.output
+    assert not (tmp_path / "e").exists()
+
+
+def test_gguf_tensor_without_a_kernel_is_named():
+    class Q6K:
+        name, tensor_type, data = "blk.0.ffn_down.weight", GGMLQuantizationType.Q6_K, np.zeros((4, 210), np.uint8)
+    with pytest.raises(ValueError, match="blk.0.ffn_down.weight is Q6_K; --precision gguf computes on "
+                                         "Q4_0, Q4_1, Q8_0, F16, F32"):
+        _read(Q6K)
+
+
+def test_q4_0_blocks_decode_like_gguf():
+    from gguf import quants
+    torch.manual_seed(0)
+    w = torch.randn(8, 64).numpy()
+    raw = quants.quantize(w, GGMLQuantizationType.Q4_0)
+
+    class T:
+        name, tensor_type, data = "q", GGMLQuantizationType.Q4_0, raw
+    expected = quants.dequantize(raw, GGMLQuantizationType.Q4_0)
+    assert np.array_equal(_read(T).dense().numpy(), expected)
+
+
+def test_gguf_engine_holds_exactly_the_fp32_engines_weights():
+    """Every tensor of the real SmolLM2 GGUF (Q4_1 layers, a Q8_0 embedding, F32 norms) read as blocks and
+    dequantized is bitwise what transformers' GGUF loader (the fp32 engine's source) gives."""
+    source = resolve_source("smollm2-135m-instruct")
+    cfg = model_config_from_hf(source.hf_config)
+    fp32 = convert_checkpoint(source.tensors(), cfg, torch.float32)
+    blocks = dequantized(gguf_engine_weights(smollm2_gguf_path(), cfg))
+    assert blocks.keys() == fp32.keys()
+    for name, t in fp32.items():
+        assert torch.equal(blocks[name], t), name
+
+
+def test_gguf_engine_decodes_the_fp32_engines_tokens(real_engine, tmp_path_factory):
+    """Must show: token-identical to the fp32 engine from the same GGUF on 16 prompts x 64 tokens."""
+    from sedac.builder.datasets import sharegpt_prompts
+    path = tmp_path_factory.mktemp("gguf") / "smollm2-gguf"
+    build_engine("smollm2-135m-instruct", path, BuildConfig(precision="gguf", max_batch_size=16))
+    runs = {}
+    for name, engine in (("fp32", real_engine), ("gguf", path)):
+        llm = LLM(str(engine), kv_cache_memory=1 << 29)
+        prompts = sharegpt_prompts(llm.tokenizer, "bench", 16, 128)
+        runs[name] = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0,
+                                                                                  ignore_eos=True))]
+        if name == "gguf":
+            model = llm.engine.runner.model
+            assert model.lm_head.blocks.bits == 8 and model.layers[0].gate_up_proj.blocks.bits == 4
+    assert runs["gguf"] == runs["fp32"]
