@@ -62,6 +62,25 @@ def test_block_linear_is_fp32_panels_on_dequantized_weights(bits, shape, bias):
     assert (blocks.linear(x, b) - y).abs().max() <= tolerance       # the unpacked (torch) path
 
 
+@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])   # out, in, group
+def test_int8_activation_kernel_is_near_exact_and_batch_invariant(shape):
+    """block_linear_a8 quantizes each row's activations per group in two int8 levels (a 15-bit grid)
+    for integer dot products: close to the fp32-activation result, not bitwise it, the same in any batch."""
+    torch.manual_seed(1)
+    out, inp, group = shape
+    blocks = _random_blocks(out, inp, group, 4)
+    packed = blocks.panels(int8_activations=True)
+    assert packed.int8_activations and torch.equal(packed.dense(), blocks.dense())     # same weights, new layout
+    x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)        # channels of different scales
+    x[2, :group] = 0                                               # a zero group
+    y = packed.linear(x, None)
+    for rows in range(1, 14):
+        assert torch.equal(packed.linear(x[:rows], None), y[:rows])        # batch-invariant
+    exact = blocks.panels().linear(x, None)                        # fp32 activations
+    assert not torch.equal(y, exact)                               # it took the integer path,
+    assert (y - exact).norm() < 1e-3 * exact.norm()                # whose activation grid is fine
+
+
 def test_int4_quantization_rounds_to_nearest_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(24, 64)
@@ -109,7 +128,9 @@ def _engine(tmp_path, source, precision: str, **build):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_int4_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+    """int4 computes with activations on a 15-bit grid per group, so it is HF on its dequantized weights up
+    to that rounding: teacher-forced on its own output, HF picks the same token at nearly every position."""
     engine = _engine(tmp_path, tiny_models[arch], "int4", group_size=16)
     weights = load_file(str(engine / "model.safetensors"))
     assert weights["layers.0.down_proj.weight"].dtype == torch.uint8          # 4-bit codes, two a byte
@@ -117,14 +138,21 @@ def test_int4_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     hf = load_hf_model(engine)
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
-    assert model.layers[0].qkv_proj.blocks.packed and not model.int8_weights
+    assert model.layers[0].qkv_proj.blocks.int8_activations and not model.int8_weights
+    assert model.lm_head.blocks.bits == 8                           # the head as 8-bit blocks
     fused = []
     for layer in model.layers:
         original = layer._fused_decode
         layer._fused_decode = lambda *a, _f=original, **k: fused.append(1) or _f(*a, **k)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    same = total = 0
     for prompt, out in zip(PROMPTS, outs):
-        assert out.token_ids == hf_greedy(hf, prompt, 24)
+        ids = torch.tensor([prompt + out.token_ids])
+        with torch.inference_mode():
+            choices = hf(ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+        same += sum(a == b for a, b in zip(choices, out.token_ids))
+        total += len(out.token_ids)
+    assert same >= 0.9 * total, (same, total)
     assert fused                                    # decode steps ran the fused layer on the blocks
 
 

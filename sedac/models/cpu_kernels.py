@@ -74,6 +74,12 @@ def available() -> bool:
     return status().loaded
 
 
+def integer_dot_products() -> bool:
+    """Whether the loaded library has block_linear_a8's VNNI path (int4 engines use it; elsewhere its
+    scalar reference would be slow, so they take the exact block kernel)."""
+    return available() and "VNNI" in status().detail
+
+
 def usable(x: torch.Tensor) -> bool:
     """The kernels take float32 CPU tensors and have no backward: training (exit heads) and other
     devices or dtypes run the PyTorch path."""

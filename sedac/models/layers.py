@@ -29,11 +29,12 @@ class Linear(nn.Module):
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.blocks: BlockWeight | None = None     # block-quantized weight (int4 and gguf engines)
 
-    def pack_for_cpu(self) -> None:
+    def pack_for_cpu(self, int8_activations: bool = False) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
-        at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs)."""
+        at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs, 4-bit
+        ones for int8 activations when asked: BlockWeight.panels)."""
         if self.blocks is not None:
-            self.blocks = self.blocks.panels()
+            self.blocks = self.blocks.panels(int8_activations)
         elif self.weight_only_int8:
             self.int8 = (to_panels(self.int8[0]), self.int8[1])
         else:

@@ -46,7 +46,8 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 class BlockWeight:
     """codes: 4-bit [out, in / 2] uint8 (pack_nibbles) or 8-bit [out, in] int8; scale [out, groups]
     fp16; minimum like scale for 4-bit codes (w = q * scale + minimum), None for 8-bit (w = q * scale).
-    Packed (`panels`): codes [P, in / 2 or in, 16], scale and minimum [P, groups, 16]."""
+    Packed (`panels`): codes [P, in / 2 or in, 16], scale and minimum [P, groups, 16]; with int8
+    activations (csrc/block_linear_a8.cpp) 4-bit codes [P, in / 8, 64], four inputs per output lane."""
     codes: torch.Tensor
     scale: torch.Tensor
     minimum: torch.Tensor | None
@@ -62,30 +63,44 @@ class BlockWeight:
         return 4 if self.codes.dtype == torch.uint8 else 8
 
     @property
+    def int8_activations(self) -> bool:
+        return self.packed and self.codes.shape[-1] == 4 * PANEL
+
+    @property
     def in_features(self) -> int:
-        return self.codes.shape[1] * 8 // self.bits
+        return self.codes.shape[-2 if self.packed else 1] * (8 if self.int8_activations else 8 // self.bits)
 
     @property
     def group_size(self) -> int:
-        return self.in_features // self.scale.shape[1]
+        return self.in_features // self.scale.shape[-2 if self.packed else 1]
 
-    def panels(self) -> "BlockWeight":
-        """The layout csrc/block_linear.cpp reads."""
+    def panels(self, int8_activations: bool = False) -> "BlockWeight":
+        """The layout csrc/block_linear.cpp reads, or for 4-bit codes with int8_activations
+        csrc/block_linear_a8.cpp's (activations quantized per group at run time, as llama.cpp's kernels do)."""
         if self.packed:
             return self
-        pack = to_panels
-        return BlockWeight(pack(self.codes), pack(self.scale), None if self.minimum is None else pack(self.minimum),
+        codes = to_panels(self.codes)
+        if int8_activations and self.bits == 4:      # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
+            quads = to_panels(unpack_nibbles(self.codes)).unflatten(1, (-1, 2, 4)).permute(0, 1, 4, 2, 3)
+            codes = (quads[..., 0, :] | (quads[..., 1, :] << 4)).flatten(2).contiguous()
+        return BlockWeight(codes, to_panels(self.scale), None if self.minimum is None else to_panels(self.minimum),
                            self.out_features, packed=True)
 
     def rows(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(codes, scale, minimum) of the given output rows (all by default), by rows; 4-bit codes unpacked."""
-        if self.packed:
-            index = torch.arange(self.out_features, device=self.codes.device) if index is None else index
-            pick = lambda t: None if t is None else t[index // PANEL, :, index % PANEL]  # noqa: E731
-        else:
+        if not self.packed:
             pick = lambda t: None if t is None else (t if index is None else t[index])  # noqa: E731
-        codes = pick(self.codes)
-        return (unpack_nibbles(codes) if self.bits == 4 else codes), pick(self.scale), pick(self.minimum)
+            codes = pick(self.codes)
+            return (unpack_nibbles(codes) if self.bits == 4 else codes), pick(self.scale), pick(self.minimum)
+        index = torch.arange(self.out_features, device=self.codes.device) if index is None else index
+        pick = lambda t: None if t is None else t[index // PANEL, :, index % PANEL]  # noqa: E731
+        if self.int8_activations:                   # [rows, in/8, 4 inputs] bytes -> [rows, in/8, 2, 4] codes
+            lanes = self.codes.unflatten(2, (PANEL, 4))[index // PANEL, :, index % PANEL]
+            codes = torch.stack((lanes & 15, lanes >> 4), dim=2).flatten(1)
+        else:
+            codes = pick(self.codes)
+            codes = unpack_nibbles(codes) if self.bits == 4 else codes
+        return codes, pick(self.scale), pick(self.minimum)
 
     def dense(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantized fp32 rows [len(index) or out, in]: q * d + m, as the kernel computes each weight
@@ -96,7 +111,10 @@ class BlockWeight:
         return w if minimum is None else w + minimum.float().repeat_interleave(group, dim=1)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in] fp32 -> [T, out] on the CPU kernel (packed) or the dequantized reference."""
+        """x [T, in] fp32 -> [T, out] on the CPU kernels (packed) or the dequantized reference."""
+        if self.int8_activations:
+            return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias,
+                                                       self.out_features)
         if self.packed:
             return torch.ops.sedac_cpu.block_linear(x, self.codes, self.scale, self.minimum, bias, self.out_features)
         y = x @ self.dense().to(x.dtype).t()

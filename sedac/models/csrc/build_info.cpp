@@ -9,7 +9,9 @@ namespace {
 
 // The widest vector extension the compiler was allowed to use.
 const char* isa() {
-#if defined(__AVX512F__)
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return "AVX-512+VNNI";   // block_linear_a8's integer dot products
+#elif defined(__AVX512F__)
   return "AVX-512";
 #elif defined(__AVX2__)
   return "AVX2";
