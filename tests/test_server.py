@@ -116,7 +116,7 @@ BAD = [
     (b'{"prompt": "hi", "max_tokens": 2, "top_p": 1e999}', 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "n": 10**6}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 100}}).encode(), 400),    # not silently
-    (json.dumps({"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_object"}}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "response_format": {"type": "xml"}}).encode(), 400),
 ]
 
 

@@ -15,6 +15,7 @@ from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
+from sedac.runtime.structured_outputs import StructuredOutputs
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Request:
     layer_rows: int = 0          # decoder-layer passes spent on generated tokens (SEDAC metrics)
     drafted: int = 0
     accepted: int = 0
+    grammar: object = None       # the compiled grammar of a structured-outputs request
 
 
 class LLMEngine:
@@ -54,6 +56,7 @@ class LLMEngine:
                                 speculative_disable_by_batch_size, engine_dir)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
+        self.structured = StructuredOutputs(self.tokenizer, self.config.model.vocab_size, sorted(self.eos_ids))
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
                          "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0}
         self.last_finished: RequestOutput | None = None
@@ -85,13 +88,24 @@ class LLMEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_mode(params.sedac_mode)
         ids = self.tokenize(prompt)
+        grammar = self._grammar(params)
         seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params))
         seq.detok_state = detokenizer.start(len(ids))
         metrics = RequestMetrics(seq.arrival, num_prompt_tokens=len(ids),
                                  layers_per_token=float(self.config.model.num_layers))   # the full model
         self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                            params, [seq], metrics)
+                                            params, [seq], metrics, grammar=grammar)
+        if grammar is not None:
+            self.structured.start(seq, grammar)
         self.scheduler.add(seq)
+
+    def _grammar(self, params: SamplingParams):
+        if params.structured_outputs is None:
+            return None
+        if params.sedac_mode not in (None, "off"):
+            raise ValueError("structured_outputs runs with sedac_mode off (drafts and exits are not grammar-aware "
+                             "yet); drop sedac_mode or set it to off")
+        return self.structured.compile(params.structured_outputs)
 
     def _check_mode(self, mode: str | None) -> str | None:
         check_sedac_mode(mode)
@@ -100,6 +114,9 @@ class LLMEngine:
         return mode
 
     def mode_of(self, seq: Sequence) -> str:
+        """The request's SEDAC mode, else the engine's; a structured-outputs request always runs off."""
+        if seq.params.structured_outputs is not None:
+            return "off"
         return seq.params.sedac_mode or self.sedac_mode
 
     def _draft_len(self, seq: Sequence) -> int:
@@ -157,7 +174,7 @@ class LLMEngine:
         logits = self.runner.forward(batch, rows, argmax_only(samplers))
         self._computed(batch.seqs, batch.num_new_tokens)
         samplers, logit_rows = self._fork_children(samplers)
-        tokens, logprobs = sample(logits[logit_rows], samplers)
+        tokens, logprobs = sample(logits[logit_rows], samplers, self.structured.mask)
         for seq in samplers:
             self.requests[seq.request_id].layer_rows += self.config.model.num_layers
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)]
@@ -199,6 +216,8 @@ class LLMEngine:
                 child = seq.fork(seq.params.n - seq.pending_forks)
                 seq.pending_forks -= 1
                 child.detok_state = detokenizer.start(child.num_tokens)
+                if self.requests[seq.request_id].grammar is not None:
+                    self.structured.start(child, self.requests[seq.request_id].grammar)
                 self.blocks.share(child)
                 self.scheduler.add_running(child)
                 self.requests[seq.request_id].seqs.append(child)
@@ -224,6 +243,8 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
         p = seq.params
+        if self.structured.accept(seq, token):         # the grammar's end (an end-of-sequence token)
+            return ("stop", None)
         if token in self.eos_ids and not p.ignore_eos:
             return ("stop", None)
         if token in p.stop_token_ids:
@@ -240,6 +261,7 @@ class LLMEngine:
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         seq.finish_time = time.perf_counter()
+        self.structured.release(seq)
         self.scheduler.finish(seq)
 
     def _collect_finished(self, touched: set[str]) -> list[RequestOutput]:

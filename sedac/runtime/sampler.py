@@ -6,10 +6,13 @@ import torch
 from sedac.runtime.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[dict[int, float] | None]]:
-    """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs."""
+def sample(logits: torch.Tensor, seqs: list[Sequence], constrain=None) -> tuple[list[int], list[dict[int, float] | None]]:
+    """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs (of the
+    model's raw distribution). constrain(logits, seqs): masks rows in place (structured outputs)."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
     logits = process(logits, seqs)
+    if constrain is not None:
+        logits = constrain(logits, seqs)
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
@@ -22,8 +25,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[
 
 def argmax_only(seqs: list[Sequence]) -> bool:
     """Whether every sequence's choice is the plain argmax of its logits: greedy, no logprobs, no
-    penalties or banned words (those read or change logits beyond the argmax)."""
+    penalties, banned words or grammar (those read or change logits beyond the argmax)."""
     return all(s.params.greedy and s.params.logprobs is None and not s.bad_words_ids
+               and s.params.structured_outputs is None
                and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
                and not s.params.frequency_penalty for s in seqs)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sedac.runtime.structured_outputs import StructuredOutputsParams
+
 SEDAC_MODES = ("off", "lossless", "lossy")
 SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how depth exits fill deeper KV
 SEDAC_LOSSY_EXITS = ("int8", "depth")                 # engine-wide: where lossy mode's tokens exit
@@ -34,6 +36,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     sedac_mode: str | None = None     # "off", "lossless" or "lossy"; None = the engine's default
     sedac_agreement: float | None = None  # lossy mode's target token agreement with the full model
+    structured_outputs: StructuredOutputsParams | dict | None = None   # vLLM's name: json, regex, choice, grammar
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -42,6 +45,7 @@ class SamplingParams:
         self.bad_words = [self.bad_words] if isinstance(self.bad_words, str) else list(self.bad_words or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:

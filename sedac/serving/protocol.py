@@ -11,12 +11,13 @@ from sedac.runtime.sampling_params import SamplingParams
 # OpenAI / vLLM fields that would change the output but are not implemented yet: answered 400 naming the
 # field, never silently ignored. A value that asks for nothing (the benign ones) passes.
 UNSUPPORTED_FIELDS = {
-    "response_format": lambda v: v in ({"type": "text"},), "tools": lambda v: not v, "functions": lambda v: not v,
+    "tools": lambda v: not v, "functions": lambda v: not v,
     "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none", "logit_bias": lambda v: not v,
     "min_tokens": lambda v: v == 0, "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
-    "structured_outputs": lambda v: not v, "guided_json": lambda v: not v, "guided_regex": lambda v: not v,
-    "guided_choice": lambda v: not v, "guided_grammar": lambda v: not v, "prompt_logprobs": lambda v: not v,
+    "prompt_logprobs": lambda v: not v,
 }
+# vLLM's older names for structured_outputs' fields
+GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
 class _Sampling(BaseModel):
@@ -51,11 +52,17 @@ class _Sampling(BaseModel):
     priority: StrictInt = 0
     sedac_mode: Literal["off", "lossless", "lossy"] | None = None
     sedac_agreement: float | None = None
+    response_format: dict | None = None          # OpenAI: {"type": "text" | "json_object" | "json_schema", ...}
+    structured_outputs: dict | None = None       # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (-> HTTP 400) for values SamplingParams rejects."""
-        extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement))
-                 if v is not None}
+        extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement),
+                                   ("structured_outputs", self.structured())) if v is not None}
         return SamplingParams(
             max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
@@ -64,6 +71,17 @@ class _Sampling(BaseModel):
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
             priority=self.priority, **extra)
 
+    def structured(self) -> dict | None:
+        """The one structured-outputs request among response_format, structured_outputs and guided_*."""
+        given = {name: value for name, value in (("response_format", _response_format(self.response_format)),
+                                                 ("structured_outputs", self.structured_outputs)) if value}
+        guided = {field: getattr(self, name) for name, field in GUIDED_FIELDS.items() if getattr(self, name) is not None}
+        if guided:
+            given["guided_*"] = guided
+        if len(given) > 1:
+            raise ValueError(f"give one of {', '.join(given)}, not several")
+        return next(iter(given.values()), None)
+
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -71,6 +89,20 @@ class _Sampling(BaseModel):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.get("include_usage"))
+
+
+def _response_format(value: dict | None) -> dict | None:
+    """OpenAI's response_format as structured_outputs fields (None for plain text)."""
+    if value is None or value.get("type") == "text":
+        return None
+    if value.get("type") == "json_object":
+        return {"json_object": True}
+    if value.get("type") == "json_schema":
+        schema = (value.get("json_schema") or {}).get("schema")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format json_schema needs json_schema.schema, a JSON schema object")
+        return {"json": schema}
+    raise ValueError(f"response_format type must be text, json_object or json_schema, got {value.get('type')!r}")
 
 
 class CompletionRequest(_Sampling):
