@@ -221,8 +221,10 @@ def test_content_parts_and_unsupported_fields_named(server):
                                         temperature=0)
     assert as_parts.choices[0].message.content == as_text.choices[0].message.content
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-    with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):
-        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], tools=[tool])
+    with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):        # chat only
+        c.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"tools": [tool]})
+    with pytest.raises(openai.BadRequestError, match="'logit_bias' is not supported"):
+        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logit_bias={"5": 10})
 
 
 def test_tokenize_detokenize_version(server, offline):

@@ -102,12 +102,22 @@ class Server:
             out.append(ids)
         return out
 
-    def chat_prompt(self, messages: list[dict]) -> list[int]:
+    def chat_prompt(self, messages: list[dict], tools: list[dict] | None = None) -> list[int]:
+        ids = self.render(messages, tools, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def render(self, messages: list[dict], tools: list[dict] | None, tokenize: bool = False):
         try:
-            ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
+                                                      tokenize=tokenize)
         except Exception as e:
             raise HTTPError(400, f"invalid chat messages: {e}") from None
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    def tool_plan(self, req: ChatCompletionRequest):
+        try:
+            return req.tool_plan()
+        except ValueError as e:
+            raise HTTPError(400, str(e)) from None
 
     async def submit(self, prompt_ids: list[int], params: SamplingParams):
         try:

@@ -60,20 +60,23 @@ class OpenAIHandlers:
     # ---- chat -----------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest):
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        ids = self.server.chat_prompt([m.for_template() for m in req.messages])
+        plan = self.server.tool_plan(req)
+        messages = [m.for_template() for m in req.messages]
+        if plan is not None:
+            messages = plan.messages(messages, self.server.render)
+        ids = self.server.chat_prompt(messages, plan.template_tools() if plan else None)
         params = self.server.params(req, default_max_tokens=self.server.room_after(len(ids)), logprobs=logprobs)
         stream = await self.server.submit(self.server.tokenized([ids], params)[0], params)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
-            return _sse(self._chat_chunks(stream, rid, created, req))
+            return _sse(self._chat_chunks(stream, rid, created, req, plan))
         final = await stream.final()
-        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
-                    "logprobs": self._chat_logprobs(c) if req.logprobs else None, "finish_reason": c.finish_reason}
+        choices = [{"index": c.index, **_message(c, plan), "logprobs": self._chat_logprobs(c) if req.logprobs else None}
                    for c in final.outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.server.model_name, "choices": choices, "usage": _usage([final])})
 
-    async def _chat_chunks(self, stream, rid, created, req) -> AsyncIterator[dict]:
+    async def _chat_chunks(self, stream, rid, created, req, plan) -> AsyncIterator[dict]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.server.model_name}
         for i in range(req.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
@@ -81,6 +84,14 @@ class OpenAIHandlers:
         final, sent = None, {}
         async for _, out in _merge([stream]):
             for c, delta in _deltas(out, sent):
+                if plan is not None and plan.active:     # tool calls are parsed from the whole text: sent at the end
+                    if c.finish_reason:
+                        message = _message(c, plan)
+                        calls = [{"index": k, **call} for k, call in enumerate(message["message"].get("tool_calls", []))]
+                        delta = {"content": message["message"]["content"]} | ({"tool_calls": calls} if calls else {})
+                        yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
+                                                    "finish_reason": message["finish_reason"]}]}
+                    continue
                 yield {**head, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
                                             "logprobs": None, "finish_reason": c.finish_reason}]}
             final = out
@@ -95,6 +106,19 @@ class OpenAIHandlers:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
         return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in lp.items() if k != t]}
                             for t, lp in zip(c.token_ids, c.logprobs)]}
+
+
+def _message(c, plan) -> dict:
+    """{"message", "finish_reason"} of a finished choice: its text, or the tool calls parsed from it
+    (finish_reason "tool_calls", as OpenAI reports them unless a named tool was forced)."""
+    if plan is None or not plan.active:
+        return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
+    content, calls = plan.parse(c.text)
+    message = {"role": "assistant", "content": content}
+    if not calls:
+        return {"message": message, "finish_reason": c.finish_reason}
+    message["tool_calls"] = [call.openai() for call in calls]
+    return {"message": message, "finish_reason": "tool_calls" if plan.choice != "named" else c.finish_reason}
 
 
 async def _merge(streams) -> AsyncIterator[tuple[int, object]]:

@@ -1,17 +1,19 @@
 """OpenAI request schemas (plus SEDAC extensions) and their mapping onto SamplingParams."""
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
 
 from sedac.runtime.sampling_params import SamplingParams
+from sedac.serving.tools import Tool, ToolPlan
 
 
 # OpenAI / vLLM fields that would change the output but are not implemented yet: answered 400 naming the
 # field, never silently ignored. A value that asks for nothing (the benign ones) passes.
 UNSUPPORTED_FIELDS = {
-    "tools": lambda v: not v, "functions": lambda v: not v,
+    "tools": lambda v: not v, "functions": lambda v: not v,     # tools: chat requests declare them (below)
     "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none", "logit_bias": lambda v: not v,
     "min_tokens": lambda v: v == 0, "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
     "prompt_logprobs": lambda v: not v,
@@ -28,7 +30,7 @@ class _Sampling(BaseModel):
     def _reject_unsupported(cls, data):
         if isinstance(data, dict):
             for name, benign in UNSUPPORTED_FIELDS.items():
-                if data.get(name) is not None and not benign(data[name]):
+                if name not in cls.model_fields and data.get(name) is not None and not benign(data[name]):
                     raise ValueError(f"'{name}' is not supported by this server yet")
         return data
 
@@ -118,11 +120,24 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart]      # content parts: text only (no image or audio input)
+    content: str | list[TextPart] | None = None     # content parts: text only (no image or audio input)
+    tool_calls: list[dict] | None = None            # an assistant turn's calls
+    tool_call_id: str | None = None                 # a tool turn's answer to one
+
+    @model_validator(mode="after")
+    def _has_content(self):
+        if self.content is None and not self.tool_calls:
+            raise ValueError("a message needs content (or, from the assistant, tool_calls)")
+        return self
 
     def for_template(self) -> dict:
-        """{role, content} with text parts joined, as chat templates take it."""
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        """{role, content} with text parts joined, as chat templates take it; an assistant's tool calls as
+        the <tool_call> blocks the model writes them in (sedac.serving.tools)."""
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        for call in self.tool_calls or []:
+            function = call.get("function") or {}
+            arguments = function.get("arguments") or "{}"
+            text += '<tool_call>{"name": %s, "arguments": %s}</tool_call>' % (json.dumps(function.get("name")), arguments)
         return {"role": self.role, "content": text}
 
 
@@ -130,6 +145,23 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict | None = None
+    parallel_tool_calls: StrictBool = True
+
+    def tool_plan(self) -> ToolPlan | None:
+        """What the tools ask for (None without tools); ValueError for a tool_choice that cannot be met."""
+        if not self.tools and self.tool_choice in (None, "none"):
+            return None
+        return ToolPlan(self.tools or [], self.tool_choice or "auto", self.parallel_tool_calls)
+
+    def structured(self) -> dict | None:
+        plan = self.tool_plan()
+        forced, asked = plan.structured_outputs() if plan else None, super().structured()
+        if forced and asked:
+            raise ValueError("tool_choice required or a named tool constrains the output already; "
+                             "drop response_format / structured_outputs")
+        return forced or asked
 
 
 class GenerateRequest(_Sampling):
