@@ -69,7 +69,7 @@ def sedac_server(engine: Path, *extra: str):
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     command = [str(BIN / "sedac-run"), "serve", "--engine", str(engine), "--port", str(port), "--device", "cpu", *extra]
-    with launched(command, base + "/health") as proc:
+    with launched(command, base + "/ready") as proc:
         yield base, proc
 
 

@@ -98,6 +98,12 @@ def test_bad_grammars_and_sedac_modes_are_errors(llm, tiny_sedac_engine):
         llm.generate("x", SamplingParams(structured_outputs={"grammar": "root ::= missing"}))
     outs = llm.generate(["x", "y"], SamplingParams(max_tokens=4, structured_outputs={"regex": "("}))
     assert all(o.outputs[0].finish_reason == "error" for o in outs)      # in a list: error outputs, no raise
+    nothing = SamplingParams(max_tokens=6, temperature=0.0, structured_outputs={"regex": r"[^\s\S]"})
+    free = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    dead, other = llm.generate(["x", "y"], [nothing, free])     # a grammar nothing matches: that request ends
+    assert (dead.outputs[0].finish_reason, dead.outputs[0].text) == ("abort", "")
+    assert "no token of this vocabulary continues the grammar" in dead.outputs[0].stop_reason
+    assert other.outputs[0].token_ids == llm.generate("y", free)[0].outputs[0].token_ids   # and no other
     sedac = LLM(str(tiny_sedac_engine), device="cpu", sedac_mode="lossless")
     with pytest.raises(ValueError, match="structured_outputs runs with sedac_mode off"):
         sedac.generate("x", SamplingParams(sedac_mode="lossy", structured_outputs={"choice": ["a"]}))
@@ -137,3 +143,37 @@ def test_real_model_fills_a_schema_with_sensible_values(real_engine):
                    SamplingParams(max_tokens=60, temperature=0.0, structured_outputs={"json": schema}))[0].outputs[0]
     record = json.loads(out.text)
     assert set(record) == {"city", "country"} and "Paris" in record["city"]
+
+
+REAL_SCHEMAS = [
+    {"type": "object", "additionalProperties": False, "required": ["name", "age"],
+     "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 150}}},
+    {"type": "object", "additionalProperties": False, "required": ["answer", "confidence"],
+     "properties": {"answer": {"enum": ["yes", "no", "unsure"]}, "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
+    {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "string", "maxLength": 20}},
+    {"type": "object", "additionalProperties": False, "required": ["title", "tags", "draft"],
+     "properties": {"title": {"type": "string", "maxLength": 40}, "draft": {"type": "boolean"},
+                    "tags": {"type": "array", "maxItems": 3, "items": {"type": "string", "maxLength": 12}}}},
+    {"type": "object", "additionalProperties": False, "required": ["city", "location"],
+     "properties": {"city": {"type": "string", "maxLength": 30},
+                    "location": {"type": "object", "additionalProperties": False, "required": ["lat", "lon"],
+                                 "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90},
+                                                "lon": {"type": "number", "minimum": -180, "maximum": 180}}}}},
+]
+REAL_PROMPTS = ["Describe a person you know.", "Is water wet?", "Name some fruits.", "Plan a blog post about tea."]
+
+
+def test_real_server_json_schema_outputs_validate_for_20_pairs(real_engine):
+    """response_format json_schema through the official client, 5 schemas x 4 prompts, each output checked
+    with jsonschema."""
+    import jsonschema
+    with sedac_server(real_engine, "--served-model-name", "smol") as (base, _):
+        c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=120)
+        for i, schema in enumerate(REAL_SCHEMAS):
+            fmt = {"type": "json_schema", "json_schema": {"name": f"s{i}", "schema": schema}}
+            for prompt in REAL_PROMPTS:
+                r = c.chat.completions.create(model="smol", messages=[{"role": "user", "content": prompt}],
+                                              response_format=fmt, max_tokens=120, temperature=0)
+                choice = r.choices[0]
+                assert choice.finish_reason == "stop", (schema, prompt, choice.message.content)
+                jsonschema.validate(json.loads(choice.message.content), schema)

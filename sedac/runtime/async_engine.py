@@ -34,6 +34,7 @@ class AsyncLLM:
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
+        self.ready = threading.Event()      # set once the engine has run a warm-up request
         self._thread = threading.Thread(target=self._loop, name="sedac-engine", daemon=True)
         self._thread.start()
 
@@ -119,7 +120,17 @@ class AsyncLLM:
         if future is not None:
             future.set_result(result)
 
+    def _warm_up(self) -> None:
+        """Warm the engine up before the server reports ready."""
+        try:
+            self.engine.warm_up()
+        except Exception as e:                # a broken engine: readiness reports it
+            self.error = e
+            return
+        self.ready.set()
+
     def _loop(self) -> None:
+        self._warm_up()
         while not self._stop.is_set():
             try:
                 block = not self.engine.has_unfinished_requests()

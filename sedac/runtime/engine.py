@@ -227,6 +227,10 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
         req = self.requests[seq.request_id]
+        grammar = self.structured.accept(seq, token)
+        if grammar == "dead end":        # no token could continue its grammar (a pattern nothing matches)
+            self._finish(seq, "abort", "structured_outputs: no token of this vocabulary continues the grammar")
+            return
         seq.token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
@@ -237,14 +241,12 @@ class LLMEngine:
         previous_len = len(seq.output_text)
         seq.output_text += detokenizer.decode_new_text(self.tokenizer, seq.token_ids, seq.detok_state,
                                                        seq.params.skip_special_tokens)
-        reason = self._stop_reason(seq, token, previous_len)
+        reason = ("stop", None) if grammar == "end" else self._stop_reason(seq, token, previous_len)
         if reason:
             self._finish(seq, *reason)
 
     def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
         p = seq.params
-        if self.structured.accept(seq, token):         # the grammar's end (an end-of-sequence token)
-            return ("stop", None)
         if token in self.eos_ids and not p.ignore_eos:
             return ("stop", None)
         if token in p.stop_token_ids:
@@ -300,6 +302,17 @@ class LLMEngine:
             m.layers_per_token = req.layer_rows / m.num_generated_tokens
             m.skip_ratio = max(0.0, 1.0 - m.layers_per_token / num_layers)
         m.acceptance_rate = req.accepted / req.drafted if req.drafted else None
+
+    def warm_up(self) -> None:
+        """One short greedy request through prefill, decode and sampling (first-call costs: op dispatch
+        setup, allocator growth), its output and its counts discarded."""
+        counters, queries, hits = dict(self.counters), self.blocks.prefix_queries, self.blocks.prefix_hits
+        self.add_request("warm-up", [self.config.model.bos_token_id or 0] * 4,
+                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        while self.has_unfinished_requests():
+            self.step()
+        self.counters, self.blocks.prefix_queries, self.blocks.prefix_hits = counters, queries, hits
+        self.last_finished = None
 
     # ---- introspection ----------------------------------------------------------------------------
     def _sedac_rates(self) -> dict:

@@ -112,19 +112,23 @@ class StructuredOutputs:
         bitmask = xgrammar.allocate_token_bitmask(len(seqs), self.vocab_size)
         for i in rows:
             self.matchers[seqs[i]].fill_next_token_bitmask(bitmask, i)
-        xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                             indices=rows)
+        # A grammar no token can continue (a choice or pattern this vocabulary cannot spell) leaves its row
+        # as it is: the sequence then ends as a dead end (accept), instead of sampling from nothing.
+        live = [i for i in rows if bitmask[i].any()]
+        if live:
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                                 indices=live)
         return logits
 
-    def accept(self, seq, token: int) -> bool:
-        """Advance seq's matcher by its new token; True when the grammar has ended (the token was an
-        end-of-sequence token the completed grammar allowed)."""
+    def accept(self, seq, token: int) -> str | None:
+        """Advance seq's matcher by its new token: "end" when the grammar has ended (the token was an
+        end-of-sequence token the completed grammar allowed), "dead end" when the grammar cannot take it."""
         matcher = self.matchers.get(seq)
         if matcher is None:
-            return False
+            return None
         if not matcher.accept_token(token):
-            raise RuntimeError(f"grammar rejected token {token}, which its own mask allowed")
-        return matcher.is_terminated()
+            return "dead end"
+        return "end" if matcher.is_terminated() else None
 
 
 def _regex_escape(text: str) -> str:

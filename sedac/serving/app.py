@@ -17,10 +17,9 @@ from sedac.runtime.sampling_params import SamplingParams
 from sedac.serving.metrics import ServerMetrics
 from sedac.serving.openai_api import OpenAIHandlers
 from sedac.serving.protocol import (BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                    GenerateRequest, TokenizeRequest)
+                                    ErrorResponse, GenerateRequest, TokenizeRequest)
 
 MAX_BODY_BYTES = 1 << 20
-MAX_N = 64     # completions per request: each holds KV blocks and a share of every step
 
 
 def _non_finite(name: str):
@@ -78,8 +77,6 @@ class Server:
             params = req.sampling_params(default_max_tokens, logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        if params.n > MAX_N:
-            raise HTTPError(400, f"n must be at most {MAX_N}, got {params.n}")
         return params
 
     def room_after(self, prompt_tokens: int) -> int:
@@ -128,9 +125,43 @@ class Server:
             raise HTTPError(400, str(e)) from None
 
 
+def body(model: type[BaseModel], streams: bool = False) -> dict:
+    """The route's JSON request body in /openapi.json: the routes parse bodies themselves (size, depth and
+    non-finite checks before pydantic), so FastAPI cannot infer them. streams: 200 may be SSE."""
+    doc = {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    if streams:
+        doc["responses"] = {"200": {"description": "the completion, or with stream=true its chunks as server-sent "
+                                                   "events", "content": {"application/json": {},
+                                                                         "text/event-stream": {}}}}
+    return doc
+
+
+def declare_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
+    """Add the request models' JSON schemas to the app's OpenAPI components."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in models:
+                spec = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(spec.pop("$defs", {}))
+                components[model.__name__] = spec
+            app.openapi_schema = schema
+        return app.openapi_schema
+    app.openapi = openapi
+
+
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
               max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    app = FastAPI(title="SEDAC server")
+    errors = {status: {"model": ErrorResponse, "description": text} for status, text in
+              ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
+               (413, "request body too large"), (503, "busy, or the engine failed"))}
+    app = FastAPI(title="SEDAC server", version=__version__, responses=errors)
+    declare_bodies(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, BatchGenerateRequest,
+                         TokenizeRequest, DetokenizeRequest])
     server = Server(llm, model_name, api_key, max_body_bytes)
     app.state.server = server
     openai = OpenAIHandlers(server)
@@ -142,7 +173,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
-        open_paths = ("/health", "/stats", "/metrics", "/metrics/prometheus")
+        open_paths = ("/health", "/ready", "/stats", "/metrics", "/metrics/prometheus")
         if api_key and request.url.path not in open_paths and \
                 request.headers.get("authorization") != f"Bearer {api_key}":
             return await http_error(request, HTTPError(401, "missing or wrong API key", "authentication_error"))
@@ -156,25 +187,25 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
         return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "sedac",
                                             "max_model_len": server.max_seq_len}]}
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=body(CompletionRequest, streams=True))
     async def completions(request: Request):
         return await openai.completions(await server.parse(request, CompletionRequest))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=body(ChatCompletionRequest, streams=True))
     async def chat(request: Request):
         return await openai.chat(await server.parse(request, ChatCompletionRequest))
 
-    @app.post("/generate")
+    @app.post("/generate", openapi_extra=body(GenerateRequest))
     async def generate(request: Request):
         req = await server.parse(request, GenerateRequest)
         return (await _native_generate(server, req, [req.prompt]))[0]
 
-    @app.post("/batch_generate")
+    @app.post("/batch_generate", openapi_extra=body(BatchGenerateRequest))
     async def batch_generate(request: Request):
         req = await server.parse(request, BatchGenerateRequest)
         return {"results": await _native_generate(server, req, req.prompts, fail_alone=True)}
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=body(TokenizeRequest))
     async def tokenize(request: Request):
         req = await server.parse(request, TokenizeRequest)
         if req.messages is not None:
@@ -183,7 +214,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
             ids = server.tokenizer.encode(req.prompt, add_special_tokens=False)
         return {"count": len(ids), "max_model_len": server.max_seq_len, "tokens": ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", openapi_extra=body(DetokenizeRequest))
     async def detokenize(request: Request):
         req = await server.parse(request, DetokenizeRequest)
         try:
@@ -202,12 +233,21 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
             return JSONResponse({"status": "error", "detail": str(llm.error)}, status_code=503)
         return {"status": "ok", "model": model_name}
 
+    @app.get("/ready")                 # readiness: 503 until the engine has warmed up (health is liveness)
+    async def ready():
+        if llm.error is not None or not llm.ready.is_set():
+            status = "error" if llm.error is not None else "warming up"
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": "ready", "model": model_name}
+
     @app.get("/stats")
     async def stats_json():
         return await llm.stats()
 
-    @app.get("/metrics")               # Prometheus text where vLLM and TensorRT-LLM serve it
-    @app.get("/metrics/prometheus")    # the original SEDAC path, kept as an alias
+    prometheus_text = {200: {"description": "Prometheus text format", "content": {"text/plain": {}}}}
+
+    @app.get("/metrics", responses=prometheus_text)      # Prometheus text where vLLM and TensorRT-LLM serve it
+    @app.get("/metrics/prometheus", responses=prometheus_text)    # the original SEDAC path, kept as an alias
     async def metrics_prometheus():
         return Response(server.metrics.render(await llm.stats()), media_type="text/plain; version=0.0.4")
 

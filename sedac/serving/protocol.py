@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.serving.tools import Tool, ToolPlan
@@ -22,6 +22,33 @@ UNSUPPORTED_FIELDS = {
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 
+MAX_N = 64                  # choices per request (vLLM has no cap; one request must not take the whole pool)
+
+def _json_integer(value):
+    """A JSON integer: 3 or 3.0 (JSON Schema counts both), not true, "3" or 3.5."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValueError("must be an integer")
+    return int(value)
+
+
+# Constrained types: the schema in /openapi.json says what the server accepts, as far as a schema can (a
+# prompt's fit in the context, token ids in the vocabulary and grammars are checked by the engine: 400).
+def _json_number(value):
+    """A JSON number, not true or "1.0"."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError("must be a number")
+    return float(value)
+
+
+StrictInt = Annotated[int, BeforeValidator(_json_integer)]
+Number = Annotated[float, BeforeValidator(_json_number)]
+Positive = Annotated[StrictInt, Field(ge=1)]
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Text = Annotated[str, Field(min_length=1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
+
+
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")     # unknown fields that change nothing (user, metadata, ...)
 
@@ -35,25 +62,25 @@ class _Sampling(BaseModel):
         return data
 
     model: str | None = None
-    max_tokens: StrictInt | None = None
-    max_completion_tokens: StrictInt | None = None     # the OpenAI SDK's current name; wins over max_tokens
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: StrictInt = 0
-    min_p: float = 0.0
-    n: StrictInt = 1
-    stop: str | list[str] | None = None
-    stop_token_ids: list[StrictInt] | None = None
-    seed: StrictInt | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    repetition_penalty: float = 1.0
+    max_tokens: Positive | None = None
+    max_completion_tokens: Positive | None = None     # the OpenAI SDK's current name; wins over max_tokens
+    temperature: Number = Field(1.0, ge=0)
+    top_p: Number = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=-1)
+    min_p: Number = Field(0.0, ge=0, le=1)
+    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    stop: Text | list[Text] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    seed: StrictInt | None = Field(None, ge=0)
+    presence_penalty: Number = Field(0.0, ge=-2, le=2)
+    frequency_penalty: Number = Field(0.0, ge=-2, le=2)
+    repetition_penalty: Number = Field(1.0, gt=0)
     ignore_eos: StrictBool = False
     stream: StrictBool = False
     stream_options: dict | None = None
     priority: StrictInt = 0
     sedac_mode: Literal["off", "lossless", "lossy"] | None = None
-    sedac_agreement: float | None = None
+    sedac_agreement: Number | None = Field(None, gt=0, le=1)
     response_format: dict | None = None          # OpenAI: {"type": "text" | "json_object" | "json_schema", ...}
     structured_outputs: dict | None = None       # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     guided_json: dict | str | None = None
@@ -108,8 +135,8 @@ def _response_format(value: dict | None) -> dict | None:
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[StrictInt] | list[str]
-    logprobs: StrictInt | None = None
+    prompt: Text | TokenIds | Annotated[list[Text], Field(min_length=1)]
+    logprobs: TopLogprobs | None = None
     echo: StrictBool = False
 
 
@@ -144,7 +171,7 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: StrictBool = False
-    top_logprobs: StrictInt | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | dict | None = None
     parallel_tool_calls: StrictBool = True
@@ -166,13 +193,13 @@ class ChatCompletionRequest(_Sampling):
 
 class GenerateRequest(_Sampling):
     """The original SEDAC /generate body: a prompt and sampling fields (max_new_tokens accepted too)."""
-    prompt: str | list[StrictInt]
-    max_new_tokens: StrictInt | None = None
+    prompt: Text | TokenIds
+    max_new_tokens: Positive | None = None
 
 
 class BatchGenerateRequest(_Sampling):
-    prompts: list[str | list[StrictInt]] = Field(min_length=1)
-    max_new_tokens: StrictInt | None = None
+    prompts: list[Text | TokenIds] = Field(min_length=1)
+    max_new_tokens: Positive | None = None
 
 
 class TokenizeRequest(BaseModel):
@@ -190,4 +217,16 @@ class TokenizeRequest(BaseModel):
 
 class DetokenizeRequest(BaseModel):
     model: str | None = None
-    tokens: list[StrictInt]
+    tokens: list[TokenId]
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx body (OpenAI's error shape)."""
+    error: ErrorDetail
