@@ -364,13 +364,40 @@ def test_learn_then_test_guarantee_holds_on_held_out_data():
         agree = [torch.rand(n, generator=g) > (h / 4) ** 2 * s for h, s in zip(entropy, (0.8, 0.4))]
         return entropy, agree
     calib, held_out = draw(20000), draw(200000)
+    learn = cal.document_split(torch.arange(20000) // 100)        # 200 documents of 100 tokens
     for level in (0.9, 0.95, 0.99):
-        ltt = cal.learn_then_test(*calib, delta=1 - level)
+        ltt = cal.learn_then_test(*calib, delta=1 - level, learn=learn)
         where, wrong = cal.cascade(ltt["thresholds"], *held_out)
         assert 1 - wrong.float().mean().item() >= level
         assert (where >= 0).float().mean() > 0.05            # and it does exit tokens
     assert cal.binomial_cdf(5, 10, 0.5) == pytest.approx(0.623046875)
     assert cal.binomial_cdf(-1, 10, 0.5) == 0.0          # zero errors: P(X >= 0) = 1, no crash
+
+
+def test_calibration_splits_by_document_and_choices_never_read_the_test_half():
+    """Each document's tokens fall in one half (an interleaved token split put every document in both),
+    and what the build chooses (exit layer, int8 vs depth exit, thresholds per t) is the same whatever
+    the test half holds: flipping every test-half label changes only the test's p-values."""
+    from sedac.builder.sedac_build import _calibrate_int8_exit, _choose_lossy
+    g = torch.Generator().manual_seed(1)
+    documents = torch.repeat_interleave(torch.arange(40), torch.randint(20, 80, (40,), generator=g))
+    learn = cal.document_split(documents)
+    assert not set(documents[learn].tolist()) & set(documents[~learn].tolist())
+    assert 0.3 < learn.float().mean() < 0.7
+    n, layers = len(documents), [4, 8]
+    entropy = {layer: torch.rand(n, generator=g) * 4 for layer in layers}
+    agree = {layer: torch.rand(n, generator=g) > (entropy[layer] / 4) ** 2 * s for layer, s in zip(layers, (0.6, 0.2))}
+    costs = {"layers": 12, "lm_head": 2.0, "exit_head": 0.3, "kv_fill": 0.2, "full": [0.9, 0.1], "int8": [0.3, 0.1]}
+    flipped = {layer: torch.where(learn, a, ~a) for layer, a in agree.items()}
+    assert _choose_lossy(layers, entropy, agree, costs, documents, learn) == \
+        _choose_lossy(layers, entropy, flipped, costs, documents, learn)
+    runs = [_calibrate_int8_exit(entropy[8], a[8], costs, 0.5, documents, learn) for a in (agree, flipped)]
+    assert runs[0]["lossy_exit"] == runs[1]["lossy_exit"]
+    assert runs[0]["predicted_int8_lossy_cost_at_0.99"] == runs[1]["predicted_int8_lossy_cost_at_0.99"]
+    curves = [r["int8_curves"]["0.9"] for r in runs]
+    k = min(len(curves[0]), len(curves[1]))                          # the test decides where t stops,
+    assert [c["thresholds"] for c in curves[0][:k]] == [c["thresholds"] for c in curves[1][:k]]   # not the map
+    assert curves[0][0]["p_value"] != curves[1][0]["p_value"]         # the test half is what was tested
 
 
 def test_lossless_drafts_right_after_a_prefix_cache_hit(tiny_sedac_engine):

@@ -1,11 +1,17 @@
 """Learn-then-Test calibration of lossy-mode exit thresholds, and the cost model that picks exits.
 
 Risk of a threshold setting = the fraction of generated tokens whose early-exit prediction differs
-from the full model's (1 - token agreement). The calibration tokens are split in two: the "learn"
-half maps a scalar t to per-layer entropy thresholds (each layer exits only where its own error rate
-among exiting tokens is <= t); the "test" half runs fixed-sequence testing over increasing t with an
-exact binomial p-value, so with probability >= 1 - epsilon the chosen thresholds keep risk <= delta
-(Angelopoulos et al., Learn then Test; CALM's use of it for early exit).
+from the full model's (1 - token agreement). The calibration documents (the engine's own answers to
+held-out prompts) are split in two by document (`document_split`), so no conversation informs both:
+the "learn" half chooses everything (the exit layer, int8 exit vs depth exit, and the map from a
+scalar t to per-layer thresholds, each layer exiting only where its own error rate among exiting
+tokens is <= t); the "test" half only tests: fixed-sequence testing over increasing t with an exact
+one-sided binomial p-value on its tokens (Angelopoulos et al., Learn then Test; CALM's use of it).
+What is guaranteed, exactly as computed: the chosen thresholds pass a level-epsilon binomial test of
+"token disagreement > delta" on the test documents' tokens, treating those tokens as independent
+draws from the calibration distribution (prompts of the calib split, the engine's greedy answers).
+Tokens of one document are correlated, so the nominal 1 - epsilon is approximate, and it says
+nothing about other distributions (`sedac-run bench --sedac-modes` measures a shifted one).
 """
 from __future__ import annotations
 
@@ -39,11 +45,16 @@ def cascade(thresholds: list[float], entropy: list[torch.Tensor], agree: list[to
     return where, wrong
 
 
-def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delta: float,
+def document_split(documents: torch.Tensor) -> torch.Tensor:
+    """The learn half as a mask over positions [N]: even-numbered documents learn, odd ones test, so a
+    document's tokens are all on one side (an interleaved token split let both halves see each one)."""
+    return documents % 2 == 0
+
+
+def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delta: float, learn: torch.Tensor,
                     epsilon: float = 0.05) -> dict:
-    """Per-layer thresholds with P(agreement >= 1 - delta) >= 1 - epsilon, and the curve they came from."""
-    n = len(entropy[0])
-    learn = torch.arange(n) % 2 == 0        # interleaved halves: both see every part of the data
+    """Per-layer thresholds chosen on the `learn` positions and tested on the others (the module doc says
+    what that guarantees), and the curve they came from."""
     test = ~learn
     chosen, curve = [NEVER] * len(entropy), []
     for t in T_GRID:

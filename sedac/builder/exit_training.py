@@ -28,6 +28,7 @@ class Features:
     hidden: dict[int, torch.Tensor]   # exit layer -> [N, hidden] fp16 hidden state after that many layers
     top_ids: torch.Tensor             # [N, k] the full model's most likely next tokens
     top_probs: torch.Tensor           # [N, k] their probabilities
+    documents: torch.Tensor           # [N] which document (conversation) each position came from
 
     @property
     def argmax(self) -> torch.Tensor:
@@ -55,7 +56,7 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
     """Run the frozen model over (ids, first) documents; keep positions >= first (the ones predicting
     what follows them) until num_tokens positions are collected."""
     hidden = {layer: [] for layer in exit_layers}
-    top_ids, top_probs, total = [], [], 0
+    top_ids, top_probs, doc_of, total = [], [], [], 0
     bar = tqdm(total=num_tokens, desc=desc, unit="tok")
     for ids, first in documents:
         t = len(ids)
@@ -67,6 +68,7 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
         probs, idx = model.logits(final[first:]).float().softmax(-1).topk(TEACHER_TOP_K, dim=-1)
         top_ids.append(idx)
         top_probs.append(probs)
+        doc_of.append(torch.full((t - first,), len(doc_of)))
         total += t - first
         bar.update(t - first)
         if total >= num_tokens:
@@ -75,7 +77,7 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
     if total == 0:
         raise ValueError("calibration data yielded no usable documents")
     return Features({k: torch.cat(v)[:num_tokens] for k, v in hidden.items()},
-                    torch.cat(top_ids)[:num_tokens], torch.cat(top_probs)[:num_tokens])
+                    torch.cat(top_ids)[:num_tokens], torch.cat(top_probs)[:num_tokens], torch.cat(doc_of)[:num_tokens])
 
 
 def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = False):

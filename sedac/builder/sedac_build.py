@@ -75,11 +75,14 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         heads[layer] = et.train_exit_head(model, layer, train, vocab, opts.adapter_rank, opts.epochs)
         entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
     costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **measure_pass_costs(llm.engine.runner)}
-    section = _choose(layers, entropy, agree, costs)
+    learn = cal.document_split(calib.documents)
+    section = _choose(layers, entropy, agree, costs, calib.documents, learn)
     int8_entropy, int8_uncertainty, int8_argmax = _int8_predictions(model, answers, len(calib.argmax))
     int8_agree = int8_argmax == calib.argmax
     section.update(_choose_lossless(int8_entropy, int8_agree, costs, opts.max_draft_len))
-    section.update(_calibrate_int8_exit(int8_uncertainty, int8_agree, costs, section["predicted_lossy_cost_at_0.99"]))
+    section.update(_calibrate_int8_exit(int8_uncertainty, int8_agree, costs, section["predicted_lossy_cost_at_0.99"],
+                                        calib.documents, learn))
+    section["calibration_split"] = _split_report(calib.documents, learn)
     lossy = section["lossy_layers"][0]
     ghost = gk.fit_ghost_kv(model, et.training_texts(tok, opts.calib_data, "train", seq_len), lossy, opts.ghost_tokens)
     section["ghost_kv_error"] = gk.kv_errors(model, et.training_texts(tok, opts.calib_data, "calib", seq_len), lossy,
@@ -90,7 +93,8 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
     _save(engine_dir, cfg, heads, ghost, section)
     return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_exit", "lossy_layers", "alpha",
                                     "predicted_lossless_speedup", "predicted_lossy_cost_at_0.99",
-                                    "predicted_int8_lossy_cost_at_0.99", "vocab_coverage", "ghost_kv_error")}
+                                    "predicted_int8_lossy_cost_at_0.99", "vocab_coverage", "ghost_kv_error",
+                                    "calibration_split")}
 
 
 def _own_answers(llm, opts: SedacOptions, seq_len: int):
@@ -109,10 +113,16 @@ def _own_answers(llm, opts: SedacOptions, seq_len: int):
         yield prompt + list(out.outputs[0].token_ids), len(prompt) - 1
 
 
-def _choose(layers, entropy, agree, costs) -> dict:
+def _split_report(documents: torch.Tensor, learn: torch.Tensor) -> dict:
+    return {"by": "document", "learn_documents": int(documents[learn].unique().numel()),
+            "test_documents": int(documents[~learn].unique().numel()), "test_tokens": int((~learn).sum()),
+            "epsilon": 0.05, "test": "one-sided exact binomial on the test documents' tokens"}
+
+
+def _choose(layers, entropy, agree, costs, documents, learn) -> dict:
     alpha = {layer: float(agree[layer].float().mean()) for layer in layers}
-    lossy_cost, lossy_layer = _choose_lossy(layers, entropy, agree, costs)
-    levels, curves, _ = _calibrate_levels(entropy[lossy_layer], agree[lossy_layer])
+    lossy_cost, lossy_layer = _choose_lossy(layers, entropy, agree, costs, documents, learn)
+    levels, curves, _ = _calibrate_levels(entropy[lossy_layer], agree[lossy_layer], learn)
     per_layer = {str(l): {"alpha": alpha[l], "entropy_quantiles": entropy[l].quantile(
         torch.tensor([0.1, 0.25, 0.5, 0.75, 0.9])).tolist()} for l in layers}
     return {"exit_layers": layers, "alpha": alpha, "lossy_layers": [lossy_layer],
@@ -130,25 +140,29 @@ def _choose_lossless(entropy: torch.Tensor, agree: torch.Tensor, costs: dict, ma
             "draft_agreement": float(agree.float().mean()), "predicted_lossless_speedup": speed}
 
 
-def _calibrate_int8_exit(uncertainty: torch.Tensor, agree: torch.Tensor, costs: dict, depth_cost: float) -> dict:
+def _calibrate_int8_exit(uncertainty: torch.Tensor, agree: torch.Tensor, costs: dict, depth_cost: float,
+                         documents: torch.Tensor, learn: torch.Tensor) -> dict:
     """Lossy mode's int8 exit: a token keeps its int8 pass's token (and K/V) when that distribution is
     confident, 1 - (p1 - p2) <= the threshold, else runs the full pass too. The top-2 margin, not the
     entropy, is the signal: quantization noise flips near-ties (on SmolLM2 it lets ~95% of tokens
     exit at 1% risk where entropy lets ~73%). Thresholds per agreement level by Learn-then-Test; the
-    lossy exit is whichever of int8 and the depth exit the cost model predicts cheaper at 0.99."""
-    thresholds, curves, exit_fraction = _calibrate_levels(uncertainty, agree)
-    cost = pass_cost(costs, "int8", 1) + (1 - exit_fraction["0.99"]) * pass_cost(costs, "full", 1)
+    lossy exit is whichever of int8 and the depth exit the cost model predicts cheaper at 0.99 (both
+    predictions from the learn half alone)."""
+    thresholds, curves, exit_fraction = _calibrate_levels(uncertainty, agree, learn)
+    exits = _learn_half_exits(uncertainty, agree, documents, learn)
+    cost = pass_cost(costs, "int8", 1) + (1 - float((exits == 0).float().mean())) * pass_cost(costs, "full", 1)
     return {"int8_thresholds": thresholds, "int8_curves": curves, "int8_exit_fraction": exit_fraction,
             "predicted_int8_lossy_cost_at_0.99": cost, "lossy_exit": "int8" if cost < depth_cost else "depth"}
 
 
-def _calibrate_levels(score: torch.Tensor, agree: torch.Tensor) -> tuple[dict, dict, dict]:
+def _calibrate_levels(score: torch.Tensor, agree: torch.Tensor, learn: torch.Tensor) -> tuple[dict, dict, dict]:
     """One exit's Learn-then-Test thresholds (a token exits where score <= threshold) at every
-    agreement level -> ({level: thresholds}, {level: curve}, {level: share of tokens that exit})."""
+    agreement level -> ({level: thresholds}, {level: curve}, {level: share of the learn half's tokens
+    that exit}: what choices may use)."""
     thresholds, curves, exit_fraction = {}, {}, {}
     for level in cal.AGREEMENT_LEVELS:
-        ltt = cal.learn_then_test([score], [agree], delta=round(1 - level, 6))
-        where, _ = cal.cascade(ltt["thresholds"], [score], [agree])
+        ltt = cal.learn_then_test([score], [agree], delta=round(1 - level, 6), learn=learn)
+        where, _ = cal.cascade(ltt["thresholds"], [score[learn]], [agree[learn]])
         thresholds[str(level)], curves[str(level)] = ltt["thresholds"], ltt["curve"]
         exit_fraction[str(level)] = float((where == 0).float().mean())
     return thresholds, curves, exit_fraction
@@ -170,13 +184,21 @@ def _int8_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, to
     return tuple(torch.cat(x)[:num_tokens] for x in (entropy, uncertainty, argmax))
 
 
-def _choose_lossy(layers, entropy, agree, costs):
-    """(cost, layer): the exit layer with the lowest calibrated cost at agreement 0.99."""
+def _choose_lossy(layers, entropy, agree, costs, documents, learn):
+    """(cost, layer): the exit layer with the lowest calibrated cost at agreement 0.99, judged on the learn
+    half alone: the test half stays unseen."""
     def cost(layer):
-        ltt = cal.learn_then_test([entropy[layer]], [agree[layer]], delta=0.01)
-        where, _ = cal.cascade(ltt["thresholds"], [entropy[layer]], [agree[layer]])
-        return cal.lossy_cost(where, [layer], costs)
+        return cal.lossy_cost(_learn_half_exits(entropy[layer], agree[layer], documents, learn), [layer], costs)
     return min((cost(layer), layer) for layer in layers)
+
+
+def _learn_half_exits(score, agree, documents, learn, delta: float = 0.01) -> torch.Tensor:
+    """Where the learn half's tokens would exit at risk delta, by a Learn-then-Test inside the learn half
+    (its documents split again): what choices between exits are judged on."""
+    inner = cal.document_split(documents[learn] // 2)       # learn documents are the even ones
+    h, a = score[learn], agree[learn]
+    ltt = cal.learn_then_test([h], [a], delta=delta, learn=inner)
+    return cal.cascade(ltt["thresholds"], [h], [a])[0]
 
 
 def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, ghost: tuple, section: dict) -> None:
