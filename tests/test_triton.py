@@ -75,8 +75,8 @@ def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
         result, error = results.get(timeout=300)
         assert error is None, error
         i = int(result.get_response().id)
-        texts[i] += result.as_numpy("text_output")[0].decode()
-        done += result.as_numpy("finish_reason")[0] != b""
+        texts[i] += result.as_numpy("text_output").reshape(-1)[0].decode()
+        done += result.as_numpy("finish_reason").reshape(-1)[0] != b""
     client.stop_stream()
     assert texts == expected
     metrics = httpx.get(metrics_url, timeout=10).text
@@ -125,3 +125,51 @@ def test_tritonclient_http_sees_the_model(triton):
     assert {t["name"] for t in meta["outputs"]} >= {"text_output", "finish_reason", "sedac_skip_ratio"}
     config = client.get_model_config("sedac")
     assert config["model_transaction_policy"]["decoupled"] is True
+
+
+def test_tensorrt_llm_shaped_requests(triton, tiny_llama):
+    """A request as a TensorRT-LLM client builds it for the ensemble: [1, 1] tensors (batch dim first),
+    end_id / pad_id, return_log_probs, exclude_input_in_output, beam_width 1; beam search and batch > 1
+    per request are clear errors, and the model keeps serving."""
+    import numpy as np
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+    _, grpc_address, _, _ = triton
+    client = grpcclient.InferenceServerClient(grpc_address)
+
+    def request(prompts: list[str], **extra):
+        values = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
+                  "max_tokens": np.array([[8]] * len(prompts), dtype=np.int32),
+                  "temperature": np.array([[0.0]] * len(prompts), dtype=np.float32),
+                  "end_id": np.array([[2]] * len(prompts), dtype=np.int32),
+                  "pad_id": np.array([[2]] * len(prompts), dtype=np.int32),
+                  **{k: np.array([[v]] * len(prompts), dtype=np.bool_ if isinstance(v, bool) else np.int32)
+                     for k, v in extra.items()}}
+        types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL"}
+        inputs = []
+        for name, value in values.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), types[value.dtype.type])
+            tensor.set_data_from_numpy(value)
+            inputs.append(tensor)
+        results: queue.Queue = queue.Queue()
+        client.start_stream(callback=lambda result, error: results.put((result, error)))
+        client.async_stream_infer("sedac", inputs)
+        result, error = results.get(timeout=120)
+        client.stop_stream()
+        if error is not None:
+            raise error
+        return result
+
+    expected = greedy_offline(tiny_llama, ["Hello world"], 8)[0]
+    out = request(["Hello world"], return_log_probs=True, exclude_input_in_output=True, beam_width=1)
+    assert out.as_numpy("text_output").shape == (1, 1) and out.as_numpy("text_output")[0, 0].decode() == expected
+    logprobs = out.as_numpy("output_log_probs")
+    assert logprobs.shape == (1, int(out.as_numpy("output_tokens")[0, 0])) and (logprobs <= 0).all()
+    assert abs(out.as_numpy("cum_log_probs")[0, 0] - logprobs.sum()) < 1e-4
+    echoed = request(["Hello world"], exclude_input_in_output=False)
+    assert echoed.as_numpy("text_output")[0, 0].decode() == "Hello world" + expected     # TensorRT-LLM's default
+    for prompts, extra, message in ((["Hello world"], {"beam_width": 2}, "beam_width 2 is not supported"),
+                                    (["a", "b"], {}, "one prompt per request")):
+        with pytest.raises(InferenceServerException, match=message):
+            request(prompts, **extra)
+    assert request(["Hello world"]).as_numpy("text_output")[0, 0].decode() == expected

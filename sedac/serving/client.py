@@ -56,6 +56,7 @@ def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list
     types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL", np.uint64: "UINT64"}
     inputs = []
     for name, value in values.items():
+        value = value[None]                     # [batch = 1, ...], as tensorrtllm_backend's clients send it
         tensor = grpcclient.InferInput(name, list(value.shape), types[value.dtype.type])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
@@ -82,7 +83,7 @@ def _triton(address, prompt, stream, model, sampling) -> None:
                 raise ValueError(f"triton error: {error}")
             response = result.get_response()
             if result.as_numpy("text_output") is not None:
-                click.echo(result.as_numpy("text_output")[0].decode(), nl=not stream)
+                click.echo(result.as_numpy("text_output").reshape(-1)[0].decode(), nl=not stream)
                 sys.stdout.flush()
             if response.parameters["triton_final_response"].bool_param:
                 break

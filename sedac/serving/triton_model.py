@@ -1,9 +1,11 @@
 """The Triton Python-backend model written by `sedac-run triton export`: a decoupled model that feeds
 every Triton request into one SEDAC engine loop (inflight batching across requests) and streams.
 
-Tensor names follow the tensorrtllm_backend ensemble: text_input, max_tokens, stream, temperature,
-top_k, top_p, random_seed, repetition/presence/frequency penalties, stop_words, bad_words ->
-text_output; plus finish_reason, output_tokens and the SEDAC stats.
+Tensor names and shapes follow the tensorrtllm_backend ensemble: [batch, 1] tensors (one prompt per
+request, as its decoupled models take them) text_input, max_tokens, stream, temperature, top_k, top_p,
+random_seed, repetition/presence/frequency penalties, stop_words, bad_words, end_id (a stop token),
+pad_id (accepted; outputs are not padded), return_log_probs, exclude_input_in_output, beam_width (1) ->
+text_output, cum_log_probs, output_log_probs; plus finish_reason, output_tokens and the SEDAC stats.
 """
 from __future__ import annotations
 
@@ -43,13 +45,13 @@ class SedacTritonModel:
     def _start(self, request) -> None:
         sender = request.get_response_sender()
         try:
-            prompt, params, stream = self._parse(request)
+            prompt, params, stream, echo = self._parse(request)
         except ValueError as e:
             self._send_error(sender, str(e))
             return
-        self.llm.submit_nowait(prompt, params, self._sink(sender, stream))
+        self.llm.submit_nowait(prompt, params, self._sink(sender, stream, prompt if echo else ""))
 
-    def _sink(self, sender, stream: bool):
+    def _sink(self, sender, stream: bool, prefix: str):
         sent = 0
         final = self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
@@ -64,8 +66,8 @@ class SedacTritonModel:
             if stream and (len(text) > sent or item.finished):
                 sender.send(self._response(text[sent:], item), flags=final if item.finished else 0)
                 sent = len(text)
-            elif item.finished:
-                sender.send(self._response(text, item), flags=final)
+            elif item.finished:     # like TensorRT-LLM, the prompt leads a non-streamed output unless excluded
+                sender.send(self._response(prefix + text, item), flags=final)
         return sink
 
     def _send_error(self, sender, message: str) -> None:
@@ -73,18 +75,26 @@ class SedacTritonModel:
                     flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _response(self, text: str, out):
-        m = out.metrics
+        m, c = out.metrics, out.outputs[0]
         tensors = {"text_output": np.array([text.encode()], dtype=np.object_),
                    "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
                    "output_tokens": np.array([len(out.token_ids)], dtype=np.int32),
                    "layers_per_token": np.array([m.layers_per_token], dtype=np.float32),
                    "sedac_skip_ratio": np.array([m.skip_ratio], dtype=np.float32)}
-        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in tensors.items()])
+        if c.logprobs is not None:                     # return_log_probs: the sampled tokens' log-probabilities
+            token_logprobs = np.array([lp[t] for t, lp in zip(c.token_ids, c.logprobs)], dtype=np.float32)
+            tensors["output_log_probs"] = token_logprobs
+            tensors["cum_log_probs"] = np.array([token_logprobs.sum()], dtype=np.float32)
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v[None]) for k, v in tensors.items()])
 
     def _parse(self, request):
         prompt = _strings(self._input(request, "text_input"))
         if len(prompt) != 1:
-            raise ValueError("text_input must hold exactly one string")
+            raise ValueError("text_input must hold exactly one string: one prompt per request (batch size 1), "
+                             "as tensorrtllm_backend's decoupled models take them; send rows as separate requests")
+        if (beams := self._input(request, "beam_width")) is not None and int(beams.reshape(-1)[0]) != 1:
+            raise ValueError(f"beam_width {int(beams.reshape(-1)[0])} is not supported; beam search is not "
+                             "implemented, send beam_width 1 or leave it out")
         fields = {"max_tokens": DEFAULT_MAX_TOKENS}
         for name, (field, kind) in _SCALARS.items():
             value = self._input(request, name)
@@ -97,8 +107,18 @@ class SedacTritonModel:
         mode = self._input(request, "sedac_mode")
         if mode is not None:
             fields["sedac_mode"] = _strings(mode)[0]
-        stream = self._input(request, "stream")
-        return prompt[0], SamplingParams(**fields), bool(stream is not None and stream.reshape(-1)[0])
+        if (end_id := self._input(request, "end_id")) is not None:
+            fields["stop_token_ids"] = [int(end_id.reshape(-1)[0])]
+        if self._flag(request, "return_log_probs"):
+            fields["logprobs"] = 0
+        stream = self._flag(request, "stream")
+        exclude = self._input(request, "exclude_input_in_output")
+        echo = exclude is not None and not exclude.reshape(-1)[0]      # absent: the output only, as before
+        return prompt[0], SamplingParams(**fields), stream, echo
+
+    def _flag(self, request, name: str) -> bool:
+        value = self._input(request, name)
+        return bool(value is not None and value.reshape(-1)[0])
 
     def _input(self, request, name):
         tensor = self.pb.get_input_tensor_by_name(request, name)

@@ -19,11 +19,15 @@ REQUEST_INPUTS = [("text_input", _STRING, "[ 1 ]", False), ("max_tokens", _INT32
                   ("top_k", _INT32, "[ 1 ]", True), ("top_p", _FP32, "[ 1 ]", True),
                   ("random_seed", _UINT64, "[ 1 ]", True), ("repetition_penalty", _FP32, "[ 1 ]", True),
                   ("presence_penalty", _FP32, "[ 1 ]", True), ("frequency_penalty", _FP32, "[ 1 ]", True),
-                  ("stop_words", _STRING, "[ -1 ]", True), ("bad_words", _STRING, "[ -1 ]", True)]
+                  ("stop_words", _STRING, "[ -1 ]", True), ("bad_words", _STRING, "[ -1 ]", True),
+                  ("end_id", _INT32, "[ 1 ]", True), ("pad_id", _INT32, "[ 1 ]", True),
+                  ("return_log_probs", _BOOL, "[ 1 ]", True), ("exclude_input_in_output", _BOOL, "[ 1 ]", True),
+                  ("beam_width", _INT32, "[ 1 ]", True)]
 SEDAC_INPUTS = [("sedac_mode", _STRING, "[ 1 ]", True), ("sedac_agreement", _FP32, "[ 1 ]", True)]
 SEDAC_OUTPUTS = [("text_output", _STRING, "[ -1 ]"), ("finish_reason", _STRING, "[ 1 ]"),
                  ("output_tokens", _INT32, "[ 1 ]"), ("layers_per_token", _FP32, "[ 1 ]"),
-                 ("sedac_skip_ratio", _FP32, "[ 1 ]")]
+                 ("sedac_skip_ratio", _FP32, "[ 1 ]"), ("cum_log_probs", _FP32, "[ 1 ]"),
+                 ("output_log_probs", _FP32, "[ -1 ]")]
 
 MODEL_PY = '''"""Triton Python backend entry point, written by sedac-run triton export."""
 import json
@@ -64,9 +68,11 @@ def parameter_block(values: dict) -> str:
     return "".join(f'parameters {{\n  key: "{k}"\n  value: {{ string_value: "{v}" }}\n}}\n' for k, v in values.items())
 
 
-def sedac_config(name: str, engine_dir: Path) -> str:
-    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: 0\n'
-            "model_transaction_policy {\n  decoupled: true\n}\n"
+def sedac_config(name: str, engine_dir: Path, max_batch_size: int) -> str:
+    """Batched tensors as tensorrtllm_backend's clients send them ([batch, ...], max_batch_size > 0); the
+    dynamic batcher hands requests over together and the engine batches them inflight."""
+    return (f'name: "{name}"\nbackend: "python"\nmax_batch_size: {max_batch_size}\n'
+            "model_transaction_policy {\n  decoupled: true\n}\ndynamic_batching {\n}\n"
             + tensor_block("input", REQUEST_INPUTS + SEDAC_INPUTS) + tensor_block("output", SEDAC_OUTPUTS)
             + "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
             + parameter_block({"engine_dir": str(engine_dir.resolve())}))
@@ -91,8 +97,8 @@ def _write(path: Path, text: str, config: bool = True) -> None:
 
 def export_sedac(engine_dir: str | Path, repo: str | Path, name: str = "sedac") -> list[Path]:
     engine_dir, repo = Path(engine_dir), Path(repo)
-    EngineConfig.load(engine_dir)              # a clear error now rather than at server start
-    _write(repo / name / "config.pbtxt", sedac_config(name, engine_dir))
+    build = EngineConfig.load(engine_dir).build       # a clear error now rather than at server start
+    _write(repo / name / "config.pbtxt", sedac_config(name, engine_dir, build.max_batch_size))
     _write(repo / name / "1" / "model.py", MODEL_PY, config=False)
     return [repo / name / "config.pbtxt"]
 
