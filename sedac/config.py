@@ -22,6 +22,7 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": 
 WEIGHT_ONLY = ("int8", "int4", "gguf")
 SCALE_SUFFIX = ".weight_scale"    # a quantized linear's scales beside its "<name>.weight"
 MIN_SUFFIX = ".weight_min"        # and a 4-bit block weight's minimums
+DEFAULT_GROUP_SIZE = 32           # int4's inputs per scale and minimum: GGUF Q4_1's block
 
 
 @dataclass
@@ -51,14 +52,16 @@ class BuildConfig:
     max_seq_len: int = 2048
     max_num_tokens: int = 2048
     kv_block_size: int = 16
-    group_size: int = 32           # int4: inputs per scale and minimum
+    group_size: int | None = None  # int4: inputs per scale and minimum (None: DEFAULT_GROUP_SIZE)
 
     def validate(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(PRECISIONS)}, got {self.precision!r}")
-        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size", "group_size"):
+        for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer")
+        if self.group_size is not None and (self.precision != "int4" or int(self.group_size) <= 0):
+            raise ValueError("group_size (--group-size) applies to precision int4 only, as a positive integer")
         if self.max_num_tokens < self.max_batch_size:
             raise ValueError("max_num_tokens must be at least max_batch_size")
 

@@ -174,7 +174,7 @@ def test_quantized_precision_errors(tmp_path, tiny_models):
     out = runner.invoke(build_main, [*base, "--precision", "gguf"])
     assert out.exit_code != 0 and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int8", "--group-size", "64"])
-    assert out.exit_code != 0 and "--group-size applies to --precision int4 only" in out.output
+    assert out.exit_code != 0 and "group_size (--group-size) applies to precision int4 only" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--group-size", "48"])
     assert out.exit_code != 0 and "--group-size 48 must be even and divide" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--sedac"])

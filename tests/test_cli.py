@@ -33,7 +33,7 @@ def test_build_from_hf_dir_with_yaml_preset(tmp_path, tiny_models):
     assert code == 0, output
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["build"] == {"precision": "bf16", "max_batch_size": 32, "max_seq_len": 64, "max_num_tokens": 2048,
-                            "kv_block_size": 8}
+                            "kv_block_size": 8, "group_size": None}
     report = json.loads((out / "build_report.json").read_text())
     assert report["architecture"] == "qwen2" and report["parameters"] > 0
     from transformers import AutoTokenizer

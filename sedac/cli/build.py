@@ -36,7 +36,7 @@ def load_preset(path: str | None) -> dict:
 @click.option("--max-seq-len", type=int)
 @click.option("--max-num-tokens", type=int)
 @click.option("--kv-block-size", type=int)
-@click.option("--group-size", type=int, help="int4: inputs per scale and minimum (default 32)")
+@click.option("--group-size", type=int, help="int4: inputs per scale and minimum (default 32, GGUF Q4_1's)")
 @click.option("--sedac", is_flag=True, help="train SEDAC exit heads and calibrate early-exit thresholds")
 @click.option("--exit-layers", default="auto", show_default=True, help="'auto' or comma-separated exit layers")
 @click.option("--calib-data", default="sharegpt", show_default=True, help="'sharegpt' or a text file, one document a line")
@@ -48,8 +48,6 @@ def main(model, output, config_file, sedac, exit_layers, calib_data, calib_token
     """Compile MODEL into a self-contained engine directory."""
     from sedac.builder import SedacOptions, build_engine
     settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
-    if "group_size" in settings and settings.get("precision") != "int4":
-        raise ValueError("--group-size applies to --precision int4 only")
     options = SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs) if sedac else None
     report = build_engine(model, output, BuildConfig(**settings), options)
     click.echo(json.dumps(report, indent=2))

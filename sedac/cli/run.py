@@ -208,8 +208,8 @@ def load(url, clients, duration, max_tokens, api_key):
                           indent=2))
 
 
-@main.command()
-@ENGINE
+@main.group(invoke_without_command=True)
+@click.option("--engine", type=click.Path(), help="engine directory from sedac-build (offline benches)")
 @DEVICE
 @click.option("--num-prompts", type=int, default=32, show_default=True, help="concurrent requests")
 @click.option("--output-len", type=int, default=128, show_default=True)
@@ -224,10 +224,17 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @KV_FILL
 @LOSSY_EXIT
+@click.pass_context
 @clean_errors
-def bench(engine, device, sedac_modes, precisions, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit, **options):
+def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit,
+          **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
-    or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side."""
+    or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side.
+    `bench serve --url URL` benchmarks a running server instead."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if engine is None:
+        raise ValueError("--engine is required (or run `sedac-run bench serve --url URL` against a server)")
     if sedac_modes and precisions:
         raise ValueError("give one of --sedac-modes or --precisions")
     if precisions:
@@ -248,3 +255,42 @@ def bench(engine, device, sedac_modes, precisions, batch_size, agreement, sedac_
         return
     from sedac.cli.bench import run_bench
     run_bench(engine, device, **options)
+
+
+@bench.command("serve")
+@click.option("--url", required=True, help="http://HOST:PORT of an OpenAI-compatible server")
+@click.option("--tokenizer", required=True, type=click.Path(), help="engine or HF tokenizer directory (prompt lengths)")
+@click.option("--dataset-name", type=click.Choice(["sharegpt", "random"]), default="sharegpt", show_default=True)
+@click.option("--num-prompts", type=int, default=100, show_default=True)
+@click.option("--sharegpt-output-len", type=int, help="output tokens per request (default: the dataset answer's)")
+@click.option("--random-input-len", type=int, default=128, show_default=True)
+@click.option("--random-output-len", type=int, default=128, show_default=True)
+@click.option("--max-prompt-len", type=int, default=1024, show_default=True, help="sharegpt: longest prompt kept")
+@click.option("--request-rate", type=float, default=float("inf"), show_default=True, help="requests/s (inf: all at once)")
+@click.option("--burstiness", type=float, default=1.0, show_default=True, help="gamma shape of arrivals (1 = Poisson)")
+@click.option("--max-concurrency", type=int, help="requests in flight at most")
+@click.option("--goodput", multiple=True, help="SLO as METRIC:MS (ttft, tpot, e2el), repeatable")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--api-key")
+@click.option("--report", default="reports/bench_serve", show_default=True, help="writes REPORT.json and REPORT.md")
+@clean_errors
+def bench_serve(url, tokenizer, dataset_name, num_prompts, sharegpt_output_len, random_input_len, random_output_len,
+                max_prompt_len, request_rate, burstiness, max_concurrency, goodput, seed, api_key, report):
+    """vLLM's `bench serve` against any OpenAI-compatible server: its datasets, arrivals and metric names."""
+    import asyncio
+    from pathlib import Path
+    from transformers import AutoTokenizer
+    from sedac.serving import bench_serve as bs
+    if num_prompts < 1 or request_rate <= 0 or burstiness <= 0 or (max_concurrency is not None and max_concurrency < 1):
+        raise ValueError("need --num-prompts >= 1, --request-rate > 0, --burstiness > 0, --max-concurrency >= 1")
+    slo = bs.parse_goodput(goodput)
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    requests = (bs.sharegpt_requests(tok, num_prompts, sharegpt_output_len, max_prompt_len) if dataset_name == "sharegpt"
+                else bs.random_requests(tok, num_prompts, random_input_len, random_output_len, seed))
+    result = asyncio.run(bs.run_bench_serve(url, requests, request_rate, burstiness, max_concurrency, slo, api_key, seed))
+    path = Path(report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".json").write_text(json.dumps({"url": url, "dataset": dataset_name, **result}, indent=2))
+    path.with_suffix(".md").write_text(f"# sedac-run bench serve: {url}, {dataset_name}, {num_prompts} prompts\n\n"
+                                       + bs.markdown(result))
+    click.echo(bs.markdown(result))
