@@ -72,6 +72,7 @@ class EngineConfig:
     build: BuildConfig
     format_version: int = FORMAT_VERSION
     sedac: dict | None = None  # exit components and thresholds, present when built with --sedac
+    reasoning: dict | None = None  # the model's reasoning markers {"start", "end"}, when it has them
 
     def save(self, engine_dir: Path) -> None:
         (Path(engine_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(self), indent=2))
@@ -87,6 +88,6 @@ class EngineConfig:
             if version != FORMAT_VERSION:
                 raise ValueError(f"engine format version {version} is not {FORMAT_VERSION}; rebuild it")
             return cls(model=ModelConfig(**raw["model"]), build=BuildConfig(**raw["build"]),
-                       format_version=version, sedac=raw.get("sedac"))
+                       format_version=version, sedac=raw.get("sedac"), reasoning=raw.get("reasoning"))
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"corrupt engine config {path}: {e}") from None

@@ -15,10 +15,13 @@ from sedac.builder.gguf_blocks import gguf_engine_weights
 from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
 from sedac.config import DEFAULT_GROUP_SIZE, PRECISIONS, WEIGHT_ONLY, WEIGHTS_FILE, BuildConfig, EngineConfig
+from sedac.runtime.reasoning import ReasoningMarkers
 
 
-def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: SedacOptions | None = None) -> dict:
-    """Compile `model` into the engine directory `output` (with SEDAC exits when `sedac` is given)."""
+def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: SedacOptions | None = None,
+                 reasoning: ReasoningMarkers | None = None) -> dict:
+    """Compile `model` into the engine directory `output` (with SEDAC exits when `sedac` is given). The
+    model's reasoning markers: `reasoning`, else `<think>` / `</think>` when its chat template uses them."""
     build.validate()
     if sedac is not None:
         sedac.validate()
@@ -47,12 +50,14 @@ def build_engine(model: str, output: str | Path, build: BuildConfig, sedac: Seda
     tmp.mkdir(parents=True)
     save_file(weights, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
     tokenizer.save_pretrained(tmp)
-    EngineConfig(model=cfg, build=build).save(tmp)
+    markers = reasoning or ReasoningMarkers.from_template(tokenizer.chat_template)
+    EngineConfig(model=cfg, build=build, reasoning=asdict(markers) if markers else None).save(tmp)
     report = {
         "source": source.description, "architecture": cfg.architecture, "precision": build.precision,
         "parameters": sum(t.numel() for t in weights.values()),
         "weights_bytes": (tmp / WEIGHTS_FILE).stat().st_size,
         "build": asdict(build), "build_seconds": round(time.time() - started, 2),
+        "reasoning_markers": asdict(markers) if markers else None,
         "torch": torch.__version__,
     }
     if sedac is not None:

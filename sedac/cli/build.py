@@ -43,12 +43,19 @@ def load_preset(path: str | None) -> dict:
 @click.option("--calib-tokens", default=8192, show_default=True, help="generated tokens for calibration")
 @click.option("--train-tokens", default=65536, show_default=True, help="teacher-forced tokens for exit training")
 @click.option("--exit-epochs", default=2, show_default=True)
+@click.option("--reasoning-start", help="text that opens the model's reasoning (default: <think> if the template has it)")
+@click.option("--reasoning-end", help="text that closes it (thinking_token_budget forces it)")
 @clean_errors
-def main(model, output, config_file, sedac, exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs, **flags):
+def main(model, output, config_file, sedac, exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs,
+         reasoning_start, reasoning_end, **flags):
     """Compile MODEL into a self-contained engine directory."""
     from sedac.builder import SedacOptions, build_engine
+    from sedac.runtime.reasoning import ReasoningMarkers
     settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
     options = SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs) if sedac else None
-    report = build_engine(model, output, BuildConfig(**settings), options)
+    if (reasoning_start is None) != (reasoning_end is None):
+        raise ValueError("give both --reasoning-start and --reasoning-end, or neither")
+    markers = ReasoningMarkers(reasoning_start, reasoning_end) if reasoning_start is not None else None
+    report = build_engine(model, output, BuildConfig(**settings), options, markers)
     click.echo(json.dumps(report, indent=2))
     click.echo(f"engine written to {output}")

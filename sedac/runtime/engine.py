@@ -15,6 +15,7 @@ from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
+from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
 from sedac.runtime.structured_outputs import StructuredOutputs
 
 
@@ -57,6 +58,8 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.structured = StructuredOutputs(self.tokenizer, self.config.model.vocab_size, sorted(self.eos_ids))
+        markers = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
+        self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
                          "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0}
         self.last_finished: RequestOutput | None = None
@@ -87,8 +90,10 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_mode(params.sedac_mode)
+        self._sedac_capable(params)
         ids = self.tokenize(prompt)
         grammar = self._grammar(params)
+        self.reasoning.check(params.thinking_token_budget)
         seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params))
         seq.detok_state = detokenizer.start(len(ids))
         metrics = RequestMetrics(seq.arrival, num_prompt_tokens=len(ids),
@@ -97,15 +102,22 @@ class LLMEngine:
                                             params, [seq], metrics, grammar=grammar)
         if grammar is not None:
             self.structured.start(seq, grammar)
+        if params.thinking_token_budget is not None:
+            self.reasoning.start(seq, params.thinking_token_budget, ids)
         self.scheduler.add(seq)
 
     def _grammar(self, params: SamplingParams):
         if params.structured_outputs is None:
             return None
-        if params.sedac_mode not in (None, "off"):
-            raise ValueError("structured_outputs runs with sedac_mode off (drafts and exits are not grammar-aware "
-                             "yet); drop sedac_mode or set it to off")
         return self.structured.compile(params.structured_outputs)
+
+    @staticmethod
+    def _sedac_capable(params: SamplingParams) -> None:
+        """Drafts and exits are not grammar- or budget-aware yet: such requests run with sedac_mode off."""
+        if params.sedac_mode not in (None, "off") and (params.structured_outputs or params.thinking_token_budget):
+            name = "structured_outputs" if params.structured_outputs else "thinking_token_budget"
+            raise ValueError(f"{name} runs with sedac_mode off (drafts and exits are not aware of it yet); "
+                             "drop sedac_mode or set it to off")
 
     def _check_mode(self, mode: str | None) -> str | None:
         check_sedac_mode(mode)
@@ -114,8 +126,8 @@ class LLMEngine:
         return mode
 
     def mode_of(self, seq: Sequence) -> str:
-        """The request's SEDAC mode, else the engine's; a structured-outputs request always runs off."""
-        if seq.params.structured_outputs is not None:
+        """The request's SEDAC mode, else the engine's; structured-outputs and budgeted requests run off."""
+        if seq.params.structured_outputs is not None or seq.params.thinking_token_budget is not None:
             return "off"
         return seq.params.sedac_mode or self.sedac_mode
 
@@ -218,6 +230,7 @@ class LLMEngine:
                 child.detok_state = detokenizer.start(child.num_tokens)
                 if self.requests[seq.request_id].grammar is not None:
                     self.structured.start(child, self.requests[seq.request_id].grammar)
+                self.reasoning.fork(seq, child)
                 self.blocks.share(child)
                 self.scheduler.add_running(child)
                 self.requests[seq.request_id].seqs.append(child)
@@ -227,11 +240,13 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
         req = self.requests[seq.request_id]
+        token = self.reasoning.override(seq, token)     # a spent thinking budget emits the end marker
         grammar = self.structured.accept(seq, token)
         if grammar == "dead end":        # no token could continue its grammar (a pattern nothing matches)
             self._finish(seq, "abort", "structured_outputs: no token of this vocabulary continues the grammar")
             return
         seq.token_ids.append(token)
+        self.reasoning.observe(seq, seq.output_token_ids)
         if logprob is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_time is None:
@@ -264,6 +279,7 @@ class LLMEngine:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
         seq.finish_time = time.perf_counter()
         self.structured.release(seq)
+        self.reasoning.release(seq)
         self.scheduler.finish(seq)
 
     def _collect_finished(self, touched: set[str]) -> list[RequestOutput]:
@@ -285,12 +301,14 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         done = self._is_done(req)
         hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
-        outs = []
+        outs, start_ids = [], self.reasoning.start_ids
+        opened = bool(start_ids) and req.prompt_token_ids[-len(start_ids):] == start_ids
         for seq in sorted(req.seqs, key=lambda s: s.index):
             text = seq.output_text if seq.is_finished or not hold else seq.output_text[:max(0, len(seq.output_text) - hold)]
+            reasoning, content = self.reasoning.split(text, opened)
             outs.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
                                          list(seq.logprobs) if seq.params.logprobs is not None else None,
-                                         seq.stop_reason))
+                                         seq.stop_reason, reasoning, content))
         req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
         self._sedac_metrics(req)
         req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens

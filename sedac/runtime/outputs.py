@@ -45,6 +45,12 @@ class CompletionOutput:
     finish_reason: str | None = None          # "stop", "length", "abort", "error" or None while running
     logprobs: list[dict[int, float]] | None = None
     stop_reason: str | int | None = None
+    reasoning: str | None = None              # the reasoning block's text (models with reasoning markers)
+    content: str | None = None                # the answer: text without the reasoning block and its markers
+
+    @property
+    def answer(self) -> str:
+        return self.text if self.content is None else self.content
 
 
 @dataclass

@@ -37,6 +37,7 @@ class SamplingParams:
     sedac_mode: str | None = None     # "off", "lossless" or "lossy"; None = the engine's default
     sedac_agreement: float | None = None  # lossy mode's target token agreement with the full model
     structured_outputs: StructuredOutputsParams | dict | None = None   # vLLM's name: json, regex, choice, grammar
+    thinking_token_budget: int | None = None   # vLLM's name: reasoning tokens before the end marker is forced
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -70,6 +71,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
+        if self.thinking_token_budget is not None:
+            _check_int("thinking_token_budget", self.thinking_token_budget, 1)
         check_sedac_mode(self.sedac_mode)
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)

@@ -81,9 +81,14 @@ class OpenAIHandlers:
         for i in range(req.n):
             yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                         "logprobs": None, "finish_reason": None}]}
-        final, sent = None, {}
+        final, sent, thought = None, {}, {}
         async for _, out in _merge([stream]):
-            for c, delta in _deltas(out, sent):
+            for c in out.outputs:                      # reasoning streams as its own delta field (vLLM's)
+                if c.reasoning and len(c.reasoning) > thought.get(c.index, 0):
+                    yield {**head, "choices": [{"index": c.index, "delta": {"reasoning": c.reasoning[thought.get(c.index, 0):]},
+                                                "logprobs": None, "finish_reason": None}]}
+                    thought[c.index] = len(c.reasoning)
+            for c, delta in _deltas(out, sent, chat=True):
                 if plan is not None and plan.active:     # tool calls are parsed from the whole text: sent at the end
                     if c.finish_reason:
                         message = _message(c, plan)
@@ -111,10 +116,11 @@ class OpenAIHandlers:
 def _message(c, plan) -> dict:
     """{"message", "finish_reason"} of a finished choice: its text, or the tool calls parsed from it
     (finish_reason "tool_calls", as OpenAI reports them unless a named tool was forced)."""
+    reasoning = {"reasoning": c.reasoning} if c.reasoning is not None else {}
     if plan is None or not plan.active:
-        return {"message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason}
-    content, calls = plan.parse(c.text)
-    message = {"role": "assistant", "content": content}
+        return {"message": {"role": "assistant", "content": c.answer, **reasoning}, "finish_reason": c.finish_reason}
+    content, calls = plan.parse(c.answer)
+    message = {"role": "assistant", "content": content, **reasoning}
     if not calls:
         return {"message": message, "finish_reason": c.finish_reason}
     message["tool_calls"] = [call.openai() for call in calls]
@@ -148,16 +154,17 @@ async def _merge(streams) -> AsyncIterator[tuple[int, object]]:
             s.abort()
 
 
-def _deltas(out, sent: dict):
-    """(choice, new text) pairs since this stream's last output; `sent` belongs to one response."""
+def _deltas(out, sent: dict, chat: bool = False):
+    """(choice, new text) pairs since this stream's last output; `sent` belongs to one response. chat: the
+    answer (the reasoning block streams apart)."""
     for c in out.outputs:
-        key = (out.request_id, c.index)
+        key, text = (out.request_id, c.index), c.answer if chat else c.text
         done = sent.get(key, 0)
         if done is None:                      # this choice already sent its finish chunk
             continue
-        if len(c.text) > done or c.finish_reason:
-            yield c, c.text[done:]
-        sent[key] = None if c.finish_reason else len(c.text)
+        if len(text) > done or c.finish_reason:
+            yield c, text[done:]
+        sent[key] = None if c.finish_reason else len(text)
 
 
 def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:

@@ -6,6 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
+from sedac.runtime.reasoning import REASONING_EFFORT
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.serving.tools import Tool, ToolPlan
 
@@ -87,11 +88,14 @@ class _Sampling(BaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    thinking_token_budget: Positive | None = None      # vLLM: reasoning tokens before the end marker is forced
+    reasoning_effort: Literal["low", "medium", "high"] | None = None    # OpenAI: mapped to a budget
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (-> HTTP 400) for values SamplingParams rejects."""
         extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement),
-                                   ("structured_outputs", self.structured())) if v is not None}
+                                   ("structured_outputs", self.structured()),
+                                   ("thinking_token_budget", self.budget())) if v is not None}
         return SamplingParams(
             max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
@@ -99,6 +103,11 @@ class _Sampling(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
             priority=self.priority, **extra)
+
+    def budget(self) -> int | None:
+        if self.thinking_token_budget is not None and self.reasoning_effort is not None:
+            raise ValueError("give thinking_token_budget or reasoning_effort, not both")
+        return self.thinking_token_budget or (REASONING_EFFORT[self.reasoning_effort] if self.reasoning_effort else None)
 
     def structured(self) -> dict | None:
         """The one structured-outputs request among response_format, structured_outputs and guided_*."""
