@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.block_linear)
+from sedac.plugins.reference import dequantize_blocks, unpack_nibbles
+
 PANEL = 16      # outputs per panel (csrc/panel_schedule.h)
 
 
@@ -35,11 +38,6 @@ def from_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes [out, in] (0..15) -> [out, in / 2] uint8, input 2k in the low nibble, 2k + 1 in the high."""
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()
-
-
-def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
-    """[out, in / 2] uint8 -> codes [out, in] uint8."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
 
 
 @dataclass
@@ -105,20 +103,16 @@ class BlockWeight:
     def dense(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantized fp32 rows [len(index) or out, in]: q * d + m, as the kernel computes each weight
         (the product of a code and an fp16 scale is exact in fp32, so this rounds once, like its fma)."""
-        codes, scale, minimum = self.rows(index)
-        group = self.group_size
-        w = codes.float() * scale.float().repeat_interleave(group, dim=1)
-        return w if minimum is None else w + minimum.float().repeat_interleave(group, dim=1)
+        return dequantize_blocks(*self.rows(index))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """x [T, in] fp32 -> [T, out] on the CPU kernels (packed) or the dequantized reference."""
+        """x [T, in] -> [T, out] on the CPU kernels (packed), else the sedac op (Triton on CUDA)."""
         if self.int8_activations:
             return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias,
                                                        self.out_features)
         if self.packed:
             return torch.ops.sedac_cpu.block_linear(x, self.codes, self.scale, self.minimum, bias, self.out_features)
-        y = x @ self.dense().to(x.dtype).t()
-        return y if bias is None else y + bias
+        return torch.ops.sedac.block_linear(x, self.codes, self.scale, self.minimum, bias)   # Triton on CUDA
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.minimum) if t is not None]

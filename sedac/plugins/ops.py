@@ -1,4 +1,4 @@
-"""torch.library registration: `torch.ops.sedac.{entropy,margin,exit_decision,kv_predict,int8_linear}`.
+"""torch.library registration: `torch.ops.sedac.{entropy,margin,exit_decision,kv_predict,int8_linear,block_linear}`.
 
 The default (CPU) kernel is the torch reference; CUDA tensors run the Triton kernels when triton is
 installed. Fake kernels make the ops traceable by torch.compile.
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from sedac.plugins import reference
 
-_HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 @torch.library.custom_op("sedac::entropy", mutates_args=())
@@ -38,6 +38,16 @@ def kv_predict(hidden: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 @torch.library.custom_op("sedac::int8_linear", mutates_args=())
 def int8_linear(x: Tensor, weight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
     return reference.int8_linear(x, weight, scale, bias)
+
+
+@torch.library.custom_op("sedac::block_linear", mutates_args=())
+def block_linear(x: Tensor, codes: Tensor, scale: Tensor, minimum: Tensor | None, bias: Tensor | None) -> Tensor:
+    return reference.block_linear(x, codes, scale, minimum, bias)
+
+
+@block_linear.register_fake
+def _(x, codes, scale, minimum, bias):
+    return x.new_empty(x.shape[0], codes.shape[0])
 
 
 @entropy.register_fake
@@ -66,7 +76,7 @@ def _(x, weight, scale, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-if _HAS_TRITON:
+if HAS_TRITON:
     @entropy.register_kernel("cuda")
     def _(logits):
         from sedac.plugins import triton_kernels
@@ -91,3 +101,8 @@ if _HAS_TRITON:
     def _(x, weight, scale, bias):
         from sedac.plugins import triton_kernels
         return triton_kernels.int8_linear(x, weight, scale, bias)
+
+    @block_linear.register_kernel("cuda")
+    def _(x, codes, scale, minimum, bias):
+        from sedac.plugins import triton_kernels
+        return triton_kernels.block_linear(x, codes, scale, minimum, bias)

@@ -34,3 +34,25 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     [O], bias [O] or None -> (x @ weight.T) * scale + bias [N, O], accumulated in fp32, in x's dtype."""
     y = (x.float() @ weight.float().t()) * scale.float()
     return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """[out, in / 2] uint8 (input 2k in the low nibble, 2k + 1 in the high) -> codes [out, in] uint8."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None) -> torch.Tensor:
+    """Block weights by rows, codes unpacked [out, in] -> fp32 [out, in]: q * scale (+ minimum) per group of
+    inputs (the product of a code and an fp16 scale is exact in fp32, so this rounds once, like an fma)."""
+    group = codes.shape[1] // scale.shape[1]
+    w = codes.float() * scale.float().repeat_interleave(group, dim=1)
+    return w if minimum is None else w + minimum.float().repeat_interleave(group, dim=1)
+
+
+def block_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    """x [N, K] against block weights by rows: 4-bit codes packed [O, K / 2] uint8 with minimums, or 8-bit
+    codes [O, K] int8 without (sedac.models.quant.BlockWeight)."""
+    w = dequantize_blocks(unpack_nibbles(codes) if codes.dtype == torch.uint8 else codes, scale, minimum)
+    out = x.float() @ w.t()
+    return (out if bias is None else out + bias.float()).to(x.dtype)

@@ -127,3 +127,49 @@ def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """weight int8 [O, K] read as its transpose [K, O]."""
     return _linear(x, weight, weight.stride(1), weight.stride(0), weight.shape[0], bias, scale)
+
+
+@triton.jit
+def _block_linear_kernel(x_ptr, c_ptr, s_ptr, m_ptr, b_ptr, out_ptr, M, N, K, sxm, sxk, scn, ssn, som, son,
+                         GROUP: tl.constexpr, BITS: tl.constexpr, HAS_MIN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    # out = x @ w.T with w dequantized in registers per tile: q * scale (+ minimum) of the input's group;
+    # 4-bit codes two a byte (input 2k low nibble, 2k + 1 high), 8-bit codes int8.
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        k = k0 + rk
+        kmask = (k[:, None] < K) & (rn[None, :] < N)
+        a = tl.load(x_ptr + rm[:, None] * sxm + k[None, :] * sxk, mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        if BITS == 4:
+            byte = tl.load(c_ptr + rn[None, :] * scn + (k // 2)[:, None], mask=kmask, other=0).to(tl.int32)
+            q = (byte >> ((k % 2) * 4)[:, None]) & 15
+        else:
+            q = tl.load(c_ptr + rn[None, :] * scn + k[:, None], mask=kmask, other=0).to(tl.int32)
+        g = (k // GROUP)[:, None]
+        w = q.to(tl.float32) * tl.load(s_ptr + rn[None, :] * ssn + g, mask=kmask, other=0.0).to(tl.float32)
+        if HAS_MIN:
+            w += tl.load(m_ptr + rn[None, :] * ssn + g, mask=kmask, other=0.0).to(tl.float32)
+        acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def block_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum, bias) -> torch.Tensor:
+    """x [M, K] against block weights by rows (sedac.plugins.reference.block_linear) -> [M, N]."""
+    m, k = x.shape
+    n, bits = codes.shape[0], 4 if codes.dtype == torch.uint8 else 8
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m:
+        grid = (triton.cdiv(m, 32), triton.cdiv(n, 64))
+        _block_linear_kernel[grid](x, codes, scale, minimum if minimum is not None else scale,
+                                   bias if bias is not None else out, out, m, n, k, x.stride(0), x.stride(1),
+                                   codes.stride(0), scale.stride(0), out.stride(0), out.stride(1),
+                                   GROUP=k // scale.shape[1], BITS=bits, HAS_MIN=minimum is not None,
+                                   HAS_BIAS=bias is not None, BM=32, BN=64, BK=32)
+    return out

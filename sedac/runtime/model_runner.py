@@ -79,7 +79,8 @@ class ModelRunner:
             raise ValueError(f"engine weights do not match its config (missing {missing}, unexpected {unexpected})")
         if tied:
             model.tie_lm_head()
-        if not self._cpu_kernels() and self.config.build.precision in ("int4", "gguf"):
+        block_kernels = self._cpu_kernels() if self.device.type == "cpu" else ops.HAS_TRITON
+        if self.config.build.precision in ("int4", "gguf") and not block_kernels:
             self._dequantize_blocks(model)
         model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)   # packed panels keep their dtype
         model.embed_tokens.to(self.weight_dtype)          # gathered rows are widened (DecoderModel.embed)
@@ -90,9 +91,10 @@ class ModelRunner:
         return model
 
     def _dequantize_blocks(self, model: DecoderModel) -> None:
-        """Block weights have a kernel on CPU only: elsewhere they are dequantized once, at load."""
-        logger.warning(f"{self.config.build.precision} weights have no kernel on {self.device.type} "
-                       f"{'' if self.device.type != 'cpu' else 'without the C++ kernels '}here: dequantized to "
+        """Block weights need the C++ kernels on CPU, Triton on CUDA: without them they are dequantized
+        once, at load."""
+        logger.warning(f"{self.config.build.precision} weights have no kernel on {self.device.type} here "
+                       f"({'no C++ CPU kernels' if self.device.type == 'cpu' else 'no Triton'}): dequantized to "
                        f"{self.weight_dtype} at load (the memory and speed of a {self.weight_dtype} engine)")
         if model.embed_tokens.weight is None:     # before the head: a tied table reads the head's blocks
             table = model.embed(torch.arange(self.config.model.vocab_size, device=self.device))
