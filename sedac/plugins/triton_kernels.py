@@ -90,9 +90,7 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, M, N, K, sxm, sxk, s
                    HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # out = (x @ w) [* scale per column] [+ bias]; w may be int8 (converted in registers).
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm, rn = _tile(BM, BN)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -103,6 +101,18 @@ def _linear_kernel(x_ptr, w_ptr, b_ptr, scale_ptr, out_ptr, M, N, K, sxm, sxk, s
         acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    _store(out_ptr, acc, b_ptr, rm, rn, M, N, som, son, HAS_BIAS)
+
+
+@triton.jit
+def _tile(BM: tl.constexpr, BN: tl.constexpr):
+    """This program's output rows and columns."""
+    return tl.program_id(0) * BM + tl.arange(0, BM), tl.program_id(1) * BN + tl.arange(0, BN)
+
+
+@triton.jit
+def _store(out_ptr, acc, b_ptr, rm, rn, M, N, som, son, HAS_BIAS: tl.constexpr):
+    """acc [+ bias per column] into out, masked to [M, N]."""
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
@@ -135,9 +145,7 @@ def _block_linear_kernel(x_ptr, c_ptr, s_ptr, m_ptr, b_ptr, out_ptr, M, N, K, sx
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     # out = x @ w.T with w dequantized in registers per tile: q * scale (+ minimum) of the input's group;
     # 4-bit codes two a byte (input 2k low nibble, 2k + 1 high), 8-bit codes int8.
-    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
+    rm, rn = _tile(BM, BN)
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
@@ -154,10 +162,7 @@ def _block_linear_kernel(x_ptr, c_ptr, s_ptr, m_ptr, b_ptr, out_ptr, M, N, K, sx
         if HAS_MIN:
             w += tl.load(m_ptr + rn[None, :] * ssn + g, mask=kmask, other=0.0).to(tl.float32)
         acc += tl.dot(a.to(tl.float32), w, input_precision="ieee")
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rm[:, None] * som + rn[None, :] * son, acc.to(out_ptr.dtype.element_ty),
-             mask=(rm[:, None] < M) & (rn[None, :] < N))
+    _store(out_ptr, acc, b_ptr, rm, rn, M, N, som, son, HAS_BIAS)
 
 
 def block_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum, bias) -> torch.Tensor:
