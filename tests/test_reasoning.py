@@ -122,3 +122,6 @@ def test_server_reasoning_fields_and_streaming(thinking_engine, tmp_path):
             with pytest.raises(openai.BadRequestError, match=message):
                 c.chat.completions.create(model="t", messages=messages, max_tokens=4, extra_body=body)
         assert json.loads(httpx.get(base + "/health", timeout=10).text)["status"] == "ok"
+        metrics = httpx.get(base + "/metrics", timeout=10).text
+        exhausted = [line for line in metrics.splitlines() if line.startswith("sedac:thinking_budget_exhausted_total")]
+        assert exhausted and float(exhausted[0].split()[-1]) >= 3       # the three budgeted requests above

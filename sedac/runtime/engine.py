@@ -61,7 +61,8 @@ class LLMEngine:
         markers = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
         self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
-                         "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0}
+                         "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0,
+                         "structured_output_requests": 0}
         self.last_finished: RequestOutput | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -102,6 +103,7 @@ class LLMEngine:
                                             params, [seq], metrics, grammar=grammar)
         if grammar is not None:
             self.structured.start(seq, grammar)
+            self.counters["structured_output_requests"] += 1
         if params.thinking_token_budget is not None:
             self.reasoning.start(seq, params.thinking_token_budget, ids)
         self.scheduler.add(seq)
@@ -345,6 +347,7 @@ class LLMEngine:
                 "kv_cache_bytes": self.runner.kv_cache_bytes,
                 "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
+                "thinking_budgets_exhausted": self.reasoning.exhausted,
                 "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self._sedac_rates(),
                 "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None}
 

@@ -48,6 +48,7 @@ class ThinkingBudgets:
         self.start_ids = encode(markers.start) if markers else []
         self.end_ids = encode(markers.end) if markers else []
         self.budgets: dict[object, _Budget] = {}       # Sequence -> its budget state
+        self.exhausted = 0                             # budgets that forced the end marker (a running total)
 
     def check(self, budget: int | None) -> None:
         if budget is not None and self.markers is None:
@@ -89,6 +90,7 @@ class ThinkingBudgets:
     def _close_if_spent(self, b: _Budget) -> None:
         if b.inside and b.spent >= b.limit and not b.forced:
             b.forced = list(self.end_ids)
+            self.exhausted += 1
 
     def release(self, seq) -> None:
         self.budgets.pop(seq, None)

@@ -30,6 +30,10 @@ class ServerMetrics:
         self.acceptance = Gauge("sedac:sedac_acceptance_rate", "SEDAC draft acceptance rate", labels, registry=r)
         self.exits = Counter("sedac:sedac_exit_tokens", "Lossy-mode tokens that exited at each layer",
                              labels + ["layer"], registry=r)
+        self.structured = Counter("sedac:structured_output_requests", "Requests decoded under a grammar", labels,
+                                  registry=r)
+        self.budgets = Counter("sedac:thinking_budget_exhausted", "Reasoning blocks closed by a spent thinking budget",
+                               labels, registry=r)
         self.model = model_name
         self._totals: dict = {}      # the engine's running totals last seen, per counter and labels
 
@@ -57,6 +61,8 @@ class ServerMetrics:
         self._count_to(self.preemptions, stats["num_preemptions"], label)
         self.skip_ratio.labels(label).set(stats.get("sedac_skip_ratio", 0.0))
         self.acceptance.labels(label).set(stats.get("sedac_acceptance_rate", 0.0))
+        self._count_to(self.structured, stats["structured_output_requests"], label)
+        self._count_to(self.budgets, stats["thinking_budgets_exhausted"], label)
         for layer, count in stats.get("sedac_exit_layer_tokens", {}).items():
             self._count_to(self.exits, count, label, str(layer))
         return generate_latest(self.registry)

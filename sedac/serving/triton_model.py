@@ -18,7 +18,7 @@ DEFAULT_MAX_TOKENS = 64
 _SCALARS = {"max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_k": ("top_k", int),
             "top_p": ("top_p", float), "random_seed": ("seed", int), "repetition_penalty": ("repetition_penalty", float),
             "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
-            "sedac_agreement": ("sedac_agreement", float)}
+            "sedac_agreement": ("sedac_agreement", float), "thinking_token_budget": ("thinking_token_budget", int)}
 
 
 class SedacTritonModel:

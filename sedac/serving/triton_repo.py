@@ -23,7 +23,8 @@ REQUEST_INPUTS = [("text_input", _STRING, "[ 1 ]", False), ("max_tokens", _INT32
                   ("end_id", _INT32, "[ 1 ]", True), ("pad_id", _INT32, "[ 1 ]", True),
                   ("return_log_probs", _BOOL, "[ 1 ]", True), ("exclude_input_in_output", _BOOL, "[ 1 ]", True),
                   ("beam_width", _INT32, "[ 1 ]", True)]
-SEDAC_INPUTS = [("sedac_mode", _STRING, "[ 1 ]", True), ("sedac_agreement", _FP32, "[ 1 ]", True)]
+SEDAC_INPUTS = [("sedac_mode", _STRING, "[ 1 ]", True), ("sedac_agreement", _FP32, "[ 1 ]", True),
+                ("thinking_token_budget", _INT32, "[ 1 ]", True)]
 SEDAC_OUTPUTS = [("text_output", _STRING, "[ -1 ]"), ("finish_reason", _STRING, "[ 1 ]"),
                  ("output_tokens", _INT32, "[ 1 ]"), ("layers_per_token", _FP32, "[ 1 ]"),
                  ("sedac_skip_ratio", _FP32, "[ 1 ]"), ("cum_log_probs", _FP32, "[ 1 ]"),
