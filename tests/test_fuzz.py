@@ -18,7 +18,8 @@ def test_schemathesis_finds_no_failure(tiny_models, tmp_path):
     with sedac_server(engine, "--served-model-name", "tiny") as (base, _):
         run = subprocess.run([str(BIN / "st"), "--no-color", "--config-file", str(ROOT / "tests/schemathesis.toml"),
                               "run", base + "/openapi.json", "--max-examples", "10", "--seed", "7",
-                              "--request-timeout", "30"], capture_output=True, text=True, timeout=900)
+                              "--request-timeout", "30"], capture_output=True, text=True, timeout=900,
+                             cwd=tmp_path)      # its .schemathesis/ cache stays out of the checkout
         assert run.returncode == 0, run.stdout[-6000:]
         assert "Selected: 13/13" in run.stdout and "Tested: 13" in run.stdout    # every endpoint ran
         assert "✅ Coverage" in run.stdout and "✅ Fuzzing" in run.stdout
