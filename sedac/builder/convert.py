@@ -6,7 +6,7 @@ from typing import Iterable
 import torch
 from tqdm import tqdm
 
-from sedac.config import MIN_SUFFIX, SCALE_SUFFIX, SUPPORTED_ARCHITECTURES, ModelConfig
+from sedac.config import SCALE_SUFFIX, SUPPORTED_ARCHITECTURES, ModelConfig
 from sedac.models.quant import quantize_int4, quantize_int8_blocks, quantize_rows
 
 
@@ -98,9 +98,7 @@ def quantize_linears(weights: dict[str, torch.Tensor], dtype: torch.dtype, preci
         elif precision == "int4" and (name.endswith("proj.weight") or name == head):
             rows = t if name == "embed_tokens.weight" else t.t()           # [out, in]
             blocks = quantize_int4(rows, group_size) if name != head else quantize_int8_blocks(rows)
-            out[name], out[prefix + SCALE_SUFFIX] = blocks.codes, blocks.scale
-            if blocks.minimum is not None:
-                out[prefix + MIN_SUFFIX] = blocks.minimum
+            out.update(blocks.stored(prefix))
         else:
             out[name] = t.to(dtype).contiguous()
     return out

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 
-from sedac.config import MIN_SUFFIX, SCALE_SUFFIX, ModelConfig
+from sedac.config import ModelConfig
 from sedac.models.quant import BlockWeight, pack_nibbles
 
 Q = GGMLQuantizationType
@@ -112,8 +112,5 @@ def _stored(prefix: str, t, transpose: bool = True) -> dict[str, torch.Tensor]:
     codes with scales and minimums by rows."""
     if isinstance(t, torch.Tensor):
         return {prefix + ".weight": (t.t() if transpose else t).contiguous()}
-    out = {prefix + ".weight": t.codes, prefix + SCALE_SUFFIX: t.scale}
-    if t.minimum is not None:
-        out[prefix + MIN_SUFFIX] = t.minimum
-    return out
+    return t.stored(prefix)
 

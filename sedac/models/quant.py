@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sedac.config import MIN_SUFFIX, SCALE_SUFFIX
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.block_linear)
 from sedac.plugins.reference import dequantize_blocks, unpack_nibbles
 
@@ -116,6 +117,14 @@ class BlockWeight:
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.minimum) if t is not None]
+
+    def stored(self, prefix: str) -> dict[str, torch.Tensor]:
+        """The engine file's tensors for the layer `prefix` (by rows): codes as its weight, scales and
+        minimums beside it."""
+        out = {prefix + ".weight": self.codes, prefix + SCALE_SUFFIX: self.scale}
+        if self.minimum is not None:
+            out[prefix + MIN_SUFFIX] = self.minimum
+        return out
 
 
 def quantize_int4(w: torch.Tensor, group_size: int) -> BlockWeight:

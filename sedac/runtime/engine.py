@@ -115,11 +115,9 @@ class LLMEngine:
 
     @staticmethod
     def _sedac_capable(params: SamplingParams) -> None:
-        """Drafts and exits are not grammar- or budget-aware yet: such requests run with sedac_mode off."""
-        if params.sedac_mode not in (None, "off") and (params.structured_outputs or params.thinking_token_budget):
-            name = "structured_outputs" if params.structured_outputs else "thinking_token_budget"
-            raise ValueError(f"{name} runs with sedac_mode off (drafts and exits are not aware of it yet); "
-                             "drop sedac_mode or set it to off")
+        if params.sedac_mode not in (None, "off") and params.sedac_blocker:
+            raise ValueError(f"{params.sedac_blocker} runs with sedac_mode off (drafts and exits are not aware of "
+                             "it yet); drop sedac_mode or set it to off")
 
     def _check_mode(self, mode: str | None) -> str | None:
         check_sedac_mode(mode)
@@ -129,7 +127,7 @@ class LLMEngine:
 
     def mode_of(self, seq: Sequence) -> str:
         """The request's SEDAC mode, else the engine's; structured-outputs and budgeted requests run off."""
-        if seq.params.structured_outputs is not None or seq.params.thinking_token_budget is not None:
+        if seq.params.sedac_blocker:
             return "off"
         return seq.params.sedac_mode or self.sedac_mode
 
@@ -303,8 +301,7 @@ class LLMEngine:
     def _output(self, req: Request) -> RequestOutput:
         done = self._is_done(req)
         hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
-        outs, start_ids = [], self.reasoning.start_ids
-        opened = bool(start_ids) and req.prompt_token_ids[-len(start_ids):] == start_ids
+        outs, opened = [], self.reasoning.opened_by(req.prompt_token_ids)
         for seq in sorted(req.seqs, key=lambda s: s.index):
             text = seq.output_text if seq.is_finished or not hold else seq.output_text[:max(0, len(seq.output_text) - hold)]
             reasoning, content = self.reasoning.split(text, opened)

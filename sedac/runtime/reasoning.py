@@ -55,9 +55,12 @@ class ThinkingBudgets:
             raise ValueError("thinking_token_budget needs a model with reasoning markers; this engine has none "
                              "(rebuild it with sedac-build --reasoning-start TEXT --reasoning-end TEXT)")
 
+    def opened_by(self, prompt_ids: list[int]) -> bool:
+        """Whether the prompt ends with the start marker (a template that opens the reasoning block)."""
+        return bool(self.start_ids) and prompt_ids[-len(self.start_ids):] == self.start_ids
+
     def start(self, seq, budget: int, prompt_ids: list[int]) -> None:
-        opened = bool(self.start_ids) and prompt_ids[-len(self.start_ids):] == self.start_ids
-        self.budgets[seq] = _Budget(budget, inside=opened)
+        self.budgets[seq] = _Budget(budget, inside=self.opened_by(prompt_ids))
         self._close_if_spent(self.budgets[seq])
 
     def fork(self, parent, child) -> None:

@@ -78,6 +78,14 @@ class SamplingParams:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 
     @property
+    def sedac_blocker(self) -> str | None:
+        """The field that keeps this request on sedac_mode off (drafts and exits are not grammar- or
+        budget-aware yet), if any."""
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        return "thinking_token_budget" if self.thinking_token_budget is not None else None
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 

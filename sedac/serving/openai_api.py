@@ -83,12 +83,11 @@ class OpenAIHandlers:
                                         "logprobs": None, "finish_reason": None}]}
         final, sent, thought = None, {}, {}
         async for _, out in _merge([stream]):
-            for c in out.outputs:                      # reasoning streams as its own delta field (vLLM's)
-                if c.reasoning and len(c.reasoning) > thought.get(c.index, 0):
-                    yield {**head, "choices": [{"index": c.index, "delta": {"reasoning": c.reasoning[thought.get(c.index, 0):]},
-                                                "logprobs": None, "finish_reason": None}]}
-                    thought[c.index] = len(c.reasoning)
-            for c, delta in _deltas(out, sent, chat=True):
+            for c, delta in _deltas(out, thought, lambda c: c.reasoning or ""):   # its own delta field (vLLM's)
+                if delta:
+                    yield {**head, "choices": [{"index": c.index, "delta": {"reasoning": delta}, "logprobs": None,
+                                                "finish_reason": None}]}
+            for c, delta in _deltas(out, sent, lambda c: c.answer):
                 if plan is not None and plan.active:     # tool calls are parsed from the whole text: sent at the end
                     if c.finish_reason:
                         message = _message(c, plan)
@@ -154,11 +153,11 @@ async def _merge(streams) -> AsyncIterator[tuple[int, object]]:
             s.abort()
 
 
-def _deltas(out, sent: dict, chat: bool = False):
-    """(choice, new text) pairs since this stream's last output; `sent` belongs to one response. chat: the
-    answer (the reasoning block streams apart)."""
+def _deltas(out, sent: dict, text_of=lambda c: c.text):
+    """(choice, new text) pairs since this stream's last output; `sent` belongs to one response and one
+    text_of (the raw text, a chat answer, its reasoning)."""
     for c in out.outputs:
-        key, text = (out.request_id, c.index), c.answer if chat else c.text
+        key, text = (out.request_id, c.index), text_of(c)
         done = sent.get(key, 0)
         if done is None:                      # this choice already sent its finish chunk
             continue

@@ -32,8 +32,6 @@ def _json_integer(value):
     return int(value)
 
 
-# Constrained types: the schema in /openapi.json says what the server accepts, as far as a schema can (a
-# prompt's fit in the context, token ids in the vocabulary and grammars are checked by the engine: 400).
 def _json_number(value):
     """A JSON number, not true or "1.0"."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -41,6 +39,8 @@ def _json_number(value):
     return float(value)
 
 
+# Constrained types: the schema in /openapi.json says what the server accepts, as far as a schema can (a
+# prompt's fit in the context, token ids in the vocabulary and grammars are checked by the engine: 400).
 StrictInt = Annotated[int, BeforeValidator(_json_integer)]
 Number = Annotated[float, BeforeValidator(_json_number)]
 Positive = Annotated[StrictInt, Field(ge=1)]
