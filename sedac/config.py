@@ -20,6 +20,9 @@ PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": 
 # weight-only precisions: linear weights stored quantized (int8: one scale per output channel; int4:
 # a scale and a minimum per group of inputs; gguf: the source file's own blocks)
 WEIGHT_ONLY = ("int8", "int4", "gguf")
+# --kv-cache-dtype -> the KV pool's dtype; "auto": the compute dtype (fp32 on CPU, the weights' on CUDA)
+KV_CACHE_DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
+                   "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 SCALE_SUFFIX = ".weight_scale"    # a quantized linear's scales beside its "<name>.weight"
 MIN_SUFFIX = ".weight_min"        # and a 4-bit block weight's minimums
 DEFAULT_GROUP_SIZE = 32           # int4's inputs per scale and minimum: GGUF Q4_1's block

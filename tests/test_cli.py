@@ -58,9 +58,10 @@ def test_build_errors(tmp_path):
     assert not (tmp_path / "e").exists()
 
 
-def test_generate_prompt_streams_with_stats(tiny_llama):
+@pytest.mark.parametrize("kv", [[], ["--kv-cache-dtype", "fp16"]])
+def test_generate_prompt_streams_with_stats(tiny_llama, kv):
     result = CliRunner().invoke(run_main, ["generate", "--engine", str(tiny_llama), "--prompt", "Hello",
-                                           "--max-tokens", "8"])
+                                           "--max-tokens", "8"] + kv)
     assert result.exit_code == 0, result.output
     assert "tok/s" in result.output and "ttft" in result.output
 

@@ -13,7 +13,7 @@ from sedac.models import AttentionContext, PrefillChunk, attention, cpu_kernels,
 from sedac.models.decoder import DecoderLayer
 from sedac.models.layers import Linear
 
-BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 40
+BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 400
 
 
 @pytest.fixture(autouse=True)
@@ -51,14 +51,31 @@ def test_kernels_load_here():
         assert not cpu_kernels.usable(torch.zeros(1))     # no backward: exit-head training runs torch ops
 
 
-def test_kernel_matches_plain_attention(pool):
-    lengths = [1, 3, 4, 5, 17, 23]                   # a lone token, partial and exactly full last blocks
-    tables = _tables(lengths)
-    q = torch.randn(len(lengths), H, D)
-    out = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(lengths), BS,
+# a lone token, partial and exactly full last blocks, one span of 64 positions exactly, and several spans
+LENGTHS = [1, 3, 4, 5, 17, 23, 64, 65, 150]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernel_matches_plain_attention(pool, dtype):
+    """Also on a half-precision pool (--kv-cache-dtype), against the same rounded K/V in fp32."""
+    pool = tuple(t.to(dtype) for t in pool)
+    tables = _tables(LENGTHS)
+    q = torch.randn(len(LENGTHS), H, D)
+    out = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS,
                                                      D ** -0.5)
-    for i, (table, length) in enumerate(zip(tables, lengths)):
-        assert torch.allclose(out[i], _reference(q[i], *pool, table, length), atol=1e-5)
+    for i, (table, length) in enumerate(zip(tables, LENGTHS)):
+        assert torch.allclose(out[i], _reference(q[i], *(t.float() for t in pool), table, length), atol=1e-5)
+
+
+def test_kernel_rows_are_batch_invariant(pool):
+    """Spans split a long context at fixed positions: a row's result is bitwise the same alone or in a batch."""
+    tables, q = _tables(LENGTHS), torch.randn(len(LENGTHS), H, D)
+    batch = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS,
+                                                       D ** -0.5)
+    for i, (table, length) in enumerate(zip(tables, LENGTHS)):
+        alone = torch.ops.sedac_cpu.paged_decode_attention(q[i:i + 1], *pool, torch.tensor([table]),
+                                                           torch.tensor([length]), BS, D ** -0.5)
+        assert torch.equal(alone[0], batch[i])
 
 
 def test_kernel_takes_strided_query_rows(pool):

@@ -177,3 +177,38 @@ def test_sedac_over_a_half_base(tmp_path, tiny_models):
             for m in ("off", "lossless")}
     assert [o.token_ids for o in runs["lossless"]] == [o.token_ids for o in runs["off"]]
     assert llm.engine.stats()["sedac_drafted_tokens"] > 0          # the int8 drafter over the bf16 base ran
+
+
+def _near_tie_divergences(outs, reference) -> list[float]:
+    """For each completion, where it first leaves the reference: how far below the reference's token
+    its token was in the reference's own distribution (0 where it never leaves)."""
+    gaps = []
+    for out, ref in zip(outs, reference):
+        i = next((i for i, (a, b) in enumerate(zip(out.token_ids, ref.token_ids)) if a != b), None)
+        top = ref.logprobs[i] if i is not None else {}
+        gaps.append(top[ref.token_ids[i]] - top.get(out.token_ids[i], float("-inf")) if i is not None else 0.0)
+    return gaps
+
+
+def test_half_kv_cache(tiny_llama, monkeypatch):
+    """--kv-cache-dtype fp16/bf16: the pool holds half the bytes, decode and cached-prefix steps read it
+    (kernel and torch path), and greedy tokens leave the fp32 pool's only at near-ties (a random tiny
+    model has many: its logits are nearly flat)."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=5)
+    full = LLM(str(tiny_llama), device="cpu")
+    reference = [o.outputs[0] for o in full.generate(PROMPTS, params)]
+    for dtype, tie in (("fp16", 0.01), ("bf16", 0.05)):
+        llm = LLM(str(tiny_llama), device="cpu", kv_cache_dtype=dtype)
+        runner = llm.engine.runner
+        assert runner.model.layers[0].k_cache.dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])
+        assert 2 * runner.kv_bytes_per_block() == full.engine.runner.kv_bytes_per_block()
+        outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
+        again = llm.generate([PROMPTS[2] + [7, 7]], params)[0]        # a prefix-cache hit reads the half pool
+        assert again.metrics.num_cached_tokens > 0
+        assert max(_near_tie_divergences(outs, reference)) < tie, dtype
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    torch_path = LLM(str(tiny_llama), device="cpu", kv_cache_dtype="fp16")
+    outs = [o.outputs[0] for o in torch_path.generate(PROMPTS, params)]
+    assert max(_near_tie_divergences(outs, reference)) < 0.01
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
+        LLM(str(tiny_llama), device="cpu", kv_cache_dtype="fp8")

@@ -18,9 +18,10 @@ import torch
 from sedac.builder.datasets import sharegpt_prompts
 
 
-def run_bench(engine, device, num_prompts, output_len, batch1_prompts, max_prompt_len, baseline, report):
+def run_bench(engine, device, num_prompts, output_len, batch1_prompts, max_prompt_len, baseline, report,
+              kv_cache_dtype="auto"):
     from sedac import LLM, SamplingParams
-    llm = LLM(engine, device=device)
+    llm = LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype)
     prompts = sharegpt_prompts(llm.tokenizer, "bench", max(num_prompts, batch1_prompts), max_prompt_len)
     fixed = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     natural = SamplingParams(max_tokens=output_len, temperature=0.0)

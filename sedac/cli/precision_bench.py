@@ -4,7 +4,8 @@ The fp32 `--engine` is the reference; each other precision's engine lies beside 
 from the same source when missing. All engines are loaded together and the batch-1 prompts interleaved across
 them, so they share the machine's drifts in speed. Per precision, on held-out ShareGPT prompts and answers
 (bench split): batch-1 output and decode (1 / TPOT) tok/s and N-concurrent output tok/s (greedy, fixed
-output length), prefill tok/s of one 1,024-token prompt (the answers' tokens), teacher-forced greedy
+output length), prefill tok/s of one 1,024-token prompt (the answers' tokens) and decode tok/s after it
+(attention over a long context), teacher-forced greedy
 agreement with the fp32 engine and perplexity on the answers, engine size on disk, resident weight bytes.
 """
 from __future__ import annotations
@@ -26,10 +27,11 @@ KV_CACHE_BYTES = 1 << 30      # per engine: all of them stay loaded
 
 
 def run_precision_bench(engine, device, precisions, num_prompts, output_len, batch1_prompts, max_prompt_len,
-                        report, answers: int = 8, answer_len: int = 256, prefill_len: int = 1024) -> dict:
+                        report, kv_cache_dtype: str = "auto", answers: int = 8, answer_len: int = 256,
+                        prefill_len: int = 1024, long_decode_len: int = 64) -> dict:
     from sedac import LLM, SamplingParams
     from sedac.cli.sedac_bench import held_out_answers
-    llms = {p: LLM(str(path), device=device, kv_cache_memory=KV_CACHE_BYTES)
+    llms = {p: LLM(str(path), device=device, kv_cache_memory=KV_CACHE_BYTES, kv_cache_dtype=kv_cache_dtype)
             for p, path in precision_engines(Path(engine), precisions).items()}
     tokenizer = llms["fp32"].tokenizer
     prompts = sharegpt_prompts(tokenizer, "bench", max(num_prompts, batch1_prompts), max_prompt_len)
@@ -46,8 +48,10 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
             batch1[p][2] += outs[0].metrics.tpot * (len(outs[0].token_ids) - 1)
     long_prompt = [t for text in texts for t in text][:prefill_len]
     prefill = {p: _timed(llm, [long_prompt], SamplingParams(max_tokens=1))[0] for p, llm in llms.items()}
+    long_params = SamplingParams(max_tokens=long_decode_len, temperature=0.0, ignore_eos=True)
+    long_decode = {p: _timed(llm, [long_prompt], long_params)[1][0].metrics.tpot for p, llm in llms.items()}
     forced = {p: _teacher_forced(llm, texts) for p, llm in llms.items()}    # (greedy choices, mean NLL)
-    results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device),
+    results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device), "kv_cache_dtype": kv_cache_dtype,
                "threads": torch.get_num_threads(), "output_len": output_len, "num_prompts": num_prompts,
                "held_out_tokens": sum(len(t) - 1 for t in texts), "precisions": {}}
     for p, llm in llms.items():
@@ -58,6 +62,7 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
             "batch1_decode_tok_s": round((batch1[p][0] - len(prompts[:batch1_prompts])) / batch1[p][2], 2),
             f"concurrent{num_prompts}_tok_s": round(sum(len(o.token_ids) for o in outs) / dt, 2),
             f"prefill{len(long_prompt)}_tok_s": round(len(long_prompt) / prefill[p], 1),
+            f"decode_after{len(long_prompt)}_tok_s": round(1 / long_decode[p], 1),
             "agreement_vs_fp32": round(float((argmax == forced["fp32"][0]).float().mean()), 4),
             "perplexity": round(math.exp(nll), 3),
             "engine_mb": round((Path(llm.engine.engine_dir) / WEIGHTS_FILE).stat().st_size / 2**20, 1),
@@ -127,7 +132,7 @@ def _write(results: dict, report: Path) -> None:
     report.with_suffix(".json").write_text(json.dumps(results, indent=2))
     keys = list(next(iter(results["precisions"].values())))
     lines = [f"# sedac-run bench --precisions: {results['engine']} on {results['device']} ({results['threads']} "
-             f"threads, {results['output_len']} greedy tokens; agreement and perplexity teacher-forced on "
+             f"threads, KV cache {results['kv_cache_dtype']}, {results['output_len']} greedy tokens; agreement and perplexity teacher-forced on "
              f"{results['held_out_tokens']} held-out tokens)", "",
              "| precision | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for p, r in results["precisions"].items():

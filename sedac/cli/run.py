@@ -8,12 +8,16 @@ import time
 import click
 
 from sedac.cli.common import clean_errors
+from sedac.config import KV_CACHE_DTYPES
 from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
 KV_FILL = click.option("--sedac-kv-fill", type=click.Choice(SEDAC_KV_FILLS), default="deferred", show_default=True,
                        help="how lossy mode's depth exit fills exited tokens' deeper KV (engine-wide)")
+KV_DTYPE = click.option("--kv-cache-dtype", type=click.Choice(list(KV_CACHE_DTYPES)), default="auto", show_default=True,
+                        help="KV cache dtype; auto: the compute dtype (fp32 on CPU). fp16 halves the KV bytes "
+                             "long contexts stream")
 LOSSY_EXIT = click.option("--sedac-lossy-exit", type=click.Choice(SEDAC_LOSSY_EXITS),
                           help="where lossy mode's tokens exit (engine-wide; default: the build's choice)")
 
@@ -64,13 +68,14 @@ def env():
 @main.command()
 @ENGINE
 @DEVICE
+@KV_DTYPE
 @click.option("--prompt", help="one prompt, streamed to the terminal")
 @click.option("--input", "input_file", type=click.Path(), help="JSONL with a 'prompt' (or 'messages') per line")
 @click.option("--output", "output_file", type=click.Path(), help="JSONL results for --input")
 @click.option("--chat/--raw", default=True, show_default=True, help="apply the chat template to --prompt")
 @sampling_options
 @clean_errors
-def generate(engine, device, prompt, input_file, output_file, chat, **sampling):
+def generate(engine, device, kv_cache_dtype, prompt, input_file, output_file, chat, **sampling):
     """Generate for one prompt (streamed) or a JSONL batch."""
     from sedac import LLM
     if bool(prompt) == bool(input_file):
@@ -78,7 +83,7 @@ def generate(engine, device, prompt, input_file, output_file, chat, **sampling):
     if input_file and not output_file:
         raise ValueError("--input needs --output")
     params = make_params(**sampling)
-    llm = LLM(engine, device=device)
+    llm = LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype)
     if prompt:
         return _stream_one(llm, prompt, params, chat)
     from sedac.cli.batch import run_batch
@@ -107,13 +112,14 @@ def _stream_one(llm, prompt, params, chat):
 @main.command()
 @ENGINE
 @DEVICE
+@KV_DTYPE
 @sampling_options
 @clean_errors
-def chat(engine, device, **sampling):
+def chat(engine, device, kv_cache_dtype, **sampling):
     """Interactive chat: /stats, /reset, /quit."""
     from sedac.cli.chat import chat_loop
     from sedac import LLM
-    chat_loop(LLM(engine, device=device), make_params(**sampling))
+    chat_loop(LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype), make_params(**sampling))
 
 
 @main.command()
@@ -129,6 +135,7 @@ def chat(engine, device, **sampling):
               help="default SEDAC mode for requests that do not set one")
 @KV_FILL
 @LOSSY_EXIT
+@KV_DTYPE
 @click.option("--speculative-disable-by-batch-size", type=int,
               help="lossless requests decode without drafts in steps with more sequences than this")
 @clean_errors
@@ -224,10 +231,11 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @KV_FILL
 @LOSSY_EXIT
+@KV_DTYPE
 @click.pass_context
 @clean_errors
 def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit,
-          **options):
+          kv_cache_dtype, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
     or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side.
     `bench serve --url URL` benchmarks a running server instead."""
@@ -242,9 +250,11 @@ def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, s
         report = options["report"] if options["report"] != "reports/bench" else "reports/precision_bench"
         run_precision_bench(engine, device, [p.strip() for p in precisions.split(",") if p.strip()],
                             options["num_prompts"], options["output_len"], options["batch1_prompts"],
-                            options["max_prompt_len"], report)
+                            options["max_prompt_len"], report, kv_cache_dtype)
         return
     if sedac_modes:
+        if kv_cache_dtype != "auto":
+            raise ValueError("--kv-cache-dtype applies to the plain and --precisions benches, not --sedac-modes")
         from sedac.cli.sedac_bench import run_sedac_bench
         modes = [m.strip() for m in sedac_modes.split(",") if m.strip()]
         if not modes or set(modes) - set(SEDAC_MODES):
@@ -254,7 +264,7 @@ def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, s
                         options["max_prompt_len"], agreement, report, sedac_kv_fill, sedac_lossy_exit)
         return
     from sedac.cli.bench import run_bench
-    run_bench(engine, device, **options)
+    run_bench(engine, device, kv_cache_dtype=kv_cache_dtype, **options)
 
 
 @bench.command("serve")

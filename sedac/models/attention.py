@@ -69,8 +69,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D], caches [num_slots, KV, D] -> [T, H, D]."""
     ctx = get_context()
-    k_cache.index_copy_(0, ctx.slot_mapping, k)
-    v_cache.index_copy_(0, ctx.slot_mapping, v)
+    k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))      # a half pool (kv_cache_dtype) rounds here
+    v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     nd = ctx.num_decodes
     if not ctx.prefills:                     # a pure decode step: no output buffer to assemble
         return _decode_attention(q, k_cache, v_cache, ctx)
@@ -98,8 +98,8 @@ def _decode_attention(q, k_cache, v_cache, ctx):
     # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
     # head become G "query positions" of that KV head; no KV expansion, no copy of q.
     kv = k_cache.shape[1]
-    keys = gather_blocks(k_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2)    # [B, KV, L, D]
-    values = gather_blocks(v_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2)
+    keys = gather_blocks(k_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2).to(q.dtype)    # [B, KV, L, D]
+    values = gather_blocks(v_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2).to(q.dtype)
     o = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=ctx.decode_mask(q.dtype))
     return o.reshape(b, h, d)
 
@@ -123,7 +123,7 @@ def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
         values = v[chunk.start:chunk.end].transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=True)
     else:
-        keys = gather_blocks(k_cache, chunk.blocks, block_size).transpose(0, 1)[None]      # [1, KV, L, D]
-        values = gather_blocks(v_cache, chunk.blocks, block_size).transpose(0, 1)[None]
+        keys = gather_blocks(k_cache, chunk.blocks, block_size).transpose(0, 1)[None].to(q.dtype)   # [1, KV, L, D]
+        values = gather_blocks(v_cache, chunk.blocks, block_size).transpose(0, 1)[None].to(q.dtype)
         o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask(block_size), enable_gqa=True)
     return o[0].transpose(0, 1)

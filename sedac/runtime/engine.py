@@ -38,7 +38,7 @@ class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                  sedac_mode: str = "off", sedac_kv_fill: str = "deferred", sedac_lossy_exit: str | None = None,
-                 speculative_disable_by_batch_size: int | None = None):
+                 speculative_disable_by_batch_size: int | None = None, kv_cache_dtype: str = "auto"):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
@@ -48,7 +48,8 @@ class LLMEngine:
                              "rebuild it with sedac-build --sedac")
         self.tokenizer = _load_tokenizer(self.engine_dir)
         b = self.config.build
-        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory)
+        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory,
+                                  kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sedac.config import MIN_SUFFIX, PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
+from sedac.config import KV_CACHE_DTYPES, MIN_SUFFIX, PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead
@@ -46,13 +46,23 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _kv_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
+    """--kv-cache-dtype: "auto" keeps K/V at the compute dtype; a half pool on CPU halves the bytes each
+    decode step streams (the attention kernel widens rows in registers), K/V rounded once when written."""
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return compute_dtype if KV_CACHE_DTYPES[name] is None else getattr(torch, KV_CACHE_DTYPES[name])
+
+
 class ModelRunner:
-    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, kv_cache_bytes: int | None):
+    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, kv_cache_bytes: int | None,
+                 kv_cache_dtype: str = "auto"):
         self.config, self.device = config, device
         # The engine's float weights are stored at its precision; on CPU every step computes in fp32
         # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
         self.weight_dtype = getattr(torch, PRECISIONS[config.build.precision])
         self.dtype = torch.float32 if device.type == "cpu" else self.weight_dtype
+        self.kv_dtype = _kv_dtype(kv_cache_dtype, self.dtype)
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
@@ -138,7 +148,7 @@ class ModelRunner:
 
     def kv_bytes_per_block(self) -> int:
         m = self.config.model
-        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.dtype.itemsize
+        return 2 * m.num_layers * self.block_size * m.num_kv_heads * m.head_dim * self.kv_dtype.itemsize
 
     def _allocate_kv_cache(self, budget: int | None) -> int:
         b = self.config.build
@@ -153,8 +163,8 @@ class ModelRunner:
         # NaN left in uninitialized memory would still poison the weighted sum (0 * NaN = NaN).
         for layer in self.model.layers:
             shape = (num_blocks * self.block_size, m.num_kv_heads, m.head_dim)
-            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_cache_bytes = num_blocks * per_block
         return num_blocks
 
