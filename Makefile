@@ -6,7 +6,7 @@ ENGINE := engines/smollm2
 SEDAC_ENGINE := engines/smollm2-sedac
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install demo test bench bench-sedac bench-precisions wheel clean
+.PHONY: install demo test bench bench-sedac bench-precisions bench-o1 wheel clean
 
 install: $(VENV)/.installed
 
@@ -47,6 +47,10 @@ bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 # fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing)
 bench-precisions: install $(ENGINE)/config.json
 	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,gguf --report reports/precision_bench
+
+# o1 reasoning control: accuracy vs generated tokens on generated arithmetic (greedy, self-consistency, adaptive)
+bench-o1: install $(ENGINE)/config.json
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --o1 --report reports/o1_bench
 
 clean:
 	rm -rf $(VENV) engines reports build dist sedac/models/_cpu_kernels_*.so

@@ -11,7 +11,7 @@ from sedac.builder import calibration as cal
 from sedac.builder.exit_training import teacher_pass
 from sedac.runtime.early_exit import ExitController, int8_exit_pays
 from sedac.runtime.engine import LLMEngine
-from sedac.runtime.speculative import draft_plan
+from sedac.runtime.speculative import draft_plan, pass_cost
 
 PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a b c d e f g", "Once"]
 
@@ -228,11 +228,13 @@ def _int8_llm(engine_dir, audit_every: int) -> LLM:
 def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
     llm = _int8_llm(tiny_sedac_engine, audit_every=10 ** 9)
     outs = llm.generate(PROMPTS[:4], _greedy("lossy"))     # multi-token prompts: the prefill makes token 1
-    num_layers = llm.engine.config.model.num_layers
-    for o in outs:       # the 23 others ran no full-precision layer
-        assert len(o.token_ids) == 24 and o.metrics.layers_per_token == pytest.approx(num_layers / 24)
+    num_layers, costs = llm.engine.config.model.num_layers, llm.engine.config.sedac["costs"]
+    int8, full = pass_cost(costs, "int8", 4) / 4, pass_cost(costs, "full", 4) / 4      # a row's share at batch 4
+    for o in outs:       # the 23 others ran an int8 pass each and no full-precision layer (token 1: the prefill's)
+        assert len(o.token_ids) == 24
+        assert o.metrics.layers_per_token == pytest.approx(num_layers * (23 * int8 + full) / (24 * full))
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 4 * 23}
-    assert llm.engine.stats()["sedac_skip_ratio"] == 1.0
+    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(1 - int8 / full)
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
@@ -248,7 +250,11 @@ def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_e
     out = llm.generate([ids], _greedy("lossy"))[0]         # 23 decode steps: 12 exits, 11 stays
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 12}
     assert len(llm.engine.sedac.exit_controller.audits[0.99]) == 11
-    assert out.metrics.layers_per_token == pytest.approx(12 * llm.engine.config.model.num_layers / 24)
+    # cost, batch-1 full passes: the prefill's token 1, an int8 pass per step, a 2-row full pass per stay
+    costs = llm.engine.config.sedac["costs"]
+    spent = 1 + 23 * pass_cost(costs, "int8", 1) + 11 * pass_cost(costs, "full", 2)
+    assert out.metrics.layers_per_token == pytest.approx(llm.engine.config.model.num_layers * spent / 24)
+    assert out.metrics.skip_ratio == pytest.approx(1 - spent / 24)
     model = llm.engine.runner.model
     _, final = teacher_pass(model, ids + out.token_ids, [])
     best = model.logits(final[len(ids) - 1:-1]).argmax(-1).tolist()

@@ -59,6 +59,16 @@ def test_generate_endpoints_match_offline(triton, tiny_llama):
     assert "".join(e["text_output"] for e in events) == expected and events[-1]["finish_reason"]
 
 
+def test_o1_adaptive_inputs(triton, tiny_llama):
+    http, _, _, _ = triton
+    body = {"text_input": "Hello world", "max_tokens": 6, "temperature": 0.0, "o1_mode": "adaptive", "o1_max_branches": 3}
+    r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    offline = LLM(str(tiny_llama), device="cpu").generate(
+        ["Hello world"], SamplingParams(max_tokens=6, temperature=0.0, o1_mode="adaptive", o1_max_branches=3))
+    assert r.json()["text_output"] == offline[0].text
+
+
 def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
     import tritonclient.grpc as grpcclient
     _, grpc_address, metrics_url, _ = triton
@@ -86,7 +96,8 @@ def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
 
 
 @pytest.mark.parametrize("body", [{"max_tokens": 5}, {"text_input": "hi", "max_tokens": -1},
-                                  {"text_input": "hi", "temperature": -2.0}, {"text_input": "word " * 400}])
+                                  {"text_input": "hi", "temperature": -2.0}, {"text_input": "word " * 400},
+                                  {"text_input": "hi", "o1_mode": "sometimes"}])
 def test_bad_requests_fail_alone(triton, body):
     http, _, _, _ = triton
     r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)

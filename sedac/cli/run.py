@@ -9,6 +9,7 @@ import click
 
 from sedac.cli.common import clean_errors
 from sedac.config import KV_CACHE_DTYPES
+from sedac.runtime.o1 import O1_MODES
 from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
@@ -30,7 +31,10 @@ def sampling_options(fn):
         click.option("--seed", type=int), click.option("--stop", multiple=True, help="stop string (repeatable)"),
         click.option("--sedac-mode", type=click.Choice(SEDAC_MODES), default="off", show_default=True,
                      help="SEDAC early exit (lossless/lossy need an engine built with --sedac)"),
-        click.option("--sedac-agreement", type=float, help="lossy mode's target agreement (default: the engine's)")]):
+        click.option("--sedac-agreement", type=float, help="lossy mode's target agreement (default: the engine's)"),
+        click.option("--o1-mode", type=click.Choice(O1_MODES), help="adaptive: branch at uncertain tokens and answer "
+                                                                   "by a confidence-weighted vote of the branches"),
+        click.option("--o1-max-branches", type=int, default=8, show_default=True)]):
         fn = opt(fn)
     return fn
 
@@ -136,6 +140,8 @@ def chat(engine, device, kv_cache_dtype, **sampling):
 @KV_FILL
 @LOSSY_EXIT
 @KV_DTYPE
+@click.option("--o1-mode", type=click.Choice(O1_MODES), default="off", show_default=True,
+              help="default o1 mode for requests that do not set one")
 @click.option("--speculative-disable-by-batch-size", type=int,
               help="lossless requests decode without drafts in steps with more sequences than this")
 @clean_errors
@@ -227,6 +233,9 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
 @click.option("--precisions", help="compare precisions instead, e.g. fp32,fp16,bf16,int8 (ENGINE is the fp32 one; "
                                    "the others are ENGINE-PRECISION, built when missing)")
+@click.option("--o1", "o1", is_flag=True, help="o1 reasoning control instead: accuracy vs generated tokens on "
+                                                "generated arithmetic (greedy, self-consistency, adaptive)")
+@click.option("--o1-questions", type=int, default=100, show_default=True)
 @click.option("--batch-size", type=int, default=8, show_default=True, help="batched workload of --sedac-modes")
 @click.option("--agreement", type=float, default=0.99, show_default=True, help="lossy target agreement")
 @KV_FILL
@@ -234,8 +243,8 @@ def load(url, clients, duration, max_tokens, api_key):
 @KV_DTYPE
 @click.pass_context
 @clean_errors
-def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, sedac_kv_fill, sedac_lossy_exit,
-          kv_cache_dtype, **options):
+def bench(ctx, engine, device, sedac_modes, precisions, o1, o1_questions, batch_size, agreement, sedac_kv_fill,
+          sedac_lossy_exit, kv_cache_dtype, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
     or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side.
     `bench serve --url URL` benchmarks a running server instead."""
@@ -243,8 +252,15 @@ def bench(ctx, engine, device, sedac_modes, precisions, batch_size, agreement, s
         return
     if engine is None:
         raise ValueError("--engine is required (or run `sedac-run bench serve --url URL` against a server)")
-    if sedac_modes and precisions:
-        raise ValueError("give one of --sedac-modes or --precisions")
+    if sum(map(bool, (sedac_modes, precisions, o1))) > 1:
+        raise ValueError("give one of --sedac-modes, --precisions or --o1")
+    if o1:
+        from sedac.cli.o1_bench import run_o1_bench
+        if o1_questions < 1:
+            raise ValueError("--o1-questions must be >= 1")
+        report = options["report"] if options["report"] != "reports/bench" else "reports/o1_bench"
+        run_o1_bench(engine, device, o1_questions, report=report)
+        return
     if precisions:
         from sedac.cli.precision_bench import run_precision_bench
         report = options["report"] if options["report"] != "reports/bench" else "reports/precision_bench"

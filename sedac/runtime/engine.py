@@ -9,6 +9,7 @@ from sedac.config import EngineConfig
 from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
+from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, check_o1, with_engine_o1_mode
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
@@ -28,7 +29,8 @@ class Request:
     seqs: list[Sequence]
     metrics: RequestMetrics
     aborted: bool = False
-    layer_rows: int = 0          # decoder-layer passes spent on generated tokens (SEDAC metrics)
+    cost: float = 0.0            # passes spent on generated tokens, batch-1 full-pass units (sedac_steps)
+    off_cost: float = 0.0        # what sedac_mode off would spend on the same tokens
     drafted: int = 0
     accepted: int = 0
     grammar: object = None       # the compiled grammar of a structured-outputs request
@@ -38,7 +40,8 @@ class LLMEngine:
     def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
                  max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
                  sedac_mode: str = "off", sedac_kv_fill: str = "deferred", sedac_lossy_exit: str | None = None,
-                 speculative_disable_by_batch_size: int | None = None, kv_cache_dtype: str = "auto"):
+                 speculative_disable_by_batch_size: int | None = None, kv_cache_dtype: str = "auto",
+                 o1_mode: str = "off"):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
@@ -54,6 +57,8 @@ class LLMEngine:
         self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
         self.sedac_mode = self._check_mode(sedac_mode)
+        check_o1(o1_mode, 1, None, None)
+        self.o1_mode, self.o1 = o1_mode, AdaptiveCompute(DEFAULT_ENTROPY_THRESHOLD)
         self.sedac = SedacSteps(self.runner, self.scheduler.max_num_seqs, sedac_kv_fill, sedac_lossy_exit,
                                 speculative_disable_by_batch_size, engine_dir)
         self.requests: dict[str, Request] = {}
@@ -63,7 +68,7 @@ class LLMEngine:
         self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
         self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
                          "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0,
-                         "structured_output_requests": 0}
+                         "structured_output_requests": 0, "sedac_cost": 0.0, "sedac_off_cost": 0.0}
         self.last_finished: RequestOutput | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -92,6 +97,7 @@ class LLMEngine:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         self._check_mode(params.sedac_mode)
+        params = with_engine_o1_mode(params, self.o1_mode)
         self._sedac_capable(params)
         ids = self.tokenize(prompt)
         grammar = self._grammar(params)
@@ -107,6 +113,8 @@ class LLMEngine:
             self.counters["structured_output_requests"] += 1
         if params.thinking_token_budget is not None:
             self.reasoning.start(seq, params.thinking_token_budget, ids)
+        if params.o1_mode == "adaptive":
+            self.o1.start(request_id, params)
         self.scheduler.add(seq)
 
     def _grammar(self, params: SamplingParams):
@@ -153,7 +161,9 @@ class LLMEngine:
                 self._finish(seq, "abort")
         req.aborted = True                  # unforked siblings will never exist
         req.metrics.finish_time = time.perf_counter()
-        return self._output(req)
+        output = self._output(req)
+        self.o1.release(request_id)
+        return output
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -179,6 +189,7 @@ class LLMEngine:
                 if not seq.is_finished:          # a stop inside an accepted draft ends it there
                     self._append_token(seq, token, lp, now)
         touched = {seq.request_id for seq in batch.seqs}
+        self._o1_early_stop(touched)
         finished = self._collect_finished(touched)          # pops them: one output per request per step
         return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
 
@@ -189,15 +200,46 @@ class LLMEngine:
         samplers, logit_rows = self._fork_children(samplers)
         tokens, logprobs = sample(logits[logit_rows], samplers, self.structured.mask)
         for seq in samplers:
-            self.requests[seq.request_id].layer_rows += self.config.model.num_layers
-        return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)]
+            req = self.requests[seq.request_id]
+            share = self.sedac.off_cost(len(batch.seqs))
+            req.cost, req.off_cost = req.cost + share, req.off_cost + share
+        forks = self.o1.branch_points(samplers, logits[logit_rows], tokens, lambda rid: len(self.requests[rid].seqs))
+        return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)] + [
+            (self._branch(f), [f.token], [{f.token: f.logprob} if f.parent.params.logprobs is not None else None])
+            for f in forks]
+
+    def _branch(self, fork: Fork) -> Sequence:
+        """o1: a branch of fork.parent from its newest position, sharing every block so far (copy-on-write)."""
+        child = fork.parent.branch(len(self.requests[fork.parent.request_id].seqs))
+        self._adopt(fork.parent, child)
+        self.o1.add_branch(child, fork)
+        return child
+
+    def _adopt(self, parent: Sequence, child: Sequence) -> None:
+        """A fork joins its request and the running batch; its blocks gain an owner."""
+        self.reasoning.fork(parent, child)
+        self.blocks.share(child)
+        self.scheduler.add_running(child)
+        self.requests[parent.request_id].seqs.append(child)
+
+    def _o1_early_stop(self, request_ids: set[str]) -> None:
+        """End an adaptive request's other branches once its vote is decided."""
+        for rid in request_ids & self.o1.trees.keys():
+            req = self.requests[rid]
+            if self.o1.stop_early(rid, req.seqs):
+                req.metrics.o1_early_stopped = True
+                for seq in req.seqs:
+                    if not seq.is_finished:
+                        self._finish(seq, "abort")
 
     def _record(self, seqs: list[Sequence], results):
         """Account a SEDAC path's results (computed tokens, layer rows, drafts) -> new tokens per seq."""
         self._computed(seqs, [r.computed for r in results])
         for seq, r in zip(seqs, results):
             req = self.requests[seq.request_id]
-            req.layer_rows += r.layer_rows
+            req.cost, req.off_cost = req.cost + r.cost, req.off_cost + r.off_cost
+            self.counters["sedac_cost"] += r.cost
+            self.counters["sedac_off_cost"] += r.off_cost
             req.drafted += r.drafted
             req.accepted += r.accepted
             self.counters["sedac_drafted_tokens"] += r.drafted
@@ -231,10 +273,7 @@ class LLMEngine:
                 child.detok_state = detokenizer.start(child.num_tokens)
                 if self.requests[seq.request_id].grammar is not None:
                     self.structured.start(child, self.requests[seq.request_id].grammar)
-                self.reasoning.fork(seq, child)
-                self.blocks.share(child)
-                self.scheduler.add_running(child)
-                self.requests[seq.request_id].seqs.append(child)
+                self._adopt(seq, child)
                 out.append(child)
                 logit_rows.append(row)
         return out, logit_rows
@@ -292,33 +331,45 @@ class LLMEngine:
             self.counters["prompt_tokens"] += len(req.prompt_token_ids)
             self.counters["requests_finished"] += 1
             outputs.append(self._output(req))
+            self.o1.release(rid)
             self.last_finished = outputs[-1]
         return outputs
 
     @staticmethod
     def _is_done(req: Request) -> bool:
-        return (req.aborted or len(req.seqs) == req.params.n) and all(s.is_finished for s in req.seqs)
+        return (req.aborted or len(req.seqs) >= req.params.n) and all(s.is_finished for s in req.seqs)
 
     def _output(self, req: Request) -> RequestOutput:
         done = self._is_done(req)
         hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
         outs, opened = [], self.reasoning.opened_by(req.prompt_token_ids)
-        for seq in sorted(req.seqs, key=lambda s: s.index):
+        for seq, confidence in self._returned(req, done):
             text = seq.output_text if seq.is_finished or not hold else seq.output_text[:max(0, len(seq.output_text) - hold)]
             reasoning, content = self.reasoning.split(text, opened)
-            outs.append(CompletionOutput(seq.index, text, seq.output_token_ids, seq.finish_reason,
+            outs.append(CompletionOutput(0 if confidence is not None else seq.index, text, seq.output_token_ids,
+                                         seq.finish_reason,
                                          list(seq.logprobs) if seq.params.logprobs is not None else None,
-                                         seq.stop_reason, reasoning, content))
+                                         seq.stop_reason, reasoning, content, confidence))
+        if not outs:           # an adaptive request shows its voted completion only once it is done
+            outs.append(CompletionOutput(0, "", []))
         req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
+        if req.request_id in self.o1.trees:
+            req.metrics.o1_branches, req.metrics.o1_tokens = len(req.seqs) - 1, req.metrics.num_generated_tokens
         self._sedac_metrics(req)
         req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)
 
+    def _returned(self, req: Request, done: bool) -> list[tuple[Sequence, float | None]]:
+        """(sequence, confidence) per completion to return: every sample, or an adaptive request's vote."""
+        if req.request_id in self.o1.trees:
+            return self.o1.returned(req.request_id, req.seqs, done)
+        return [(seq, None) for seq in sorted(req.seqs, key=lambda s: s.index)]
+
     def _sedac_metrics(self, req: Request) -> None:
         num_layers, m = self.config.model.num_layers, req.metrics
-        if m.num_generated_tokens:
-            m.layers_per_token = req.layer_rows / m.num_generated_tokens
-            m.skip_ratio = max(0.0, 1.0 - m.layers_per_token / num_layers)
+        if m.num_generated_tokens and req.off_cost:     # negative when SEDAC spent more than off would
+            m.skip_ratio = 1.0 - req.cost / req.off_cost
+            m.layers_per_token = num_layers * req.cost / req.off_cost
         m.acceptance_rate = req.accepted / req.drafted if req.drafted else None
 
     def warm_up(self) -> None:
@@ -333,11 +384,6 @@ class LLMEngine:
         self.last_finished = None
 
     # ---- introspection ----------------------------------------------------------------------------
-    def _sedac_rates(self) -> dict:
-        c, num_layers, skipped = self.counters, self.config.model.num_layers, self.sedac.skipped_layers()
-        return {"sedac_acceptance_rate": c["sedac_accepted_tokens"] / max(1, c["sedac_drafted_tokens"]),
-                "sedac_skip_ratio": skipped / max(1, num_layers * c["sedac_lossy_tokens"])}
-
     def stats(self) -> dict:
         b = self.blocks
         return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
@@ -345,8 +391,8 @@ class LLMEngine:
                 "kv_cache_bytes": self.runner.kv_cache_bytes,
                 "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
                 "num_preemptions": self.scheduler.num_preemptions, **self.counters,
-                "thinking_budgets_exhausted": self.reasoning.exhausted,
-                "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self._sedac_rates(),
+                "thinking_budgets_exhausted": self.reasoning.exhausted, **self.o1.counters,
+                "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self.sedac.rates(self.counters),
                 "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None}
 
 

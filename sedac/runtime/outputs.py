@@ -15,6 +15,9 @@ class RequestMetrics:
     layers_per_token: float = 0.0        # mean decoder layers run per generated token
     skip_ratio: float = 0.0              # fraction of layers SEDAC skipped (0 with sedac_mode off)
     acceptance_rate: float | None = None  # lossless mode's draft acceptance (None when no drafts ran)
+    o1_branches: int = 0                 # o1 adaptive: branches forked (beyond the first sequence)
+    o1_tokens: int = 0                   # o1 adaptive: tokens generated over all branches
+    o1_early_stopped: bool = False       # o1 adaptive: the vote ended before every branch finished
 
     @property
     def ttft(self) -> float | None:
@@ -34,7 +37,8 @@ class RequestMetrics:
         return {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e, "prompt_tokens": self.num_prompt_tokens,
                 "generated_tokens": self.num_generated_tokens, "cached_tokens": self.num_cached_tokens,
                 "layers_per_token": self.layers_per_token, "skip_ratio": self.skip_ratio,
-                "acceptance_rate": self.acceptance_rate}
+                "acceptance_rate": self.acceptance_rate, "o1_branches": self.o1_branches, "o1_tokens": self.o1_tokens,
+                "o1_early_stopped": self.o1_early_stopped}
 
 
 @dataclass
@@ -47,6 +51,7 @@ class CompletionOutput:
     stop_reason: str | int | None = None
     reasoning: str | None = None              # the reasoning block's text (models with reasoning markers)
     content: str | None = None                # the answer: text without the reasoning block and its markers
+    confidence: float | None = None           # o1 adaptive: confidence-weighted share of branches agreeing
 
     @property
     def answer(self) -> str:

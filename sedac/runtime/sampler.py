@@ -25,9 +25,9 @@ def sample(logits: torch.Tensor, seqs: list[Sequence], constrain=None) -> tuple[
 
 def argmax_only(seqs: list[Sequence]) -> bool:
     """Whether every sequence's choice is the plain argmax of its logits: greedy, no logprobs, no
-    penalties, banned words or grammar (those read or change logits beyond the argmax)."""
+    penalties, banned words, grammar or o1 branching (those read or change logits beyond the argmax)."""
     return all(s.params.greedy and s.params.logprobs is None and not s.bad_words_ids
-               and s.params.structured_outputs is None
+               and s.params.structured_outputs is None and s.params.o1_mode != "adaptive"
                and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
                and not s.params.frequency_penalty for s in seqs)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sedac.runtime.o1 import check_o1
 from sedac.runtime.structured_outputs import StructuredOutputsParams
 
 SEDAC_MODES = ("off", "lossless", "lossy")
@@ -38,6 +39,10 @@ class SamplingParams:
     sedac_agreement: float | None = None  # lossy mode's target token agreement with the full model
     structured_outputs: StructuredOutputsParams | dict | None = None   # vLLM's name: json, regex, choice, grammar
     thinking_token_budget: int | None = None   # vLLM's name: reasoning tokens before the end marker is forced
+    o1_mode: str | None = None        # "off" or "adaptive" (branch at uncertain tokens, vote); None = the engine's
+    o1_max_branches: int = 8          # adaptive: sequences per request, the first one included
+    o1_entropy_threshold: float | None = None   # adaptive: entropy (nats) above which a token branches
+    answer_regex: str | None = None   # adaptive: what a branch answers (last match, its first group if any)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -74,6 +79,9 @@ class SamplingParams:
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 1)
         check_sedac_mode(self.sedac_mode)
+        check_o1(self.o1_mode, self.o1_max_branches, self.o1_entropy_threshold, self.answer_regex)
+        if self.o1_mode == "adaptive" and self.o1_blocker:
+            raise ValueError(f"o1_mode adaptive does not take {self.o1_blocker}")
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 
@@ -83,7 +91,17 @@ class SamplingParams:
         budget-aware yet), if any."""
         if self.structured_outputs is not None:
             return "structured_outputs"
+        if self.o1_mode == "adaptive":
+            return "o1_mode adaptive"
         return "thinking_token_budget" if self.thinking_token_budget is not None else None
+
+    @property
+    def o1_blocker(self) -> str | None:
+        """What adaptive compute cannot run with: it returns one voted completion, and a grammar's state
+        does not fork mid-generation yet."""
+        if self.n > 1:
+            return "n > 1 (it returns one voted completion)"
+        return "structured_outputs" if self.structured_outputs is not None else None
 
     @property
     def greedy(self) -> bool:

@@ -1,5 +1,10 @@
 """SEDAC inside the engine step: which decodes take lossless or lossy mode, and running them
-(self-speculative cycles on the int8 drafter; the int8 or the depth exit) under the build's costs."""
+(self-speculative cycles on the int8 drafter; the int8 or the depth exit) under the build's costs.
+
+Each path also reports what it spent per sequence, in batch-1 full-pass units by the build's measured
+pass costs (fixed + per_row * rows; every pass's cost shared among its rows): draft passes, verify rows,
+int8 passes, and the rows a later full pass reruns for exited tokens, beside what `off` would spend on
+the same tokens in a batch of the same size. The skip ratio is the share of that saved."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +21,8 @@ class SedacTokens:
     tokens: list[int]
     logprobs: list
     computed: int            # tokens whose K/V this step completed
-    layer_rows: int          # decoder-layer passes spent on the sequence
+    cost: float              # passes spent on the sequence (batch-1 full-pass units)
+    off_cost: float          # what `off` would spend on the same tokens
     drafted: int = 0
     accepted: int = 0
 
@@ -80,7 +86,28 @@ class SedacSteps:
         k = self.batch_drafts(len(seqs))
         results = speculative_step(self.runner, seqs, [min(k, self.draft_len(s)) for s in seqs],
                                    self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
-        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens), r.layer_rows, r.drafted, r.accepted) for r in results]
+        drafts = [r.drafted for r in results]
+        rounds = [sum(k > j for k in drafts) for j in range(max(drafts))]     # rows of each draft pass
+        verify_rows = sum(k + 1 for k in drafts)
+        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens),
+                            sum(self._share("int8", rounds[j], 1) for j in range(r.drafted))
+                            + self._share("full", verify_rows, r.drafted + 1),
+                            self.off_cost(len(seqs)) * len(r.tokens), r.drafted, r.accepted) for r in results]
+
+    @staticmethod
+    def rates(counters: dict) -> dict:
+        """Engine-wide draft acceptance and skip ratio (the share of off's cost the SEDAC paths saved)."""
+        saved = 1.0 - counters["sedac_cost"] / counters["sedac_off_cost"] if counters["sedac_off_cost"] else 0.0
+        return {"sedac_acceptance_rate": counters["sedac_accepted_tokens"] / max(1, counters["sedac_drafted_tokens"]),
+                "sedac_skip_ratio": saved}
+
+    def off_cost(self, num_seqs: int) -> float:
+        """A token's share of a full decode pass of num_seqs rows: what `off` spends per token (1 at batch 1)."""
+        return self._share("full", num_seqs, 1) if self.sedac else 1.0
+
+    def _share(self, kind: str, total_rows: int, rows: int) -> float:
+        """rows' share of a pass of total_rows rows on the "full" or "int8" weights."""
+        return pass_cost(self.sedac["costs"], kind, total_rows) * rows / total_rows if rows else 0.0
 
     def _min_drafting(self, num_seqs: int) -> float:
         """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
@@ -94,23 +121,25 @@ class SedacSteps:
 
     def lossy(self, seqs) -> list[SedacTokens]:
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
+        num_layers, b = self.runner.config.model.num_layers, len(seqs)
         if self.lossy_exit == "int8":
-            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, self.int8_exit_pays(len(seqs)))
-            computed = [1] * len(seqs)
+            pending, int8_pass = [len(s.int8_exits) for s in seqs], self.int8_exit_pays(b)
+            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, int8_pass)
+            computed, depth = [1] * b, 0.0
+            first_part = [self._share("int8", b, 1) if int8_pass else 0.0] * b
         else:
-            pending = [len(s.exit_hidden) for s in seqs]
-            results = early_exit_step(self.runner, seqs, levels, self.exit_controller,
-                                      self.sedac["lossy_layers"][0], self.kv_fill)
+            pending, layer = [len(s.exit_hidden) for s in seqs], self.sedac["lossy_layers"][0]
+            results = early_exit_step(self.runner, seqs, levels, self.exit_controller, layer, self.kv_fill)
             # with deferred fill an exited token's KV is incomplete: it counts as computed once its row has run
-            computed = [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)]
+            computed, depth = [0 if s.exit_hidden else p + 1 for s, p in zip(seqs, pending)], layer / num_layers
+            first_part = [depth * self._share("full", b, 1)] * b
+        # a staying token's full layers run its pending exits' rows beside its own
+        rows = [p + 1 if r.exit_layer == num_layers else 0 for r, p in zip(results, pending)]
         for r in results:
             if r.exit_layer in self.exit_histogram:
                 self.exit_histogram[r.exit_layer] += 1
-        return [SedacTokens([r.token], [r.logprob], c, r.exit_layer) for r, c in zip(results, computed)]
-
-    def skipped_layers(self) -> int:
-        num_layers = self.runner.config.model.num_layers
-        return sum((num_layers - layer) * n for layer, n in self.exit_histogram.items())
+        return [SedacTokens([r.token], [r.logprob], c, first + (1 - depth) * self._share("full", sum(rows), n),
+                            self.off_cost(b)) for r, c, first, n in zip(results, computed, first_part, rows)]
 
 
 def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None:

@@ -1,6 +1,7 @@
 """One sampled continuation: its tokens, how many of them have KV, its blocks and its output state."""
 from __future__ import annotations
 
+import copy
 import itertools
 import time
 from enum import Enum, auto
@@ -70,6 +71,13 @@ class Sequence:
         child.block_table = list(self.block_table)
         child.num_hashed_blocks, child.block_hashes = self.num_hashed_blocks, list(self.block_hashes)
         child.status = self.status
+        return child
+
+    def branch(self, index: int) -> "Sequence":
+        """A fork mid-generation (o1 branching): it also takes the text, logprobs and detokenizer state so far."""
+        child = self.fork(index)
+        child.output_text, child.logprobs, child.first_token_time = self.output_text, list(self.logprobs), self.first_token_time
+        child.detok_state = copy.copy(self.detok_state)
         return child
 
     def mark_approximate_kv(self, position: int) -> None:

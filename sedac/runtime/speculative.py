@@ -25,7 +25,6 @@ class CycleResult:
     logprobs: list
     drafted: int
     accepted: int
-    layer_rows: int          # decoder-layer passes this cycle spent on the sequence
 
 
 class _Extended(Sequence):
@@ -75,14 +74,14 @@ def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
     hidden = runner.run(ids, None, positions, ctx)                        # verify: writes the true KV
     logits = runner.model.logits(hidden, argmax_only=argmax_only(seqs)).float()
-    results, row, num_layers = [], 0, runner.config.model.num_layers
+    results, row = [], 0
     for seq, d, q in zip(seqs, drafts, qs):
         k = len(d)
         views = [_Extended(seq, d[:j]) for j in range(k + 1)]
         rows = logits[row:row + k + 1]
         row += k + 1
         tokens, lps = (_accept_greedy if seq.params.greedy else _accept_sampled)(rows, views, d, q)
-        results.append(CycleResult(tokens, lps, k, len(tokens) - 1, (k + 1) * num_layers))
+        results.append(CycleResult(tokens, lps, k, len(tokens) - 1))
     return results
 
 

@@ -25,7 +25,7 @@ def _openai(url, prompt, stream, model, api_key, sampling) -> None:
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0)
     try:
         model = model or client.models.list().data[0].id
-        extra = {"top_k": sampling["top_k"]}
+        extra = {"top_k": sampling["top_k"], **_sedac_fields(sampling)}
         kwargs = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=sampling["max_tokens"],
                       temperature=sampling["temperature"], top_p=sampling["top_p"], seed=sampling["seed"],
                       stop=list(sampling["stop"]) or None, extra_body=extra)
@@ -41,6 +41,15 @@ def _openai(url, prompt, stream, model, api_key, sampling) -> None:
         raise ValueError(f"server error: {e}") from None
 
 
+def _sedac_fields(sampling: dict) -> dict:
+    """This server's own request fields the options set (SEDAC and o1 modes)."""
+    fields = {name: sampling.get(name) for name in ("sedac_mode", "sedac_agreement", "o1_mode")}
+    fields = {k: v for k, v in fields.items() if v not in (None, "off")}
+    if "o1_mode" in fields:
+        fields["o1_max_branches"] = sampling["o1_max_branches"]
+    return fields
+
+
 def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list:
     """tensorrtllm_backend-style request tensors."""
     values = {"text_input": np.array([prompt.encode()], dtype=np.object_),
@@ -53,6 +62,9 @@ def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list
         values["random_seed"] = np.array([sampling["seed"]], dtype=np.uint64)
     if sampling.get("stop"):
         values["stop_words"] = np.array([s.encode() for s in sampling["stop"]], dtype=np.object_)
+    if sampling.get("o1_mode") is not None:
+        values["o1_mode"] = np.array([sampling["o1_mode"].encode()], dtype=np.object_)
+        values["o1_max_branches"] = np.array([sampling["o1_max_branches"]], dtype=np.int32)
     types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL", np.uint64: "UINT64"}
     inputs = []
     for name, value in values.items():

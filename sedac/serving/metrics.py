@@ -34,6 +34,10 @@ class ServerMetrics:
                                   registry=r)
         self.budgets = Counter("sedac:thinking_budget_exhausted", "Reasoning blocks closed by a spent thinking budget",
                                labels, registry=r)
+        self.o1 = {name: Counter(f"sedac:{name}", help_text, labels, registry=r) for name, help_text in (
+            ("o1_requests", "Requests run with o1_mode adaptive"),
+            ("o1_branches", "Branches forked at uncertain tokens by o1 adaptive requests"),
+            ("o1_early_stops", "o1 adaptive requests whose vote ended before every branch finished"))}
         self.model = model_name
         self._totals: dict = {}      # the engine's running totals last seen, per counter and labels
 
@@ -63,6 +67,8 @@ class ServerMetrics:
         self.acceptance.labels(label).set(stats.get("sedac_acceptance_rate", 0.0))
         self._count_to(self.structured, stats["structured_output_requests"], label)
         self._count_to(self.budgets, stats["thinking_budgets_exhausted"], label)
+        for name, counter in self.o1.items():
+            self._count_to(counter, stats[name], label)
         for layer, count in stats.get("sedac_exit_layer_tokens", {}).items():
             self._count_to(self.exits, count, label, str(layer))
         return generate_latest(self.registry)

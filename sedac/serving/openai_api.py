@@ -28,7 +28,7 @@ class OpenAIHandlers:
         finals = await asyncio.gather(*(s.final() for s in streams))
         choices = [{"index": i * params.n + c.index, "text": (f.prompt or "") * req.echo + c.text,
                     "logprobs": self._completion_logprobs(c) if req.logprobs is not None else None,
-                    "finish_reason": c.finish_reason}
+                    "finish_reason": c.finish_reason, **_confidence(c)}
                    for i, f in enumerate(finals) for c in f.outputs]
         return JSONResponse({"id": rid, "object": "text_completion", "created": created,
                              "model": self.server.model_name, "choices": choices, "usage": _usage(finals)})
@@ -71,8 +71,8 @@ class OpenAIHandlers:
         if req.stream:
             return _sse(self._chat_chunks(stream, rid, created, req, plan))
         final = await stream.final()
-        choices = [{"index": c.index, **_message(c, plan), "logprobs": self._chat_logprobs(c) if req.logprobs else None}
-                   for c in final.outputs]
+        choices = [{"index": c.index, **_message(c, plan), "logprobs": self._chat_logprobs(c) if req.logprobs else None,
+                    **_confidence(c)} for c in final.outputs]
         return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
                              "model": self.server.model_name, "choices": choices, "usage": _usage([final])})
 
@@ -172,6 +172,11 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
     return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def _confidence(c) -> dict:
+    """o1 adaptive requests report the voted completion's confidence beside it."""
+    return {} if c.confidence is None else {"confidence": c.confidence}
 
 
 def _usage(finals) -> dict:

@@ -90,19 +90,25 @@ class _Sampling(BaseModel):
     guided_grammar: str | None = None
     thinking_token_budget: Positive | None = None      # vLLM: reasoning tokens before the end marker is forced
     reasoning_effort: Literal["low", "medium", "high"] | None = None    # OpenAI: mapped to a budget
+    o1_mode: Literal["off", "adaptive"] | None = None   # adaptive: branch at uncertain tokens, answer by vote
+    o1_max_branches: StrictInt = Field(8, ge=1, le=64)
+    o1_entropy_threshold: Number | None = Field(None, ge=0)
+    answer_regex: str | None = None
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (-> HTTP 400) for values SamplingParams rejects."""
         extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement),
                                    ("structured_outputs", self.structured()),
-                                   ("thinking_token_budget", self.budget())) if v is not None}
+                                   ("thinking_token_budget", self.budget()), ("o1_mode", self.o1_mode),
+                                   ("o1_entropy_threshold", self.o1_entropy_threshold),
+                                   ("answer_regex", self.answer_regex)) if v is not None}
         return SamplingParams(
             max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], seed=self.seed,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            priority=self.priority, **extra)
+            priority=self.priority, o1_max_branches=self.o1_max_branches, **extra)
 
     def budget(self) -> int | None:
         if self.thinking_token_budget is not None and self.reasoning_effort is not None:

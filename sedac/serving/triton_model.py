@@ -18,7 +18,9 @@ DEFAULT_MAX_TOKENS = 64
 _SCALARS = {"max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_k": ("top_k", int),
             "top_p": ("top_p", float), "random_seed": ("seed", int), "repetition_penalty": ("repetition_penalty", float),
             "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
-            "sedac_agreement": ("sedac_agreement", float), "thinking_token_budget": ("thinking_token_budget", int)}
+            "sedac_agreement": ("sedac_agreement", float), "thinking_token_budget": ("thinking_token_budget", int),
+            "o1_max_branches": ("o1_max_branches", int), "o1_entropy_threshold": ("o1_entropy_threshold", float)}
+_STRING_FIELDS = ("sedac_mode", "o1_mode", "answer_regex")
 
 
 class SedacTritonModel:
@@ -104,9 +106,9 @@ class SedacTritonModel:
             words = self._input(request, name)
             if words is not None:
                 fields[field] = [w for w in _strings(words) if w]
-        mode = self._input(request, "sedac_mode")
-        if mode is not None:
-            fields["sedac_mode"] = _strings(mode)[0]
+        for name in _STRING_FIELDS:
+            if (value := self._input(request, name)) is not None:
+                fields[name] = _strings(value)[0]
         if (end_id := self._input(request, "end_id")) is not None:
             fields["stop_token_ids"] = [int(end_id.reshape(-1)[0])]
         if self._flag(request, "return_log_probs"):

@@ -24,7 +24,9 @@ REQUEST_INPUTS = [("text_input", _STRING, "[ 1 ]", False), ("max_tokens", _INT32
                   ("return_log_probs", _BOOL, "[ 1 ]", True), ("exclude_input_in_output", _BOOL, "[ 1 ]", True),
                   ("beam_width", _INT32, "[ 1 ]", True)]
 SEDAC_INPUTS = [("sedac_mode", _STRING, "[ 1 ]", True), ("sedac_agreement", _FP32, "[ 1 ]", True),
-                ("thinking_token_budget", _INT32, "[ 1 ]", True)]
+                ("thinking_token_budget", _INT32, "[ 1 ]", True), ("o1_mode", _STRING, "[ 1 ]", True),
+                ("o1_max_branches", _INT32, "[ 1 ]", True), ("o1_entropy_threshold", _FP32, "[ 1 ]", True),
+                ("answer_regex", _STRING, "[ 1 ]", True)]
 SEDAC_OUTPUTS = [("text_output", _STRING, "[ -1 ]"), ("finish_reason", _STRING, "[ 1 ]"),
                  ("output_tokens", _INT32, "[ 1 ]"), ("layers_per_token", _FP32, "[ 1 ]"),
                  ("sedac_skip_ratio", _FP32, "[ 1 ]"), ("cum_log_probs", _FP32, "[ 1 ]"),
