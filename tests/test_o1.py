@@ -26,7 +26,8 @@ def test_branch_budget_holds_and_blocks_are_free_after(tiny_llama, branches):
     llm = LLM(str(tiny_llama), device="cpu")
     out = llm.generate([PROMPTS[0]], _adaptive(o1_max_branches=branches))[0]
     assert out.metrics.o1_branches == branches - 1             # the tiny model is uncertain everywhere
-    assert out.metrics.o1_tokens == out.metrics.num_generated_tokens >= 12 * branches - branches
+    assert out.metrics.o1_tokens >= 12 * branches - branches        # every branch's tokens
+    assert out.metrics.num_generated_tokens == len(out.token_ids)   # the returned completion's
     assert len(out.outputs) == 1 and out.outputs[0].confidence > 0
     assert llm.engine.stats()["o1_branches"] == branches - 1
     assert _all_free(llm)
@@ -66,18 +67,37 @@ def test_mixed_batch_gives_plain_requests_their_tokens_alone(tiny_llama):
 
 def test_vote_stops_early_once_finished_branches_agree(tiny_llama):
     """Every branch's first token (the root's runner-up at that position) is made a stop token, so branches
-    end at once while the root still runs, all answering "" (an answer_regex random text never matches):
-    after three the vote is decided."""
+    end at once while the root still runs; every branch is read as answering "42": after three the vote is
+    decided and the root is cut short."""
     llm = LLM(str(tiny_llama), device="cpu")
     path = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0.0, logprobs=2))[0]
     runner_ups = [next(t for t in top if t != chosen) for chosen, top in zip(path.token_ids, path.outputs[0].logprobs)]
-    params = _adaptive(max_tokens=8, o1_max_branches=8, stop_token_ids=runner_ups, answer_regex=r"answer: (\d+)")
-    out = llm.generate([PROMPTS[0]], params)[0]
+    llm.engine.add_request("r", PROMPTS[0], _adaptive(max_tokens=8, o1_max_branches=8, stop_token_ids=runner_ups))
+    llm.engine.o1.trees["r"].answer_text = lambda seq: "the answer is 42"
+    outs = [o for _ in range(20) for o in llm.engine.step() if o.finished]
+    out = outs[0]
     assert out.metrics.o1_early_stopped and out.metrics.o1_branches >= 3
     assert out.metrics.o1_tokens < 8 + out.metrics.o1_branches * 8      # the root was cut short
-    assert out.outputs[0].finish_reason == "stop"
+    assert out.outputs[0].finish_reason == "stop"                       # a branch that ended on its own
     assert llm.engine.stats()["o1_early_stops"] == 1
     assert _all_free(llm)
+
+
+def test_vote_weighs_answers_by_confidence_and_skips_empty_ones(tiny_llama):
+    llm = LLM(str(tiny_llama), device="cpu")
+    llm.engine.add_request("r", PROMPTS[0], _adaptive(max_tokens=4, o1_max_branches=4, answer_regex=r"(\d+)"))
+    tree = llm.engine.o1.trees["r"]
+    while llm.engine.has_unfinished_requests():
+        llm.engine.step()
+    seqs = list(tree.logprob_sums)
+    assert len(seqs) == 4
+    answers = iter(["7", "", "8", "7"])          # branch 1 has no answer; "7" wins with two votes
+    texts = {s: f"so {a}" if a else "no number" for s, a in zip(seqs, answers)}
+    tree.answer_text = texts.__getitem__
+    llm.engine.o1.trees["r"] = tree              # released when the request finished
+    vote = llm.engine.o1.vote("r", seqs)
+    assert vote.weights.keys() == {"7", "8"} and extract_answer(texts[vote.chosen], r"(\d+)") == "7"
+    assert vote.confidence == pytest.approx((tree.confidence(seqs[0]) + tree.confidence(seqs[3])) / 4)
 
 
 def test_engine_default_mode(tiny_llama):
@@ -101,6 +121,7 @@ def test_answer_extraction():
     ({"o1_mode": "adaptive", "answer_regex": "(unclosed"}, "answer_regex"),
     ({"o1_mode": "adaptive", "n": 2}, "n > 1"),
     ({"o1_mode": "adaptive", "structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+    ({"o1_mode": "off", "answer_regex": "(\\d+)"}, "adaptive only"),
 ])
 def test_bad_o1_fields(kw, needle):
     with pytest.raises(ValueError, match=needle):

@@ -34,6 +34,12 @@ def _greedy(mode, **kw):
     return SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, sedac_mode=mode, **kw)
 
 
+def _prefill_share(costs, outs) -> float:
+    """A token's share of the one prefill pass that computed every prompt of outs (their first tokens)."""
+    rows = sum(len(o.prompt_token_ids) for o in outs)
+    return pass_cost(costs, "full", rows) / rows
+
+
 def _exit_everything(engine: LLMEngine):
     """Thresholds no token misses, so the lossy path (exit + KV propagation) runs on every decode."""
     engine.sedac.exit_controller.levels = [(a, [1e9] * len(t)) for a, t in engine.sedac.exit_controller.levels]
@@ -230,12 +236,33 @@ def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
     outs = llm.generate(PROMPTS[:4], _greedy("lossy"))     # multi-token prompts: the prefill makes token 1
     num_layers, costs = llm.engine.config.model.num_layers, llm.engine.config.sedac["costs"]
     int8, full = pass_cost(costs, "int8", 4) / 4, pass_cost(costs, "full", 4) / 4      # a row's share at batch 4
+    first = _prefill_share(costs, outs)
     for o in outs:       # the 23 others ran an int8 pass each and no full-precision layer (token 1: the prefill's)
         assert len(o.token_ids) == 24
-        assert o.metrics.layers_per_token == pytest.approx(num_layers * (23 * int8 + full) / (24 * full))
+        assert o.metrics.layers_per_token == pytest.approx(num_layers * (23 * int8 + first) / (23 * full + first))
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 4 * 23}
-    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(1 - int8 / full)
+    # engine-wide, as each request: the prefill's tokens count in a SEDAC request's cost too
+    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(1 - (23 * int8 + first) / (23 * full + first))
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
+
+
+def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch):
+    """Batch 1, every cycle drafts: the request's cost is each cycle's int8 passes (kept drafts or not) and
+    its verify pass, priced by the build's costs; the engine-wide ratio agrees with the request's."""
+    from sedac.runtime import sedac_steps
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    _always_draft(llm.engine)
+    cycles = []
+    step = sedac_steps.speculative_step
+    monkeypatch.setattr(sedac_steps, "speculative_step", lambda *a, **k: cycles.extend(r := step(*a, **k)) or r)
+    out = llm.generate([PROMPTS[0]], _greedy("lossless"))[0]
+    costs = llm.engine.config.sedac["costs"]
+    assert cycles and any(c.draft_passes for c in cycles)
+    first = _prefill_share(costs, [out])                             # the prefill's token, as off pays it
+    spent = first + sum(len(c.draft_passes) * pass_cost(costs, "int8", 1) + pass_cost(costs, "full", c.drafted + 1)
+                        for c in cycles)
+    assert out.metrics.skip_ratio == pytest.approx(1 - spent / (first + 23))
+    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(out.metrics.skip_ratio)
 
 
 def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_engine, monkeypatch):
@@ -252,9 +279,10 @@ def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_e
     assert len(llm.engine.sedac.exit_controller.audits[0.99]) == 11
     # cost, batch-1 full passes: the prefill's token 1, an int8 pass per step, a 2-row full pass per stay
     costs = llm.engine.config.sedac["costs"]
-    spent = 1 + 23 * pass_cost(costs, "int8", 1) + 11 * pass_cost(costs, "full", 2)
-    assert out.metrics.layers_per_token == pytest.approx(llm.engine.config.model.num_layers * spent / 24)
-    assert out.metrics.skip_ratio == pytest.approx(1 - spent / 24)
+    first = _prefill_share(costs, [out])
+    spent = first + 23 * pass_cost(costs, "int8", 1) + 11 * pass_cost(costs, "full", 2)
+    assert out.metrics.layers_per_token == pytest.approx(llm.engine.config.model.num_layers * spent / (first + 23))
+    assert out.metrics.skip_ratio == pytest.approx(1 - spent / (first + 23))
     model = llm.engine.runner.model
     _, final = teacher_pass(model, ids + out.token_ids, [])
     best = model.logits(final[len(ids) - 1:-1]).argmax(-1).tolist()

@@ -67,6 +67,7 @@ def test_o1_adaptive_inputs(triton, tiny_llama):
     offline = LLM(str(tiny_llama), device="cpu").generate(
         ["Hello world"], SamplingParams(max_tokens=6, temperature=0.0, o1_mode="adaptive", o1_max_branches=3))
     assert r.json()["text_output"] == offline[0].text
+    assert r.json()["confidence"] == pytest.approx(offline[0].outputs[0].confidence, rel=1e-4)
 
 
 def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):

@@ -49,15 +49,15 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
     truth = [a for _, a in questions]
     rows = {}
     greedy = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=20))
-    rows["greedy"] = _row([[o.outputs[0].text] for o in greedy], greedy, truth)
+    rows["greedy"] = _row([[o.outputs[0].text] for o in greedy], _tokens(greedy), truth)
     for k in (4, 8):
         outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.8, n=k, seed=0))
-        rows[f"self-consistency@{k}"] = _row([[c.text for c in o.outputs] for o in outs], outs, truth)
+        rows[f"self-consistency@{k}"] = _row([[c.text for c in o.outputs] for o in outs], _tokens(outs), truth)
     for threshold, branches in ADAPTIVE_SETTINGS:
         outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, o1_mode="adaptive",
                                                     o1_entropy_threshold=threshold, o1_max_branches=branches,
                                                     answer_regex=ANSWER))
-        row = _row([[o.outputs[0].text] for o in outs], outs, truth)
+        row = _row([[o.outputs[0].text] for o in outs], sum(o.metrics.o1_tokens for o in outs), truth)
         row["branches_per_question"] = round(sum(o.metrics.o1_branches for o in outs) / len(outs), 2)
         row["early_stopped"] = sum(o.metrics.o1_early_stopped for o in outs)
         rows[f"adaptive (entropy > {threshold}, {branches} branches)"] = row
@@ -65,7 +65,7 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
         for budget in BUDGETS:
             outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens + budget, temperature=0.0,
                                                         thinking_token_budget=budget))
-            rows[f"thinking budget {budget}"] = _row([[o.outputs[0].answer] for o in outs], outs, truth)
+            rows[f"thinking budget {budget}"] = _row([[o.outputs[0].answer] for o in outs], _tokens(outs), truth)
     base = rows["greedy"]["tokens"]
     for row in rows.values():
         row["tokens_vs_greedy"] = round(row["tokens"] / base, 2)
@@ -79,7 +79,11 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
     return results
 
 
-def _row(texts: list[list[str]], outs, truth) -> dict:
+def _tokens(outs) -> int:
+    return sum(o.metrics.num_generated_tokens for o in outs)
+
+
+def _row(texts: list[list[str]], tokens: int, truth) -> dict:
     """Majority vote of each question's replies (ties: the first reply's answer), its accuracy and tokens."""
     correct = 0
     for replies, t in zip(texts, truth):
@@ -87,7 +91,7 @@ def _row(texts: list[list[str]], outs, truth) -> dict:
         first = next((a for a in map(answer_of, replies) if a is not None), None)
         pick = max(votes, key=lambda a: (votes[a], a == first)) if votes else None
         correct += pick == t
-    return {"accuracy": round(correct / len(truth), 3), "tokens": sum(o.metrics.num_generated_tokens for o in outs)}
+    return {"accuracy": round(correct / len(truth), 3), "tokens": tokens}
 
 
 def _max_entropy(logprobs: list[dict[int, float]]) -> float:

@@ -9,8 +9,7 @@ import click
 
 from sedac.cli.common import clean_errors
 from sedac.config import KV_CACHE_DTYPES
-from sedac.runtime.o1 import O1_MODES
-from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
+from sedac.runtime.sampling_params import O1_MODES, SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")

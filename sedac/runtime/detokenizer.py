@@ -26,3 +26,12 @@ def decode_new_text(tokenizer, token_ids: list[int], state: DetokState, skip_spe
         return ""
     state.prefix_offset, state.read_offset = state.read_offset, len(token_ids)
     return full[len(prefix):]
+
+
+def load_tokenizer(engine_dir):
+    """The engine directory's tokenizer (ValueError when it cannot be loaded)."""
+    from transformers import AutoTokenizer
+    try:
+        return AutoTokenizer.from_pretrained(str(engine_dir))
+    except Exception as e:
+        raise ValueError(f"engine tokenizer cannot be loaded from {engine_dir}: {e}") from None

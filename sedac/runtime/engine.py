@@ -9,10 +9,10 @@ from sedac.config import EngineConfig
 from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
-from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, check_o1, with_engine_o1_mode
+from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from sedac.runtime.sampler import argmax_only, sample
-from sedac.runtime.sampling_params import SamplingParams, check_sedac_mode
+from sedac.runtime.sampling_params import SamplingParams, check_o1, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
@@ -49,7 +49,7 @@ class LLMEngine:
         if self.config.sedac and "int8" not in self.config.sedac.get("costs", {}):
             raise ValueError(f"{engine_dir} has SEDAC components from an older sedac-build (exit-head drafts); "
                              "rebuild it with sedac-build --sedac")
-        self.tokenizer = _load_tokenizer(self.engine_dir)
+        self.tokenizer = detokenizer.load_tokenizer(self.engine_dir)
         b = self.config.build
         self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory,
                                   kv_cache_dtype)
@@ -58,6 +58,8 @@ class LLMEngine:
                                    max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
         self.sedac_mode = self._check_mode(sedac_mode)
         check_o1(o1_mode, 1, None, None)
+        if o1_mode == "adaptive" and self.sedac_mode not in (None, "off"):
+            raise ValueError("o1_mode adaptive runs with sedac_mode off: give one of them as the engine default")
         self.o1_mode, self.o1 = o1_mode, AdaptiveCompute(DEFAULT_ENTROPY_THRESHOLD)
         self.sedac = SedacSteps(self.runner, self.scheduler.max_num_seqs, sedac_kv_fill, sedac_lossy_exit,
                                 speculative_disable_by_batch_size, engine_dir)
@@ -114,7 +116,8 @@ class LLMEngine:
         if params.thinking_token_budget is not None:
             self.reasoning.start(seq, params.thinking_token_budget, ids)
         if params.o1_mode == "adaptive":
-            self.o1.start(request_id, params)
+            opened = self.reasoning.opened_by(ids)
+            self.o1.start(request_id, params, answer_text=lambda s: self.reasoning.split(s.output_text, opened)[1])
         self.scheduler.add(seq)
 
     def _grammar(self, params: SamplingParams):
@@ -162,7 +165,7 @@ class LLMEngine:
         req.aborted = True                  # unforked siblings will never exist
         req.metrics.finish_time = time.perf_counter()
         output = self._output(req)
-        self.o1.release(request_id)
+        self.o1.release(request_id, output.metrics.o1_tokens)
         return output
 
     def has_unfinished_requests(self) -> bool:
@@ -199,14 +202,20 @@ class LLMEngine:
         self._computed(batch.seqs, batch.num_new_tokens)
         samplers, logit_rows = self._fork_children(samplers)
         tokens, logprobs = sample(logits[logit_rows], samplers, self.structured.mask)
-        for seq in samplers:
-            req = self.requests[seq.request_id]
-            share = self.sedac.off_cost(len(batch.seqs))
-            req.cost, req.off_cost = req.cost + share, req.off_cost + share
+        self._full_costs(samplers, sum(batch.num_new_tokens))
         forks = self.o1.branch_points(samplers, logits[logit_rows], tokens, lambda rid: len(self.requests[rid].seqs))
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)] + [
-            (self._branch(f), [f.token], [{f.token: f.logprob} if f.parent.params.logprobs is not None else None])
-            for f in forks]
+            (self._branch(f), [f.token], [f.logprobs]) for f in forks]
+
+    def _full_costs(self, samplers: list[Sequence], rows: int) -> None:
+        """A full pass's token costs what off's does; a SEDAC request's count in the engine-wide ratio too."""
+        share = self.sedac.off_cost(rows)
+        for seq in samplers:
+            req = self.requests[seq.request_id]
+            req.cost, req.off_cost = req.cost + share, req.off_cost + share
+            if self.mode_of(seq) != "off":
+                self.counters["sedac_cost"] += share
+                self.counters["sedac_off_cost"] += share
 
     def _branch(self, fork: Fork) -> Sequence:
         """o1: a branch of fork.parent from its newest position, sharing every block so far (copy-on-write)."""
@@ -331,7 +340,7 @@ class LLMEngine:
             self.counters["prompt_tokens"] += len(req.prompt_token_ids)
             self.counters["requests_finished"] += 1
             outputs.append(self._output(req))
-            self.o1.release(rid)
+            self.o1.release(rid, req.metrics.o1_tokens)
             self.last_finished = outputs[-1]
         return outputs
 
@@ -353,8 +362,9 @@ class LLMEngine:
         if not outs:           # an adaptive request shows its voted completion only once it is done
             outs.append(CompletionOutput(0, "", []))
         req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
-        if req.request_id in self.o1.trees:
+        if req.request_id in self.o1.trees:        # the returned completion's tokens; o1_tokens: all branches'
             req.metrics.o1_branches, req.metrics.o1_tokens = len(req.seqs) - 1, req.metrics.num_generated_tokens
+            req.metrics.num_generated_tokens = len(outs[0].token_ids)
         self._sedac_metrics(req)
         req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)
@@ -377,7 +387,7 @@ class LLMEngine:
         setup, allocator growth), its output and its counts discarded."""
         counters, queries, hits = dict(self.counters), self.blocks.prefix_queries, self.blocks.prefix_hits
         self.add_request("warm-up", [self.config.model.bos_token_id or 0] * 4,
-                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, o1_mode="off"))
         while self.has_unfinished_requests():
             self.step()
         self.counters, self.blocks.prefix_queries, self.blocks.prefix_hits = counters, queries, hits
@@ -394,11 +404,3 @@ class LLMEngine:
                 "thinking_budgets_exhausted": self.reasoning.exhausted, **self.o1.counters,
                 "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self.sedac.rates(self.counters),
                 "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None}
-
-
-def _load_tokenizer(engine_dir: Path):
-    from transformers import AutoTokenizer
-    try:
-        return AutoTokenizer.from_pretrained(str(engine_dir))
-    except Exception as e:
-        raise ValueError(f"engine tokenizer cannot be loaded from {engine_dir}: {e}") from None

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.entropy)
+from sedac.runtime.sampler import draw, filtered_probs, process, token_logprobs
 
-O1_MODES = ("off", "adaptive")
 # nats. On 60 generated arithmetic questions (the tuning seed of `sedac-run bench --o1`, SmolLM2-135M):
 # 1.0-3.0 branched nearly every reply and up to 8 branches lost accuracy (0.60 greedy -> 0.43-0.57: the
 # runner-up token mostly starts a worse reply); 4.0 branched 1.5 times per question and kept 0.62.
@@ -29,24 +29,9 @@ DEFAULT_ENTROPY_THRESHOLD = 4.0
 ESC_WINDOW = 3          # finished branches that, all agreeing, end the vote (ESC's window)
 
 
-def check_o1(mode: str | None, max_branches: int, threshold: float | None, answer_regex: str | None) -> None:
-    """Field checks of SamplingParams' o1 fields (ValueError on any bad value)."""
-    if mode is not None and mode not in O1_MODES:
-        raise ValueError(f"o1_mode must be off or adaptive, got {mode!r}")
-    if isinstance(max_branches, bool) or not isinstance(max_branches, int) or not 1 <= max_branches <= 64:
-        raise ValueError(f"o1_max_branches must be an integer in [1, 64], got {max_branches!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not threshold >= 0):
-        raise ValueError(f"o1_entropy_threshold must be a number >= 0 (nats), got {threshold!r}")
-    if answer_regex is not None:
-        try:
-            re.compile(answer_regex)
-        except (re.error, TypeError) as e:
-            raise ValueError(f"answer_regex is not a valid regular expression: {e}") from None
-
-
 def with_engine_o1_mode(params, engine_mode: str):
-    """params with the engine's o1 mode when they set none (requests it cannot serve adaptively run off)."""
+    """params with the engine's o1 mode when they set none; requests it cannot serve adaptively (n > 1, a
+    grammar, a SEDAC mode) run off, as they would on an engine without the default."""
     if params.o1_mode is not None or engine_mode == "off" or params.o1_blocker or params.sedac_mode not in (None, "off"):
         return params
     return dataclasses.replace(params, o1_mode=engine_mode)
@@ -70,10 +55,12 @@ def extract_answer(text: str, pattern: str | None) -> str:
 
 @dataclass
 class _Tree:
-    """One adaptive request: its branch budget and threshold, and each branch's log-probability sum."""
+    """One adaptive request: its budget and threshold, how a branch's answer is read (answer_text(seq): the
+    text after any reasoning block), and each branch's log-probability sum."""
     max_branches: int
     threshold: float
     answer_regex: str | None
+    answer_text: object
     logprob_sums: dict = field(default_factory=dict)   # seq -> (sum of chosen-token logprobs, count)
     decided: bool = False
 
@@ -81,12 +68,15 @@ class _Tree:
         total, count = self.logprob_sums.get(seq, (0.0, 0))
         return math.exp(total / count) if count else 0.0
 
+    def answer(self, seq) -> str:
+        return extract_answer(self.answer_text(seq), self.answer_regex)
+
 
 @dataclass
 class Fork:
     parent: object
     token: int              # the branch's first token, at the parent's newest position
-    logprob: float
+    logprobs: dict | None   # its logprobs entry (the request's top-k), None when the request asks none
     history: tuple          # the branch's (logprob sum, count) including its token
 
 
@@ -103,16 +93,18 @@ class AdaptiveCompute:
     def __init__(self, default_threshold: float):
         self.default_threshold = default_threshold
         self.trees: dict = {}                  # request id -> _Tree
-        self.counters = {"o1_requests": 0, "o1_branches": 0, "o1_early_stops": 0}
+        self.counters = {"o1_requests": 0, "o1_branches": 0, "o1_early_stops": 0, "o1_tokens": 0}
 
-    def start(self, request_id: str, params) -> None:
+    def start(self, request_id: str, params, answer_text) -> None:
         threshold = params.o1_entropy_threshold
         self.trees[request_id] = _Tree(params.o1_max_branches, self.default_threshold if threshold is None else threshold,
-                                       params.answer_regex)
+                                       params.answer_regex, answer_text)
         self.counters["o1_requests"] += 1
 
-    def release(self, request_id: str) -> None:
-        self.trees.pop(request_id, None)
+    def release(self, request_id: str, tokens: int) -> None:
+        """The request is over, having generated `tokens` over all its branches."""
+        if self.trees.pop(request_id, None) is not None:
+            self.counters["o1_tokens"] += tokens
 
     def branch_points(self, seqs, logits: torch.Tensor, tokens: list[int], num_branches) -> list[Fork]:
         """After sampling: logits [R, V] (raw) and the tokens chosen for seqs. Records each adaptive row's
@@ -121,18 +113,18 @@ class AdaptiveCompute:
         rows = [i for i, s in enumerate(seqs) if s.request_id in self.trees]
         if not rows:
             return []
-        logprobs = torch.log_softmax(logits[rows].float(), dim=-1)          # [r, V]
-        entropies = torch.ops.sedac.entropy(logits[rows].float()).tolist()
+        raw = logits[rows].float()
+        logprobs, entropies = torch.log_softmax(raw, dim=-1), torch.ops.sedac.entropy(raw).tolist()   # [r, V], [r]
         forks = []
-        for logp, entropy, i in zip(logprobs, entropies, rows):
-            seq, tree = seqs[i], self.trees[seqs[i].request_id]
+        for n, (entropy, i) in enumerate(zip(entropies, rows)):
+            seq, tree, logp = seqs[i], self.trees[seqs[i].request_id], logprobs[n]
             total, count = tree.logprob_sums.get(seq, (0.0, 0))
             tree.logprob_sums[seq] = (total + float(logp[tokens[i]]), count + 1)
             siblings = sum(f.parent.request_id == seq.request_id for f in forks)
             if entropy > tree.threshold and not tree.decided and num_branches(seq.request_id) + siblings < tree.max_branches:
-                token = _alternative(logp, tokens[i], seq)
-                lp = float(logp[token])
-                forks.append(Fork(seq, token, lp, (total + lp, count + 1)))
+                token = _alternative(raw[n:n + 1], tokens[i], seq)
+                forks.append(Fork(seq, token, token_logprobs(logp[None], [token], [seq])[0],
+                                  (total + float(logp[token]), count + 1)))
         self.counters["o1_branches"] += len(forks)
         return forks
 
@@ -141,16 +133,17 @@ class AdaptiveCompute:
         self.trees[fork.parent.request_id].logprob_sums[child] = fork.history
 
     def vote(self, request_id: str, seqs) -> Vote:
-        """The voted completion among the branches that ended on their own (all of them if none did)."""
+        """The voted completion among the branches that ended on their own (all of them if none did). A
+        branch without an answer (its answer_regex never matched) votes only if none has one."""
         tree = self.trees[request_id]
         seqs = [s for s in seqs if s.finish_reason != "abort"] or seqs
+        answers = {s: tree.answer(s) for s in seqs}
+        voters = [s for s in seqs if answers[s]] or seqs
         weights: dict[str, float] = {}
-        for seq in seqs:
-            answer = extract_answer(seq.output_text, tree.answer_regex)
-            weights[answer] = weights.get(answer, 0.0) + tree.confidence(seq)
-        best = max(weights, key=lambda a: (weights[a], -_first(seqs, a, tree)))
-        agreeing = [s for s in seqs if extract_answer(s.output_text, tree.answer_regex) == best]
-        chosen = max(agreeing, key=tree.confidence)
+        for seq in voters:
+            weights[answers[seq]] = weights.get(answers[seq], 0.0) + tree.confidence(seq)
+        best = max(weights, key=lambda a: (weights[a], -next(i for i, s in enumerate(voters) if answers[s] == a)))
+        chosen = max((s for s in voters if answers[s] == best), key=tree.confidence)
         return Vote(chosen, weights[best] / len(seqs), weights)
 
     def returned(self, request_id: str, seqs, done: bool) -> list[tuple]:
@@ -163,35 +156,31 @@ class AdaptiveCompute:
     def stop_early(self, request_id: str, seqs) -> bool:
         """Whether the vote has just been decided (ESC-style early stop): the caller ends the other branches."""
         tree = self.trees[request_id]
-        if tree.decided or not self._decided(tree, request_id, seqs, tree.max_branches - len(seqs)):
+        if tree.decided or not self._decided(tree, request_id, seqs):
             return False
         tree.decided = True
         self.counters["o1_early_stops"] += 1
         return True
 
-    def _decided(self, tree: _Tree, request_id: str, seqs, pending_budget: int) -> bool:
-        done = [s for s in seqs if s.is_finished and s.finish_reason != "abort"]
-        running = len(seqs) - len(done)
+    def _decided(self, tree: _Tree, request_id: str, seqs) -> bool:
+        done = [s for s in seqs if s.is_finished and s.finish_reason != "abort" and tree.answer(s)]
+        running = sum(not s.is_finished for s in seqs)
         if not done or not running:
             return False
-        answers = [extract_answer(s.output_text, tree.answer_regex) for s in done]
-        if len(done) >= ESC_WINDOW and len(set(answers)) == 1:
+        if len(done) >= ESC_WINDOW and len({tree.answer(s) for s in done}) == 1:
             return True
         weights = sorted(self.vote(request_id, done).weights.values(), reverse=True) + [0.0]
-        return weights[0] > weights[1] + running + pending_budget      # confidences are at most 1 each
+        future = running + tree.max_branches - len(seqs)       # branches that may still vote, at most 1 each
+        return weights[0] > weights[1] + future
 
 
-def _alternative(logp: torch.Tensor, chosen: int, seq) -> int:
-    """Another token of this distribution: the most likely one besides the chosen for greedy requests,
-    a draw on the request's own generator (chosen excluded) for sampled ones."""
-    logp = logp.clone()
-    logp[chosen] = float("-inf")
+def _alternative(raw: torch.Tensor, chosen: int, seq) -> int:
+    """Another token of the distribution the request samples from (penalties, bad words, temperature,
+    top-k/p, min-p applied; the chosen token excluded): its argmax for greedy requests, else a draw on the
+    request's own generator. raw: the row's logits [1, V]."""
+    logits = process(raw, [seq])
     if seq.params.greedy:
-        return int(logp.argmax())
-    noise = torch.empty(logp.shape[0]).exponential_(generator=seq.generator).to(logp.device)
-    return int((logp.exp() / noise).argmax())
-
-
-def _first(seqs, answer: str, tree: _Tree) -> int:
-    """Index of the first branch (root first) giving answer: ties go to the earliest branch."""
-    return next(i for i, s in enumerate(seqs) if extract_answer(s.output_text, tree.answer_regex) == answer)
+        return int(logits[0].index_fill(0, torch.tensor([chosen], device=logits.device), float("-inf")).argmax())
+    probs = filtered_probs(logits, [seq.params])[0]
+    probs[chosen] = 0.0
+    return draw(probs if probs.sum() > 0 else filtered_probs(logits, [seq.params])[0], seq.generator)

@@ -1,19 +1,36 @@
 """SamplingParams with vLLM / TensorRT-LLM field names; invalid values raise ValueError at once."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
-from sedac.runtime.o1 import check_o1
 from sedac.runtime.structured_outputs import StructuredOutputsParams
 
 SEDAC_MODES = ("off", "lossless", "lossy")
 SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how depth exits fill deeper KV
 SEDAC_LOSSY_EXITS = ("int8", "depth")                 # engine-wide: where lossy mode's tokens exit
+O1_MODES = ("off", "adaptive")                        # adaptive: branch at uncertain tokens, answer by vote (o1.py)
 
 
 def check_sedac_mode(mode: str | None) -> None:
     if mode is not None and mode not in SEDAC_MODES:
         raise ValueError(f"sedac_mode must be off, lossless or lossy, got {mode!r}")
+
+
+def check_o1(mode: str | None, max_branches: int, threshold: float | None, answer_regex: str | None) -> None:
+    """Field checks of SamplingParams' o1 fields (ValueError on any bad value)."""
+    if mode is not None and mode not in O1_MODES:
+        raise ValueError(f"o1_mode must be off or adaptive, got {mode!r}")
+    if isinstance(max_branches, bool) or not isinstance(max_branches, int) or not 1 <= max_branches <= 64:
+        raise ValueError(f"o1_max_branches must be an integer in [1, 64], got {max_branches!r}")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not threshold >= 0):
+        raise ValueError(f"o1_entropy_threshold must be a number >= 0 (nats), got {threshold!r}")
+    if answer_regex is not None:
+        try:
+            re.compile(answer_regex)
+        except (re.error, TypeError) as e:
+            raise ValueError(f"answer_regex is not a valid regular expression: {e}") from None
 
 
 @dataclass
@@ -82,6 +99,9 @@ class SamplingParams:
         check_o1(self.o1_mode, self.o1_max_branches, self.o1_entropy_threshold, self.answer_regex)
         if self.o1_mode == "adaptive" and self.o1_blocker:
             raise ValueError(f"o1_mode adaptive does not take {self.o1_blocker}")
+        if self.o1_mode == "off" and (self.answer_regex is not None or self.o1_entropy_threshold is not None
+                                      or self.o1_max_branches != 8):
+            raise ValueError("o1_max_branches, o1_entropy_threshold and answer_regex apply to o1_mode adaptive only")
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 

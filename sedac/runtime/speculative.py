@@ -25,6 +25,7 @@ class CycleResult:
     logprobs: list
     drafted: int
     accepted: int
+    draft_passes: tuple      # rows of each int8 draft pass the sequence ran in (its cost share)
 
 
 class _Extended(Sequence):
@@ -69,19 +70,19 @@ def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
     round is one int8 pass for all rows that draft; it runs only while at least min_drafting of the
     batch drafts, the share whose saved full passes pay for it."""
     starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
-    drafts, qs = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs))
+    drafts, qs, passes = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs))
     ids = torch.tensor([t for s, d in zip(seqs, drafts) for t in [s.token_ids[-1], *d]], device=runner.device)
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
     hidden = runner.run(ids, None, positions, ctx)                        # verify: writes the true KV
     logits = runner.model.logits(hidden, argmax_only=argmax_only(seqs)).float()
     results, row = [], 0
-    for seq, d, q in zip(seqs, drafts, qs):
+    for i, (seq, d, q) in enumerate(zip(seqs, drafts, qs)):
         k = len(d)
         views = [_Extended(seq, d[:j]) for j in range(k + 1)]
         rows = logits[row:row + k + 1]
         row += k + 1
         tokens, lps = (_accept_greedy if seq.params.greedy else _accept_sampled)(rows, views, d, q)
-        results.append(CycleResult(tokens, lps, k, len(tokens) - 1))
+        results.append(CycleResult(tokens, lps, k, len(tokens) - 1, tuple(len(p) for p in passes if i in p)))
     return results
 
 
@@ -89,8 +90,9 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
     """Draft in lockstep on the int8 weights: each pass runs every drafting sequence's newest token
     through the whole model; a sequence keeps drafting while the draft is confident (entropy <=
     max_entropy) and under its k, and all stop once fewer than min_rows would draft. The draft
-    passes' K/V are overwritten by the verify pass."""
-    drafts, qs = [[] for _ in seqs], [[] for _ in seqs]
+    passes' K/V are overwritten by the verify pass. -> drafts, their distributions (sampled requests),
+    and the rows (sequence indices) of every pass that ran, drafts kept or not."""
+    drafts, qs, passes = [[] for _ in seqs], [[] for _ in seqs], []
     last = [s.token_ids[-1] for s in seqs]
     active = [i for i, k in enumerate(draft_lens) if k > 0]
     for j in range(max(draft_lens, default=0)):
@@ -98,6 +100,7 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
             break
         positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in active])
         h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, int8=True)
+        passes.append(set(active))
         raw = runner.model.logits(h, int8=True).float()
         confident = (torch.ops.sedac.entropy(raw) <= max_entropy).tolist()
         if sum(confident) < min_rows:
@@ -119,7 +122,7 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
             if len(drafts[i]) < draft_lens[i]:
                 still.append(i)
         active = still
-    return drafts, qs
+    return drafts, qs, passes
 
 
 def _accept_greedy(logits, views, drafts, _qs):

@@ -39,7 +39,7 @@ class OpenAIHandlers:
             for c, delta in _deltas(out, sent):
                 yield {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name,
                        "choices": [{"index": i * req.n + c.index, "text": delta, "logprobs": None,
-                                    "finish_reason": c.finish_reason}]}
+                                    "finish_reason": c.finish_reason, **_confidence(c)}]}
             if out.finished:
                 finals.append(out)
         if req.include_usage:
@@ -97,7 +97,7 @@ class OpenAIHandlers:
                                                     "finish_reason": message["finish_reason"]}]}
                     continue
                 yield {**head, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
-                                            "logprobs": None, "finish_reason": c.finish_reason}]}
+                                            "logprobs": None, "finish_reason": c.finish_reason, **_confidence(c)}]}
             final = out
         if req.include_usage and final is not None:
             yield {**head, "choices": [], "usage": _usage([final])}

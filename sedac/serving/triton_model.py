@@ -83,6 +83,8 @@ class SedacTritonModel:
                    "output_tokens": np.array([len(out.token_ids)], dtype=np.int32),
                    "layers_per_token": np.array([m.layers_per_token], dtype=np.float32),
                    "sedac_skip_ratio": np.array([m.skip_ratio], dtype=np.float32)}
+        if c.confidence is not None:                   # o1 adaptive: the voted completion's confidence
+            tensors["confidence"] = np.array([c.confidence], dtype=np.float32)
         if c.logprobs is not None:                     # return_log_probs: the sampled tokens' log-probabilities
             token_logprobs = np.array([lp[t] for t, lp in zip(c.token_ids, c.logprobs)], dtype=np.float32)
             tensors["output_log_probs"] = token_logprobs

@@ -30,7 +30,7 @@ SEDAC_INPUTS = [("sedac_mode", _STRING, "[ 1 ]", True), ("sedac_agreement", _FP3
 SEDAC_OUTPUTS = [("text_output", _STRING, "[ -1 ]"), ("finish_reason", _STRING, "[ 1 ]"),
                  ("output_tokens", _INT32, "[ 1 ]"), ("layers_per_token", _FP32, "[ 1 ]"),
                  ("sedac_skip_ratio", _FP32, "[ 1 ]"), ("cum_log_probs", _FP32, "[ 1 ]"),
-                 ("output_log_probs", _FP32, "[ -1 ]")]
+                 ("output_log_probs", _FP32, "[ -1 ]"), ("confidence", _FP32, "[ 1 ]")]
 
 MODEL_PY = '''"""Triton Python backend entry point, written by sedac-run triton export."""
 import json
