@@ -145,6 +145,7 @@ def test_server_o1_fields(tiny_llama):
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
         assert 'sedac:o1_branches_total{model_name="llama"} 4.0' in metrics        # two requests x 2 branches
+        assert 'sedac:o1_tokens_total{model_name="llama"} 36.0' in metrics         # 2 x 3 branches x 6 tokens
 
 
 def test_o1_bench_reports_every_strategy(tiny_llama, tmp_path):
