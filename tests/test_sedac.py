@@ -246,12 +246,15 @@ def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
-def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch):
-    """Batch 1, every cycle drafts: the request's cost is each cycle's int8 passes (kept drafts or not) and
-    its verify pass, priced by the build's costs; the engine-wide ratio agrees with the request's."""
+@pytest.mark.parametrize("max_entropy", [1e9, 0.0])
+def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch, max_entropy):
+    """Batch 1: the request's cost is each cycle's int8 passes, their drafts kept or not (max_entropy 0: every
+    pass runs and no draft is confident enough to keep, so lossless spends more than off), and its verify
+    pass, priced by the build's costs; the engine-wide ratio agrees with the request's."""
     from sedac.runtime import sedac_steps
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     _always_draft(llm.engine)
+    llm.engine.config.sedac["draft_max_entropy"] = max_entropy
     cycles = []
     step = sedac_steps.speculative_step
     monkeypatch.setattr(sedac_steps, "speculative_step", lambda *a, **k: cycles.extend(r := step(*a, **k)) or r)
@@ -263,6 +266,8 @@ def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch):
                         for c in cycles)
     assert out.metrics.skip_ratio == pytest.approx(1 - spent / (first + 23))
     assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(out.metrics.skip_ratio)
+    if max_entropy == 0.0:
+        assert not any(c.drafted for c in cycles) and out.metrics.skip_ratio < 0
 
 
 def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_engine, monkeypatch):

@@ -21,7 +21,7 @@ import click
 import torch
 
 ANSWER = r"(-?\d+)"
-TUNING_SEED, EVAL_SEED = 0, 1
+EVAL_SEED = 1         # the defaults were picked on seed 0
 # (threshold nats, max branches): picked on the tuning seed's 60 questions (docs in the README)
 ADAPTIVE_SETTINGS = [(4.0, 4), (4.0, 8), (3.0, 2)]
 BUDGETS = (16, 64)     # thinking-budget rows, on engines with reasoning markers (the answer after the block)

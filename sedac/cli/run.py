@@ -9,7 +9,7 @@ import click
 
 from sedac.cli.common import clean_errors
 from sedac.config import KV_CACHE_DTYPES
-from sedac.runtime.sampling_params import O1_MODES, SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
+from sedac.runtime.sampling_params import O1_BRANCHES, O1_MODES, SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS, SEDAC_MODES
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
@@ -33,7 +33,7 @@ def sampling_options(fn):
         click.option("--sedac-agreement", type=float, help="lossy mode's target agreement (default: the engine's)"),
         click.option("--o1-mode", type=click.Choice(O1_MODES), help="adaptive: branch at uncertain tokens and answer "
                                                                    "by a confidence-weighted vote of the branches"),
-        click.option("--o1-max-branches", type=int, default=8, show_default=True)]):
+        click.option("--o1-max-branches", type=int, default=O1_BRANCHES, show_default=True)]):
         fn = opt(fn)
     return fn
 

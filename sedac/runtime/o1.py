@@ -163,11 +163,12 @@ class AdaptiveCompute:
         return True
 
     def _decided(self, tree: _Tree, request_id: str, seqs) -> bool:
-        done = [s for s in seqs if s.is_finished and s.finish_reason != "abort" and tree.answer(s)]
+        answers = {s: tree.answer(s) for s in seqs if s.is_finished and s.finish_reason != "abort"}
+        done = [s for s, answer in answers.items() if answer]
         running = sum(not s.is_finished for s in seqs)
         if not done or not running:
             return False
-        if len(done) >= ESC_WINDOW and len({tree.answer(s) for s in done}) == 1:
+        if len(done) >= ESC_WINDOW and len({answers[s] for s in done}) == 1:
             return True
         weights = sorted(self.vote(request_id, done).weights.values(), reverse=True) + [0.0]
         future = running + tree.max_branches - len(seqs)       # branches that may still vote, at most 1 each
@@ -181,6 +182,6 @@ def _alternative(raw: torch.Tensor, chosen: int, seq) -> int:
     logits = process(raw, [seq])
     if seq.params.greedy:
         return int(logits[0].index_fill(0, torch.tensor([chosen], device=logits.device), float("-inf")).argmax())
-    probs = filtered_probs(logits, [seq.params])[0]
-    probs[chosen] = 0.0
-    return draw(probs if probs.sum() > 0 else filtered_probs(logits, [seq.params])[0], seq.generator)
+    allowed = filtered_probs(logits, [seq.params])[0]
+    others = allowed.index_fill(0, torch.tensor([chosen], device=allowed.device), 0.0)
+    return draw(others if others.sum() > 0 else allowed, seq.generator)

@@ -10,6 +10,7 @@ SEDAC_MODES = ("off", "lossless", "lossy")
 SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how depth exits fill deeper KV
 SEDAC_LOSSY_EXITS = ("int8", "depth")                 # engine-wide: where lossy mode's tokens exit
 O1_MODES = ("off", "adaptive")                        # adaptive: branch at uncertain tokens, answer by vote (o1.py)
+O1_BRANCHES, O1_MAX_BRANCHES = 8, 64                  # o1_max_branches: its default and its largest value
 
 
 def check_sedac_mode(mode: str | None) -> None:
@@ -21,8 +22,8 @@ def check_o1(mode: str | None, max_branches: int, threshold: float | None, answe
     """Field checks of SamplingParams' o1 fields (ValueError on any bad value)."""
     if mode is not None and mode not in O1_MODES:
         raise ValueError(f"o1_mode must be off or adaptive, got {mode!r}")
-    if isinstance(max_branches, bool) or not isinstance(max_branches, int) or not 1 <= max_branches <= 64:
-        raise ValueError(f"o1_max_branches must be an integer in [1, 64], got {max_branches!r}")
+    if isinstance(max_branches, bool) or not isinstance(max_branches, int) or not 1 <= max_branches <= O1_MAX_BRANCHES:
+        raise ValueError(f"o1_max_branches must be an integer in [1, {O1_MAX_BRANCHES}], got {max_branches!r}")
     if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
                                   or not threshold >= 0):
         raise ValueError(f"o1_entropy_threshold must be a number >= 0 (nats), got {threshold!r}")
@@ -57,7 +58,7 @@ class SamplingParams:
     structured_outputs: StructuredOutputsParams | dict | None = None   # vLLM's name: json, regex, choice, grammar
     thinking_token_budget: int | None = None   # vLLM's name: reasoning tokens before the end marker is forced
     o1_mode: str | None = None        # "off" or "adaptive" (branch at uncertain tokens, vote); None = the engine's
-    o1_max_branches: int = 8          # adaptive: sequences per request, the first one included
+    o1_max_branches: int = O1_BRANCHES   # adaptive: sequences per request, the first one included
     o1_entropy_threshold: float | None = None   # adaptive: entropy (nats) above which a token branches
     answer_regex: str | None = None   # adaptive: what a branch answers (last match, its first group if any)
 
@@ -100,7 +101,7 @@ class SamplingParams:
         if self.o1_mode == "adaptive" and self.o1_blocker:
             raise ValueError(f"o1_mode adaptive does not take {self.o1_blocker}")
         if self.o1_mode == "off" and (self.answer_regex is not None or self.o1_entropy_threshold is not None
-                                      or self.o1_max_branches != 8):
+                                      or self.o1_max_branches != O1_BRANCHES):
             raise ValueError("o1_max_branches, o1_entropy_threshold and answer_regex apply to o1_mode adaptive only")
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)

@@ -86,11 +86,9 @@ class SedacSteps:
         k = self.batch_drafts(len(seqs))
         results = speculative_step(self.runner, seqs, [min(k, self.draft_len(s)) for s in seqs],
                                    self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
-        drafts = [r.drafted for r in results]
-        rounds = [sum(k > j for k in drafts) for j in range(max(drafts))]     # rows of each draft pass
-        verify_rows = sum(k + 1 for k in drafts)
-        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens),
-                            sum(self._share("int8", rounds[j], 1) for j in range(r.drafted))
+        verify_rows = sum(r.drafted + 1 for r in results)
+        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens),                  # every draft pass it ran in
+                            sum(self._share("int8", rows, 1) for rows in r.draft_passes)
                             + self._share("full", verify_rows, r.drafted + 1),
                             self.off_cost(len(seqs)) * len(r.tokens), r.drafted, r.accepted) for r in results]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, model_validator
 
 from sedac.runtime.reasoning import REASONING_EFFORT
-from sedac.runtime.sampling_params import SamplingParams
+from sedac.runtime.sampling_params import O1_BRANCHES, O1_MAX_BRANCHES, SamplingParams
 from sedac.serving.tools import Tool, ToolPlan
 
 
@@ -91,7 +91,7 @@ class _Sampling(BaseModel):
     thinking_token_budget: Positive | None = None      # vLLM: reasoning tokens before the end marker is forced
     reasoning_effort: Literal["low", "medium", "high"] | None = None    # OpenAI: mapped to a budget
     o1_mode: Literal["off", "adaptive"] | None = None   # adaptive: branch at uncertain tokens, answer by vote
-    o1_max_branches: StrictInt = Field(8, ge=1, le=64)
+    o1_max_branches: StrictInt = Field(O1_BRANCHES, ge=1, le=O1_MAX_BRANCHES)
     o1_entropy_threshold: Number | None = Field(None, ge=0)
     answer_regex: str | None = None
 
