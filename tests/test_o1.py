@@ -129,7 +129,7 @@ def test_bad_o1_fields(kw, needle):
 
 
 def test_o1_with_sedac_mode_is_an_error():
-    with pytest.raises(ValueError, match="o1_mode adaptive runs with sedac_mode off"):
+    with pytest.raises(ValueError, match="sedac_mode lossless does not take o1_mode adaptive"):
         LLMEngine._sedac_capable(_adaptive(sedac_mode="lossless"))
 
 

@@ -76,7 +76,7 @@ def test_bad_budgets_and_markerless_engines(thinking_engine, tiny_llama, tiny_se
         SamplingParams(thinking_token_budget=2.5)
     with pytest.raises(ValueError, match="needs a model with reasoning markers.*--reasoning-start"):
         LLM(str(tiny_llama), device="cpu").generate("x", SamplingParams(thinking_token_budget=4))
-    with pytest.raises(ValueError, match="thinking_token_budget runs with sedac_mode off"):
+    with pytest.raises(ValueError, match="sedac_mode lossless does not take thinking_token_budget"):
         LLM(str(tiny_sedac_engine), device="cpu").generate("x", SamplingParams(thinking_token_budget=4,
                                                                                    sedac_mode="lossless"))
     assert EngineConfig.load(thinking_engine).reasoning == {"start": "<think>", "end": "</think>"}

@@ -16,7 +16,9 @@ def llm(tiny_llama):
 @pytest.mark.parametrize("bad", [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5),
                                  dict(top_k=-2), dict(min_p=2), dict(n=0), dict(seed=-1), dict(logprobs=50),
                                  dict(repetition_penalty=0), dict(presence_penalty=3), dict(max_tokens="5"),
-                                 dict(stop=[""]), dict(temperature=float("nan"))])
+                                 dict(stop=[""]), dict(temperature=float("nan")), dict(min_tokens=-1),
+                                 dict(min_tokens=9, max_tokens=8), dict(logit_bias={5: 101}),
+                                 dict(logit_bias={-1: 1.0}), dict(logit_bias={"5": 1.0}), dict(logit_bias=[5])])
 def test_invalid_params_raise_value_error(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
@@ -109,3 +111,34 @@ def test_bad_words_are_never_generated(llm):
     banned_ids = llm.engine._bad_words_ids(SamplingParams(bad_words=[banned_word]))
     assert out.token_ids[:2] == free.token_ids[:2] and out.token_ids[2] != free.token_ids[2]
     assert not any(ids == [t] for ids in banned_ids for t in out.token_ids)
+
+
+def test_logit_bias_moves_the_choice(llm):
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    plain = llm.generate([PROMPT], greedy)[0].token_ids
+    forced = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                   logit_bias={77: 100.0}))[0].token_ids
+    assert forced == [77] * 6 != plain
+    avoided = llm.generate([PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                    logit_bias={plain[0]: -100.0}))[0].token_ids
+    assert avoided[0] != plain[0]
+    with pytest.raises(ValueError, match="logit_bias has token ids outside the vocabulary"):
+        llm.engine.add_request("out-of-vocabulary", PROMPT, SamplingParams(logit_bias={10 ** 6: 1.0}))
+
+
+def test_min_tokens_holds_back_every_stop(llm):
+    """EOS pushed to the top by logit_bias ends at once; min_tokens=4 bans it (and stop_token_ids) for four
+    tokens and ignores stop strings until then, as vLLM does; the fifth token is EOS."""
+    eos = llm.engine.config.model.eos_token_ids[0]
+    params = lambda **kw: SamplingParams(max_tokens=8, temperature=0.0, logit_bias={eos: 100.0}, **kw)
+    assert llm.generate([PROMPT], params())[0].token_ids == [eos]
+    held = llm.generate([PROMPT], params(min_tokens=4))[0]
+    assert len(held.token_ids) == 5 and held.token_ids[-1] == eos and eos not in held.token_ids[:4]
+    assert held.finish_reason == "stop"
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    stopped = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                   stop_token_ids=[free.token_ids[0]], min_tokens=3))[0]
+    assert free.token_ids[0] not in stopped.token_ids[:3] and len(stopped.token_ids) >= 3
+    text = llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True,
+                                                 stop=[free.text[:1]], min_tokens=8))[0]
+    assert text.finish_reason == "length" and len(text.token_ids) == 8

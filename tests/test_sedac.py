@@ -19,11 +19,11 @@ PROMPTS = ["Hello there, how are", "The capital of France is", "def fib(n):", "a
 @pytest.fixture(scope="module")
 def llm(tiny_sedac_engine):
     llm = LLM(str(tiny_sedac_engine), device="cpu")
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     return llm
 
 
-def _always_draft(engine: LLMEngine):
+def always_draft(engine: LLMEngine):
     """Draft at every batch size whatever the tiny model's measured costs plan, so verification is exercised."""
     engine.config.sedac["draft_max_entropy"] = 1e9
     engine.sedac.drafts_by_batch = [0] + [engine.config.sedac["draft_len"]] * engine.scheduler.max_num_seqs
@@ -118,7 +118,7 @@ def test_lossless_sampling_keeps_the_distribution(tiny_sedac_engine, monkeypatch
     rule (always accept the draft), so it can fail."""
     from sedac.runtime import speculative
     llm = LLM(str(tiny_sedac_engine), device="cpu")
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     scale = llm.engine.runner.model.lm_head.int8[1]
     scale[::2] *= 3.0                                   # the drafter now prefers even token ids
     off = _sampled_tokens(llm, "off")
@@ -130,7 +130,7 @@ def test_lossless_sampling_keeps_the_distribution(tiny_sedac_engine, monkeypatch
         p = _chi2_homogeneity_p([o.token_ids[pos] for o in off], [o.token_ids[pos] for o in lossless])
         assert p > SPEC_ALPHA, (pos, p)
 
-    def accept_every_draft(logits, views, drafts, qs):
+    def accept_every_draft(logits, views, drafts, qs, constrain):
         probs = speculative.filtered_probs(speculative.process(logits, views), [v.params for v in views])
         tokens = list(drafts) + [speculative.draw(probs[len(drafts)], views[0].generator)]
         return tokens, speculative.token_logprobs(None, tokens, views[:len(tokens)])
@@ -253,7 +253,7 @@ def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch, m
     pass, priced by the build's costs; the engine-wide ratio agrees with the request's."""
     from sedac.runtime import sedac_steps
     llm = LLM(str(tiny_sedac_engine), device="cpu")
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     llm.engine.config.sedac["draft_max_entropy"] = max_entropy
     cycles = []
     step = sedac_steps.speculative_step
@@ -324,7 +324,7 @@ def test_int8_exit_runs_only_where_it_pays(tiny_sedac_engine):
 def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine, lossy_exit):
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit=lossy_exit)
     _exit_everything(llm.engine)
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     alone = llm.generate(PROMPTS, _greedy("off"))
     modes = ["off", "lossless", "lossy", "lossless", "off"]
     mixed = llm.generate(PROMPTS, [_greedy(m) for m in modes])
@@ -337,7 +337,7 @@ def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine, lossy_exit):
 
 def test_engine_default_mode_and_abort_frees_blocks(tiny_sedac_engine):
     engine = LLMEngine(tiny_sedac_engine, device="cpu", sedac_mode="lossless")
-    _always_draft(engine)
+    always_draft(engine)
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True,
                                                      sedac_mode="lossy" if i % 2 else None))
@@ -353,7 +353,7 @@ def test_engine_default_mode_and_abort_frees_blocks(tiny_sedac_engine):
 
 def test_speculation_is_disabled_above_the_batch_size_limit(tiny_sedac_engine):
     llm = LLM(str(tiny_sedac_engine), device="cpu", speculative_disable_by_batch_size=1)
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     off = llm.generate(PROMPTS[:3], _greedy("off"))
     batched = llm.generate(PROMPTS[:3], _greedy("lossless"))
     assert [o.token_ids for o in batched] == [o.token_ids for o in off]
@@ -366,7 +366,7 @@ def test_speculation_is_disabled_above_the_batch_size_limit(tiny_sedac_engine):
 
 def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
     llm = LLM(str(tiny_sedac_engine), device="cpu")
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     del llm.engine.sedac._min_drafting                                 # judged by the costs again
     off = llm.generate(PROMPTS[:3], _greedy("off"))
     costs = llm.engine.config.sedac["costs"]
@@ -444,7 +444,7 @@ def test_lossless_drafts_right_after_a_prefix_cache_hit(tiny_sedac_engine):
     draft slots are reserved at admission too (more drafts than the rest of its block holds)."""
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     llm.engine.config.sedac["draft_len"] = 6                  # blocks hold 4 tokens
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     prompt = list(range(10, 19))                              # two full blocks, then one token
     off = llm.generate([prompt], _greedy("off"))[0]
     lossless = llm.generate([prompt], _greedy("lossless"))[0]

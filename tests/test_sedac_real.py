@@ -32,6 +32,20 @@ def test_lossless_is_token_identical_to_off(llm, prompts):
     assert alone[0].metrics.acceptance_rate is not None      # it drafted (in the batch of 8 few rounds pay)
 
 
+def test_structured_outputs_in_lossless_are_token_identical_to_off(llm, prompts):
+    """A JSON schema per request: drafts and verification both follow the grammar, so each constrained
+    greedy output is the one `off` gives, and drafts were made and accepted."""
+    schema = {"type": "object", "required": ["name", "age", "tags"], "additionalProperties": False,
+              "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                             "tags": {"type": "array", "items": {"type": "string"}}}}
+    for prompt in prompts[:4]:
+        params = [SamplingParams(max_tokens=64, temperature=0.0, sedac_mode=mode, structured_outputs={"json": schema})
+                  for mode in ("off", "lossless")]
+        off, lossless = (llm.generate([prompt], p)[0] for p in params)
+        assert lossless.token_ids == off.token_ids
+        assert lossless.metrics.acceptance_rate is not None and lossless.metrics.acceptance_rate > 0
+
+
 def test_calibration_guarantee_holds_on_held_out_answers(llm, prompts):
     """Depth-exit thresholds calibrated on the calib split keep exit agreement >= 0.99 on the bench split's own
     greedy answers (teacher-forced, exactly what calibration measured on its split)."""

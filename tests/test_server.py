@@ -115,7 +115,11 @@ BAD = [
     (b'{"prompt": "hi", "max_tokens": 2, "temperature": NaN}', 400),
     (b'{"prompt": "hi", "max_tokens": 2, "top_p": 1e999}', 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "n": 10**6}).encode(), 400),
-    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 100}}).encode(), 400),    # not silently
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 101}}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"five": 1}}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"999999": 1}}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "best_of": 3}).encode(), 400),      # not silently ignored
     (json.dumps({"prompt": "hi", "max_tokens": 2, "response_format": {"type": "xml"}}).encode(), 400),
 ]
 
@@ -223,8 +227,18 @@ def test_content_parts_and_unsupported_fields_named(server):
     tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
     with pytest.raises(openai.BadRequestError, match="'tools' is not supported"):        # chat only
         c.completions.create(model="tiny", prompt="hi", max_tokens=2, extra_body={"tools": [tool]})
-    with pytest.raises(openai.BadRequestError, match="'logit_bias' is not supported"):
-        c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], logit_bias={"5": 10})
+    with pytest.raises(openai.BadRequestError, match="'best_of' is not supported"):
+        c.completions.create(model="tiny", prompt="hi", max_tokens=2, best_of=2)
+
+
+def test_logit_bias_and_min_tokens(server, offline):
+    c = client(server)
+    biased = c.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0, logit_bias={"77": 100})
+    assert biased.choices[0].text == offline.tokenizer.decode([77] * 3)
+    eos = str(offline.engine.config.model.eos_token_ids[0])
+    held = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=9,
+                                     temperature=0, logit_bias={eos: 100}, extra_body={"min_tokens": 5})
+    assert held.usage.completion_tokens == 6 and held.choices[0].finish_reason == "stop"
 
 
 def test_tokenize_detokenize_version(server, offline):
@@ -238,3 +252,22 @@ def test_tokenize_detokenize_version(server, offline):
     assert httpx.post(server + "/detokenize", json={"tokens": [-1]}, timeout=30).status_code == 400
     assert httpx.post(server + "/tokenize", json={"prompt": "a", "messages": []}, timeout=30).status_code == 400
     assert httpx.get(server + "/version", timeout=30).json()["version"]
+
+
+def test_request_limits_are_configurable(tiny_llama):
+    """--max-n, --max-tokens-cap and --max-body-bytes: a request over one is a 400 (413) naming it; a chat
+    without max_tokens gets what fits under the cap."""
+    with sedac_server(tiny_llama, "--served-model-name", "tiny", "--max-n", "2", "--max-tokens-cap", "5",
+                      "--max-body-bytes", "4096") as (base, _):
+        c = client(base)
+        with pytest.raises(openai.BadRequestError, match=r"n \(3\) is over this server's limit of 2 \(--max-n\)"):
+            c.completions.create(model="tiny", prompt="hi", max_tokens=2, n=3)
+        with pytest.raises(openai.BadRequestError, match=r"max_tokens \(6\) is over .* limit of 5 \(--max-tokens-cap\)"):
+            c.completions.create(model="tiny", prompt="hi", max_tokens=6)
+        chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0,
+                                         extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 5 and chat.choices[0].finish_reason == "length"
+        assert len(c.completions.create(model="tiny", prompt="hi", max_tokens=2, n=2).choices) == 2
+        big = httpx.post(base + "/v1/completions", json={"prompt": "x" * 5000, "max_tokens": 2}, timeout=30)
+        assert big.status_code == 413
+        assert_pool_free(base)

@@ -11,6 +11,7 @@ import pytest
 from sedac import LLM, SamplingParams
 from sedac.runtime.structured_outputs import StructuredOutputsParams
 from tests.servers import sedac_server
+from tests.test_sedac import always_draft
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "tag"],
           "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 99},
@@ -104,11 +105,57 @@ def test_bad_grammars_and_sedac_modes_are_errors(llm, tiny_sedac_engine):
     assert (dead.outputs[0].finish_reason, dead.outputs[0].text) == ("abort", "")
     assert "no token of this vocabulary continues the grammar" in dead.outputs[0].stop_reason
     assert other.outputs[0].token_ids == llm.generate("y", free)[0].outputs[0].token_ids   # and no other
-    sedac = LLM(str(tiny_sedac_engine), device="cpu", sedac_mode="lossless")
-    with pytest.raises(ValueError, match="structured_outputs runs with sedac_mode off"):
+    sedac = LLM(str(tiny_sedac_engine), device="cpu", sedac_mode="lossy")
+    with pytest.raises(ValueError, match="sedac_mode lossy does not take structured_outputs"):
         sedac.generate("x", SamplingParams(sedac_mode="lossy", structured_outputs={"choice": ["a"]}))
     out = sedac.generate(["x"], SamplingParams(max_tokens=8, temperature=0.0, structured_outputs={"choice": ["ab", "cd"]}))
-    assert out[0].outputs[0].text in ("ab", "cd")          # the engine's lossless default steps aside
+    assert out[0].outputs[0].text in ("ab", "cd")          # the engine's lossy default steps aside
+    assert sedac.engine.counters["sedac_lossy_tokens"] == 0
+
+
+@pytest.fixture(scope="module")
+def drafting(tiny_sedac_engine):
+    llm = LLM(str(tiny_sedac_engine), device="cpu")
+    always_draft(llm.engine)
+    return llm
+
+
+@pytest.mark.parametrize("constraint", [{"json": SCHEMA}, {"regex": r"[a-c]{3}-\d{2}"},
+                                        {"grammar": 'root ::= "(" [0-9] ("+" [0-9])* ")"'}])
+def test_lossless_drafts_under_a_grammar_match_off(drafting, constraint):
+    """Lossless mode with drafts really made: drafts and targets are masked by the grammar's state after
+    each draft prefix, so greedy constrained output is token-identical to off, and sampled output stays in
+    the language. Without the verify masks (monkeypatched below) the outputs differ, so this can fail."""
+    def run(mode, temperature=0.0):
+        params = SamplingParams(max_tokens=40, temperature=temperature, seed=5, n=2 if temperature else 1,
+                                sedac_mode=mode, structured_outputs=constraint)
+        return drafting.generate(PROMPTS, params)
+    counters = drafting.engine.counters
+    off = run("off")
+    before = counters["sedac_drafted_tokens"], counters["sedac_accepted_tokens"]
+    lossless = run("lossless")
+    assert [o.outputs[0].token_ids for o in lossless] == [o.outputs[0].token_ids for o in off]
+    assert counters["sedac_drafted_tokens"] > before[0] and counters["sedac_accepted_tokens"] > before[1]
+    for out in run("lossless", temperature=1.0):
+        for o in out.outputs:
+            assert o.finish_reason == "length" or _in_language(constraint, o.text), o.text
+    assert not drafting.engine.structured.matchers
+
+
+def test_lossless_verify_needs_the_draft_masks(drafting, monkeypatch):
+    params = SamplingParams(max_tokens=40, temperature=0.0, structured_outputs={"json": SCHEMA})
+    off = [o.outputs[0].token_ids for o in drafting.generate(PROMPTS, params)]
+    monkeypatch.setattr(drafting.engine.structured, "mask_after_drafts", lambda logits, seq, drafts: logits)
+    unmasked = drafting.generate(PROMPTS, SamplingParams(max_tokens=40, temperature=0.0, sedac_mode="lossless",
+                                                          structured_outputs={"json": SCHEMA}))
+    assert [o.outputs[0].token_ids for o in unmasked] != off
+
+
+def _in_language(constraint: dict, text: str) -> bool:
+    if "json" in constraint:
+        return _valid(json.loads(text))
+    pattern = constraint.get("regex") or r"\(\d(\+\d)*\)"
+    return re.fullmatch(pattern, text) is not None
 
 
 def test_server_response_format_structured_outputs_and_guided(tiny_llama):

@@ -143,11 +143,16 @@ def chat(engine, device, kv_cache_dtype, **sampling):
               help="default o1 mode for requests that do not set one")
 @click.option("--speculative-disable-by-batch-size", type=int,
               help="lossless requests decode without drafts in steps with more sequences than this")
+@click.option("--max-n", type=int, default=64, show_default=True, help="choices one request may ask for (n)")
+@click.option("--max-tokens-cap", type=int, help="max_tokens one request may ask for (default: what fits in max_seq_len)")
+@click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="larger request bodies get 413")
 @clean_errors
-def serve(engine, device, host, port, api_key, max_queue, served_model_name, **engine_options):
+def serve(engine, device, host, port, api_key, max_queue, served_model_name, max_n, max_tokens_cap, max_body_bytes,
+          **engine_options):
     """OpenAI-compatible HTTP server with Prometheus metrics."""
-    from sedac.serving.app import serve as run_server
-    run_server(engine, host, port, api_key, max_queue, device, served_model_name, engine_options)
+    from sedac.serving.app import RequestLimits, serve as run_server
+    limits = RequestLimits(max_n, max_tokens_cap, max_body_bytes)
+    run_server(engine, host, port, api_key, max_queue, device, served_model_name, engine_options, limits)
 
 
 @main.group()

@@ -104,7 +104,9 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         grammar = self._grammar(params)
         self.reasoning.check(params.thinking_token_budget)
-        seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params))
+        self._check_token_ids(params)
+        seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params),
+                       stop_ids=sorted(self.eos_ids | set(params.stop_token_ids)) if params.min_tokens else None)
         seq.detok_state = detokenizer.start(len(ids))
         metrics = RequestMetrics(seq.arrival, num_prompt_tokens=len(ids),
                                  layers_per_token=float(self.config.model.num_layers))   # the full model
@@ -127,9 +129,10 @@ class LLMEngine:
 
     @staticmethod
     def _sedac_capable(params: SamplingParams) -> None:
-        if params.sedac_mode not in (None, "off") and params.sedac_blocker:
-            raise ValueError(f"{params.sedac_blocker} runs with sedac_mode off (drafts and exits are not aware of "
-                             "it yet); drop sedac_mode or set it to off")
+        blocker = params.sedac_blocker(params.sedac_mode)
+        if blocker:
+            raise ValueError(f"sedac_mode {params.sedac_mode} does not take {blocker} yet; drop sedac_mode "
+                             "or choose another")
 
     def _check_mode(self, mode: str | None) -> str | None:
         check_sedac_mode(mode)
@@ -138,16 +141,21 @@ class LLMEngine:
         return mode
 
     def mode_of(self, seq: Sequence) -> str:
-        """The request's SEDAC mode, else the engine's; structured-outputs and budgeted requests run off."""
-        if seq.params.sedac_blocker:
-            return "off"
-        return seq.params.sedac_mode or self.sedac_mode
+        """The request's SEDAC mode, else the engine's; off where the request has a field that mode does not take."""
+        mode = seq.params.sedac_mode or self.sedac_mode
+        return "off" if seq.params.sedac_blocker(mode) else mode
 
     def _draft_len(self, seq: Sequence) -> int:
         """Drafts this lossless decode step (0 for other modes): the KV slots the scheduler reserves."""
         if self.mode_of(seq) != "lossless" or seq.pending_forks or seq.num_computed_tokens != seq.num_tokens - 1:
             return 0
         return self.sedac.draft_len(seq)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.config.model.vocab_size
+        for name in ("stop_token_ids", "logit_bias"):
+            if any(t >= vocab for t in getattr(params, name) or ()):
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab})")
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, with and without a leading space (as vLLM does)."""
@@ -182,7 +190,7 @@ class LLMEngine:
         full, lossless, lossy = self.sedac.split(batch, self.mode_of)
         new_tokens = self._full_step(full) if full.seqs else []
         if lossless:
-            new_tokens += self._record(lossless, self.sedac.lossless(lossless))
+            new_tokens += self._record(lossless, self.sedac.lossless(lossless, self.structured))
         if lossy:
             self.counters["sedac_lossy_tokens"] += len(lossy)
             new_tokens += self._record(lossy, self.sedac.lossy(lossy))
@@ -311,6 +319,8 @@ class LLMEngine:
 
     def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
         p = seq.params
+        if seq.num_output_tokens < p.min_tokens:      # vLLM: no stop of any kind before min_tokens
+            return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
         if token in self.eos_ids and not p.ignore_eos:
             return ("stop", None)
         if token in p.stop_token_ids:

@@ -28,13 +28,14 @@ def argmax_only(seqs: list[Sequence]) -> bool:
     penalties, banned words, grammar or o1 branching (those read or change logits beyond the argmax)."""
     return all(s.params.greedy and s.params.logprobs is None and not s.bad_words_ids
                and s.params.structured_outputs is None and s.params.o1_mode != "adaptive"
+               and not s.params.logit_bias and not s.params.min_tokens
                and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
                and not s.params.frequency_penalty for s in seqs)
 
 
 def process(logits: torch.Tensor, seqs) -> torch.Tensor:
-    """Penalties and bad words: the logits every decision (greedy or sampled) is taken from."""
-    return _ban_bad_words(_apply_penalties(logits, seqs), seqs)
+    """Penalties, logit bias, held stops and bad words: the logits every decision (greedy or sampled) is taken from."""
+    return _ban_bad_words(_hold_stops(_bias(_apply_penalties(logits, seqs), seqs), seqs), seqs)
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
@@ -59,6 +60,28 @@ def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
             out = torch.tensor(seq.output_token_ids, device=logits.device)
             counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _bias(logits: torch.Tensor, seqs) -> torch.Tensor:
+    rows = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    for i in rows:
+        bias = seqs[i].params.logit_bias
+        logits[i, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
+def _hold_stops(logits: torch.Tensor, seqs) -> torch.Tensor:
+    """min_tokens: a sequence's stop tokens (EOS and stop_token_ids) are banned until it has that many outputs."""
+    held = [i for i, s in enumerate(seqs) if s.num_output_tokens < s.params.min_tokens]
+    if not held:
+        return logits
+    logits = logits.clone()
+    for i in held:
+        logits[i, seqs[i].stop_ids] = float("-inf")
     return logits
 
 

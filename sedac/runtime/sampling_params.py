@@ -48,6 +48,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     bad_words: list[str] = field(default_factory=list)   # never generated (as in vLLM / TRT-LLM bad_words)
+    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: [-100, 100])
+    min_tokens: int = 0               # EOS, stop_token_ids and stop strings wait until this many outputs (vLLM)
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None       # number of top logprobs per token (the sampled one is always included)
@@ -94,6 +96,15 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a list of non-empty strings")
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
+        _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError("logit_bias must be a dict of token id -> bias")
+            for token, bias in self.logit_bias.items():
+                _check_int("logit_bias token id", token, 0)
+                _check_num(f"logit_bias[{token}]", bias, -100.0, 100.0)
         if self.thinking_token_budget is not None:
             _check_int("thinking_token_budget", self.thinking_token_budget, 1)
         check_sedac_mode(self.sedac_mode)
@@ -106,11 +117,13 @@ class SamplingParams:
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
 
-    @property
-    def sedac_blocker(self) -> str | None:
-        """The field that keeps this request on sedac_mode off (drafts and exits are not grammar- or
-        budget-aware yet), if any."""
-        if self.structured_outputs is not None:
+    def sedac_blocker(self, mode: str | None) -> str | None:
+        """The field that keeps this request off SEDAC mode `mode` (it then runs off), if any: lossy exits
+        are not grammar-aware (lossless drafts and verification are), and neither mode is budget- or
+        branch-aware yet."""
+        if mode in (None, "off"):
+            return None
+        if self.structured_outputs is not None and mode == "lossy":
             return "structured_outputs"
         if self.o1_mode == "adaptive":
             return "o1_mode adaptive"

@@ -82,10 +82,11 @@ class SedacSteps:
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.runner.config.build.max_seq_len - seq.num_tokens) - 1
         return max(0, min(self.sedac["draft_len"], room))
 
-    def lossless(self, seqs) -> list[SedacTokens]:
+    def lossless(self, seqs, grammar) -> list[SedacTokens]:
+        """A draft-and-verify cycle; grammar: the engine's StructuredOutputs (constrained drafts and targets)."""
         k = self.batch_drafts(len(seqs))
         results = speculative_step(self.runner, seqs, [min(k, self.draft_len(s)) for s in seqs],
-                                   self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)))
+                                   self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)), grammar)
         verify_rows = sum(r.drafted + 1 for r in results)
         return [SedacTokens(r.tokens, r.logprobs, len(r.tokens),                  # every draft pass it ran in
                             sum(self._share("int8", rows, 1) for rows in r.draft_passes)

@@ -21,7 +21,8 @@ class Status(Enum):
 
 class Sequence:
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 index: int = 0, arrival: float | None = None, bad_words_ids: list[list[int]] | None = None):
+                 index: int = 0, arrival: float | None = None, bad_words_ids: list[list[int]] | None = None,
+                 stop_ids: list[int] | None = None):
         self.seq_id = next(_ids)
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_token_ids)
@@ -43,6 +44,7 @@ class Sequence:
         self.pending_forks = params.n - 1 if index == 0 else 0  # children forked after the prompt
         self.detok_state: object = None
         self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
+        self.stop_ids = stop_ids or []     # EOS and stop_token_ids: held back until params.min_tokens outputs
         self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
         self.int8_exits: list = []         # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
         self.approximate_kv_from: int | None = None   # first position whose K/V is not the full model's
@@ -65,7 +67,8 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sample sharing this sequence's prompt and blocks (the caller bumps block refs)."""
-        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival, self.bad_words_ids)
+        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival, self.bad_words_ids,
+                         self.stop_ids)
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.block_table = list(self.block_table)

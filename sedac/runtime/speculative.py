@@ -34,6 +34,7 @@ class _Extended(Sequence):
 
     def __init__(self, seq: Sequence, extra: list[int]):   # noqa: super().__init__ would start a new sequence
         self.params, self.generator, self.bad_words_ids = seq.params, seq.generator, seq.bad_words_ids
+        self.stop_ids = seq.stop_ids
         self.num_prompt_tokens = seq.num_prompt_tokens
         self.token_ids = seq.token_ids + extra
 
@@ -65,12 +66,13 @@ def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) ->
 
 @torch.inference_mode()
 def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
-                     min_drafting: float = 0.0) -> list[CycleResult]:
+                     min_drafting: float = 0.0, grammar=None) -> list[CycleResult]:
     """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved). A draft
     round is one int8 pass for all rows that draft; it runs only while at least min_drafting of the
-    batch drafts, the share whose saved full passes pay for it."""
+    batch drafts, the share whose saved full passes pay for it. grammar: the engine's StructuredOutputs
+    (drafts and targets of constrained sequences are masked by it)."""
     starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
-    drafts, qs, passes = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs))
+    drafts, qs, passes = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs), grammar)
     ids = torch.tensor([t for s, d in zip(seqs, drafts) for t in [s.token_ids[-1], *d]], device=runner.device)
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
     hidden = runner.run(ids, None, positions, ctx)                        # verify: writes the true KV
@@ -81,17 +83,19 @@ def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
         views = [_Extended(seq, d[:j]) for j in range(k + 1)]
         rows = logits[row:row + k + 1]
         row += k + 1
-        tokens, lps = (_accept_greedy if seq.params.greedy else _accept_sampled)(rows, views, d, q)
+        constrain = (lambda lg, _views: grammar.mask_after_drafts(lg, seq, d)) if grammar else _unconstrained
+        tokens, lps = (_accept_greedy if seq.params.greedy else _accept_sampled)(rows, views, d, q, constrain)
         results.append(CycleResult(tokens, lps, k, len(tokens) - 1, tuple(len(p) for p in passes if i in p)))
     return results
 
 
-def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
+def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
     """Draft in lockstep on the int8 weights: each pass runs every drafting sequence's newest token
     through the whole model; a sequence keeps drafting while the draft is confident (entropy <=
     max_entropy) and under its k, and all stop once fewer than min_rows would draft. The draft
     passes' K/V are overwritten by the verify pass. -> drafts, their distributions (sampled requests),
-    and the rows (sequence indices) of every pass that ran, drafts kept or not."""
+    and the rows (sequence indices) of every pass that ran, drafts kept or not. A constrained
+    sequence drafts what its grammar allows, until the grammar ends; its matcher is rolled back after."""
     drafts, qs, passes = [[] for _ in seqs], [[] for _ in seqs], []
     last = [s.token_ids[-1] for s in seqs]
     active = [i for i, k in enumerate(draft_lens) if k > 0]
@@ -106,6 +110,8 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
         if sum(confident) < min_rows:
             break
         logits = process(raw, [_Extended(seqs[i], drafts[i]) for i in active])
+        if grammar:
+            grammar.mask(logits, [seqs[i] for i in active])     # their matchers stand after their drafts
         greedy = logits.argmax(-1).tolist()
         still = []
         for n, i in enumerate(active):
@@ -117,25 +123,35 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows):
                 q = filtered_probs(logits[n:n + 1], [seqs[i].params])[0]
                 token = draw(q, seqs[i].generator)
                 qs[i].append(q)
+            state = grammar.accept(seqs[i], token) if grammar else None
+            if state == "dead end":
+                continue
             drafts[i].append(token)
             last[i] = token
-            if len(drafts[i]) < draft_lens[i]:
+            if len(drafts[i]) < draft_lens[i] and state != "end":
                 still.append(i)
         active = still
+    if grammar:
+        for seq, d in zip(seqs, drafts):
+            grammar.rollback(seq, len(d))
     return drafts, qs, passes
 
 
-def _accept_greedy(logits, views, drafts, _qs):
-    targets, lps = sample(logits, views)     # exactly what `off` would pick after each draft prefix
+def _unconstrained(logits, _views):
+    return logits
+
+
+def _accept_greedy(logits, views, drafts, _qs, constrain):
+    targets, lps = sample(logits, views, constrain)   # exactly what `off` would pick after each draft prefix
     m = 0
     while m < len(drafts) and drafts[m] == targets[m]:
         m += 1
     return drafts[:m] + [targets[m]], lps[:m + 1]
 
 
-def _accept_sampled(logits, views, drafts, qs):
+def _accept_sampled(logits, views, drafts, qs, constrain):
     raw = torch.log_softmax(logits, dim=-1) if views[0].params.logprobs is not None else None
-    probs = filtered_probs(process(logits, views), [v.params for v in views])
+    probs = filtered_probs(constrain(process(logits, views), views), [v.params for v in views])
     gen, tokens = views[0].generator, []
     for j, (d, q) in enumerate(zip(drafts, qs)):
         p = probs[j]

@@ -8,6 +8,10 @@ reached only through an end-of-sequence token, so a constrained sequence stops e
 complete. Grammars are compiled once per distinct request (xgrammar caches them). JSON is compact (no
 free whitespace between tokens, vLLM's disable-any-whitespace): small models otherwise pad it with
 whitespace until max_tokens.
+
+SEDAC lossless drafts are masked too (the matcher advances by each draft and rolls back after the cycle),
+and each verify row is masked by the grammar's state after its draft prefix, so the target tokens are
+exactly the ones a constrained `off` step would pick.
 """
 from __future__ import annotations
 
@@ -120,9 +124,40 @@ class StructuredOutputs:
                                                  indices=live)
         return logits
 
+    def mask_after_drafts(self, logits: torch.Tensor, seq, drafts: list[int]) -> torch.Tensor:
+        """logits [k + 1, V]: seq's verify rows after each prefix of its k drafts; row j keeps what the
+        grammar allows after drafts[:j], in place. Rows past a draft the grammar refuses stay as they
+        are (acceptance stops at that draft, so they are never read). The matcher ends where it began."""
+        matcher = self.matchers.get(seq)
+        if matcher is None:
+            return logits
+        import xgrammar
+        bitmask = xgrammar.allocate_token_bitmask(len(logits), self.vocab_size)
+        live, taken = [], 0
+        for j in range(len(logits)):
+            if matcher.is_terminated():     # a draft ended the grammar: acceptance stops there
+                break
+            matcher.fill_next_token_bitmask(bitmask, j)
+            if bitmask[j].any():
+                live.append(j)
+            if j == len(drafts) or not matcher.accept_token(drafts[j]):
+                break
+            taken += 1
+        if taken:
+            matcher.rollback(taken)
+        if live:
+            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
+                                                 indices=live)
+        return logits
+
+    def rollback(self, seq, num_tokens: int) -> None:
+        """Undo seq's last num_tokens accepts (drafts, once a cycle has drafted)."""
+        if num_tokens and seq in self.matchers:
+            self.matchers[seq].rollback(num_tokens)
+
     def accept(self, seq, token: int) -> str | None:
-        """Advance seq's matcher by its new token: "end" when the grammar has ended (the token was an
-        end-of-sequence token the completed grammar allowed), "dead end" when the grammar cannot take it."""
+        """Advance seq's matcher by its new token (or a draft): "end" when the grammar has ended (the token
+        was an end-of-sequence token the completed grammar allowed), "dead end" when the grammar cannot take it."""
         matcher = self.matchers.get(seq)
         if matcher is None:
             return None

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import signal
+from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -19,7 +20,19 @@ from sedac.serving.openai_api import OpenAIHandlers
 from sedac.serving.protocol import (BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                     ErrorResponse, GenerateRequest, TokenizeRequest)
 
-MAX_BODY_BYTES = 1 << 20
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for (`sedac-run serve --max-n/--max-tokens-cap/--max-body-bytes`): vLLM caps
+    none but the context; one request here must not take the whole KV pool or the event loop."""
+    max_n: int = 64                    # choices per request
+    max_tokens: int | None = None      # tokens per choice; None: what fits in max_seq_len
+    max_body_bytes: int = 1 << 20
+
+    def __post_init__(self):
+        for name in ("max_n", "max_tokens", "max_body_bytes"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
 
 
 def _non_finite(name: str):
@@ -42,16 +55,17 @@ class HTTPError(Exception):
 class Server:
     """What the routes share: the engine loop, the tokenizer, validation and metrics."""
 
-    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None, max_body_bytes: int):
-        self.llm, self.model_name, self.api_key, self.max_body_bytes = llm, model_name, api_key, max_body_bytes
+    def __init__(self, llm: AsyncLLM, model_name: str, api_key: str | None, limits: RequestLimits):
+        self.llm, self.model_name, self.api_key, self.limits = llm, model_name, api_key, limits
         engine = llm.engine
         self.tokenizer, self.max_seq_len = engine.tokenizer, engine.config.build.max_seq_len
+        self.max_tokens = min(limits.max_tokens or self.max_seq_len, self.max_seq_len)
         self.metrics = ServerMetrics(model_name)
 
     async def parse(self, request: Request, schema: type[BaseModel]) -> BaseModel:
         body = await request.body()
-        if len(body) > self.max_body_bytes:
-            raise HTTPError(413, f"request body is over {self.max_body_bytes} bytes")
+        if len(body) > self.limits.max_body_bytes:
+            raise HTTPError(413, f"request body is over {self.limits.max_body_bytes} bytes")
         try:
             data = json.loads(body.decode("utf-8"), parse_constant=_non_finite, parse_float=_finite_float)
         except UnicodeDecodeError:
@@ -74,13 +88,18 @@ class Server:
 
     def params(self, req, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         try:
-            params = req.sampling_params(default_max_tokens, logprobs)
+            params = req.sampling_params(min(default_max_tokens, self.max_tokens), logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
+        if params.n > self.limits.max_n:
+            raise HTTPError(400, f"n ({params.n}) is over this server's limit of {self.limits.max_n} (--max-n)")
+        if params.max_tokens > self.max_tokens:
+            raise HTTPError(400, f"max_tokens ({params.max_tokens}) is over this server's limit of {self.max_tokens}"
+                                 + (" (--max-tokens-cap)" if self.max_tokens < self.max_seq_len else " (max_seq_len)"))
         return params
 
     def room_after(self, prompt_tokens: int) -> int:
-        """Tokens that fit in max_seq_len after a prompt (vLLM's default max_tokens for chat)."""
+        """Tokens that fit in max_seq_len after a prompt (vLLM's default max_tokens for chat; at most the cap)."""
         if prompt_tokens >= self.max_seq_len:
             raise HTTPError(400, f"prompt ({prompt_tokens} tokens) leaves no room in max_seq_len {self.max_seq_len}")
         return self.max_seq_len - prompt_tokens
@@ -155,14 +174,15 @@ def declare_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
 
 
 def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
-              max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
+              limits: RequestLimits = RequestLimits()) -> FastAPI:
     errors = {status: {"model": ErrorResponse, "description": text} for status, text in
               ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
                (413, "request body too large"), (503, "busy, or the engine failed"))}
     app = FastAPI(title="SEDAC server", version=__version__, responses=errors)
     declare_bodies(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, BatchGenerateRequest,
                          TokenizeRequest, DetokenizeRequest])
-    server = Server(llm, model_name, api_key, max_body_bytes)
+    server = Server(llm, model_name, api_key, limits)
+    max_body_bytes = limits.max_body_bytes
     app.state.server = server
     openai = OpenAIHandlers(server)
 
@@ -273,7 +293,8 @@ async def _native_generate(server: Server, req, prompts: list, fail_alone: bool 
 
 
 def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue: int | None, device: str,
-          model_name: str | None = None, engine_options: dict | None = None) -> None:
+          model_name: str | None = None, engine_options: dict | None = None,
+          limits: RequestLimits = RequestLimits()) -> None:
     """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0.
     engine_options: LLMEngine keyword arguments (max_num_seqs, sedac_mode, sedac_kv_fill, ...)."""
     import uvicorn
@@ -292,7 +313,7 @@ def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue:
                     signal.signal(s, handler)
 
     llm = AsyncLLM(LLMEngine(engine_dir, device=device, **(engine_options or {})), max_queue=max_queue)
-    app = build_app(llm, model_name or Path(engine_dir).resolve().name, api_key)
+    app = build_app(llm, model_name or Path(engine_dir).resolve().name, api_key, limits)
     try:
         GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                       timeout_graceful_shutdown=5)).run()

@@ -15,15 +15,13 @@ from sedac.serving.tools import Tool, ToolPlan
 # field, never silently ignored. A value that asks for nothing (the benign ones) passes.
 UNSUPPORTED_FIELDS = {
     "tools": lambda v: not v, "functions": lambda v: not v,     # tools: chat requests declare them (below)
-    "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none", "logit_bias": lambda v: not v,
-    "min_tokens": lambda v: v == 0, "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
+    "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+    "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
     "prompt_logprobs": lambda v: not v,
 }
 # vLLM's older names for structured_outputs' fields
 GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
-
-MAX_N = 64                  # choices per request (vLLM has no cap; one request must not take the whole pool)
 
 def _json_integer(value):
     """A JSON integer: 3 or 3.0 (JSON Schema counts both), not true, "3" or 3.5."""
@@ -47,6 +45,7 @@ Positive = Annotated[StrictInt, Field(ge=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]    # OpenAI's logit_bias keys: token ids as strings
 TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
 
 
@@ -69,9 +68,11 @@ class _Sampling(BaseModel):
     top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=-1)
     min_p: Number = Field(0.0, ge=0, le=1)
-    n: StrictInt = Field(1, ge=1, le=MAX_N)
+    n: Positive = 1                          # at most the server's --max-n (checked by the server: 400)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[TokenId] | None = None
+    logit_bias: dict[TokenIdKey, Annotated[Number, Field(ge=-100, le=100)]] | None = None
+    min_tokens: StrictInt = Field(0, ge=0)
     seed: StrictInt | None = Field(None, ge=0)
     presence_penalty: Number = Field(0.0, ge=-2, le=2)
     frequency_penalty: Number = Field(0.0, ge=-2, le=2)
@@ -106,6 +107,8 @@ class _Sampling(BaseModel):
             max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
             temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
             stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], seed=self.seed,
+            logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
+            min_tokens=self.min_tokens,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
             priority=self.priority, o1_max_branches=self.o1_max_branches, **extra)
