@@ -33,8 +33,10 @@ demo: install $(ENGINE)/config.json
 	$(VENV)/bin/sedac-run generate --engine $(ENGINE) --prompt "$(PROMPT)" --max-tokens 96
 
 test: install
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Each bench writes a directory under reports/: report.md (tables and plots), report.json and PNG plots.
 bench: install $(ENGINE)/config.json
 	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --report reports/bench
 
@@ -44,9 +46,11 @@ $(SEDAC_ENGINE)/sedac.safetensors: | install
 bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 	$(VENV)/bin/sedac-run bench --engine $(SEDAC_ENGINE) --sedac-modes off,lossless,lossy --report reports/sedac_bench
 
-# fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing)
+# fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing);
+# LLAMA_CPP=path/to/llama.cpp/build/bin adds llama.cpp's llama-bench on the same GGUF to the same run.
 bench-precisions: install $(ENGINE)/config.json
-	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,gguf --report reports/precision_bench
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,gguf --report reports/precision_bench \
+		$(if $(LLAMA_CPP),--llama-cpp $(LLAMA_CPP))
 
 # o1 reasoning control: accuracy vs generated tokens on generated arithmetic (greedy, self-consistency, adaptive)
 bench-o1: install $(ENGINE)/config.json

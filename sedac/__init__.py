@@ -8,8 +8,8 @@ for _name in ("THP_MEM_ALLOC_ENABLE", "C10_THP_MEM_ALLOC_ENABLE"):
     os.environ.setdefault(_name, "1")
 
 from sedac.runtime.llm import LLM  # noqa: E402  (after the environment above)
-from sedac.runtime.outputs import CompletionOutput, RequestOutput
-from sedac.runtime.sampling_params import SamplingParams
+from sedac.runtime.outputs import CompletionOutput, RequestOutput  # noqa: E402
+from sedac.runtime.sampling_params import SamplingParams  # noqa: E402
 
 __all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput"]
 __version__ = "0.1.0"

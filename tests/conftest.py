@@ -12,9 +12,9 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")   # Triton kernels run on CPU tensors (set before import)
 
-from sedac.builder import build_engine          # noqa: E402
+from sedac.builder import build_engine  # noqa: E402
 from sedac.builder.sources import smollm2_gguf_path  # noqa: E402
-from sedac.config import BuildConfig            # noqa: E402
+from sedac.config import BuildConfig  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

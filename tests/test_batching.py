@@ -42,7 +42,8 @@ def test_preempted_requests_resume_to_same_tokens(tiny_llama):
     per_block = roomy.engine.runner.kv_bytes_per_block()
     tight = LLM(str(tiny_llama), device="cpu", kv_cache_memory=per_block * 64)
     assert tight.engine.blocks.num_blocks == 64
-    got = [o.token_ids for o in tight.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))]
+    got = [o.token_ids
+           for o in tight.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == expected
 

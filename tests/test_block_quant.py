@@ -21,8 +21,7 @@ from sedac.config import BuildConfig
 from sedac.models import cpu_kernels
 from sedac.models.layers import Linear
 from sedac.models.quant import BlockWeight, pack_nibbles, quantize_int4, to_panels
-from tests.conftest import hf_greedy
-from tests.test_cpu_kernels import H, D, _decode_context, _random_layer, pool, run_step  # noqa: F401  (fixture)
+from tests.test_cpu_kernels import D, H, _decode_context, _random_layer, pool, run_step  # noqa: F401  (fixture)
 from tests.test_parity_tiny import PROMPTS
 
 
@@ -172,7 +171,8 @@ def test_quantized_precision_errors(tmp_path, tiny_models):
     runner = CliRunner()
     base = ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--max-seq-len", "256"]
     out = runner.invoke(build_main, [*base, "--precision", "gguf"])
-    assert out.exit_code != 0 and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output
+    assert (out.exit_code != 0
+            and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output)
     out = runner.invoke(build_main, [*base, "--precision", "int8", "--group-size", "64"])
     assert out.exit_code != 0 and "group_size (--group-size) applies to precision int4 only" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--group-size", "48"])

@@ -107,7 +107,8 @@ def test_portable_wheel_runs_in_a_clean_venv_without_a_compiler(real_engine, tmp
         install = subprocess.run(pip + args, capture_output=True, text=True, timeout=1200)
         assert install.returncode == 0, install.stderr[-2000:]
     # the best level this CPU runs, and the AVX2 baseline where torch sees only AVX2 (ATEN_CPU_CAPABILITY)
-    best = "target=avx512 isa=AVX-512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "target=avx2 isa=AVX2"
+    best = ("target=avx512 isa=AVX-512" if torch.backends.cpu.get_cpu_capability() == "AVX512"
+            else "target=avx2 isa=AVX2")
     for capability, expected in ((None, best), ("avx2", "target=avx2 isa=AVX2")):
         env = _no_compiler_env(tmp_path, venv / "bin")
         if capability:

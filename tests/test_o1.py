@@ -156,4 +156,5 @@ def test_o1_bench_reports_every_strategy(tiny_llama, tmp_path):
     assert len(adaptive) == 3 and all(r["branches_per_question"] >= 1 for r in adaptive)   # tiny: always uncertain
     assert results["rows"]["self-consistency@8"]["tokens"] == 8 * 3 * 6
     assert "no reasoning markers" in results["thinking_budgets"]
-    assert (tmp_path / "o1.md").read_text().count("| adaptive") == 3
+    assert (tmp_path / "o1" / "report.md").read_text().count("| adaptive") == 3
+    assert (tmp_path / "o1" / "accuracy_vs_tokens.png").is_file()

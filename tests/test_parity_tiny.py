@@ -21,6 +21,7 @@ def test_greedy_matches_hf(arch, tiny_models, tiny_engines):
 def test_engine_roundtrips_to_hf(tiny_models, tiny_engines):
     """hf_export (used by the benchmark baseline) reproduces the original checkpoint exactly."""
     from transformers import AutoModelForCausalLM
+
     from sedac.builder.hf_export import load_hf_model
     for arch in ("llama", "qwen2"):
         original = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).state_dict()

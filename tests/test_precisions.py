@@ -2,7 +2,8 @@
 fp32, so a half-precision panel gives bit for bit the fp32 kernel's result on the widened weights (any
 batch), and an fp16/bf16 engine decodes greedy tokens identical to HF transformers at fp32 on the same
 rounded weights. int8 engines store weight-only int8 projections (one scale per output; the head stays
-fp16) and decode like HF on the dequantized weights; without the kernels every precision still runs. Every precision takes the fused decode layer."""
+fp16) and decode like HF on the dequantized weights; without the kernels every precision still runs. Every
+precision takes the fused decode layer."""
 import json
 
 import pytest
@@ -145,7 +146,8 @@ def test_precision_bench_reports_every_precision(tmp_path, tiny_models):
     mb = {p: r["resident_weight_mb"] for p, r in rows.items()}
     assert mb["int4"] < mb["int8"] < mb["bf16"] < mb["fp32"]
     assert all(r["batch1_tok_s"] > 0 and r["concurrent3_tok_s"] > 0 and r["prefill80_tok_s"] > 0 for r in rows.values())
-    assert "| int8 |" in (tmp_path / "report.md").read_text()
+    assert "| int8 |" in (tmp_path / "report" / "report.md").read_text()
+    assert (tmp_path / "report" / "speed_vs_quality.png").is_file()
     with pytest.raises(ValueError, match="unknown int3"):
         run_precision_bench(reference, "cpu", ["fp32", "int3"], 1, 1, 1, 64, tmp_path / "r")
 
@@ -170,9 +172,9 @@ def test_sedac_over_a_half_base(tmp_path, tiny_models):
     build_engine(str(tiny_models["llama"]), path, BuildConfig(precision="bf16", max_batch_size=8, max_seq_len=256,
                                                               max_num_tokens=256, kv_block_size=4),
                  SedacOptions(**TINY_SEDAC))
-    from tests.test_sedac import _always_draft
+    from tests.test_sedac import always_draft
     llm = LLM(str(path), device="cpu")
-    _always_draft(llm.engine)
+    always_draft(llm.engine)
     runs = {m: llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, sedac_mode=m))
             for m in ("off", "lossless")}
     assert [o.token_ids for o in runs["lossless"]] == [o.token_ids for o in runs["off"]]
@@ -212,3 +214,32 @@ def test_half_kv_cache(tiny_llama, monkeypatch):
     assert max(_near_tie_divergences(outs, reference)) < 0.01
     with pytest.raises(ValueError, match="kv_cache_dtype must be one of"):
         LLM(str(tiny_llama), device="cpu", kv_cache_dtype="fp8")
+
+
+def test_llama_cpp_baseline_runs_llama_bench_on_the_source_and_its_conversions(tmp_path, tiny_models):
+    """The plumbing around llama.cpp's tools (a real llama.cpp build is optional and not in CI): stand-in
+    llama-quantize / llama-bench record their calls; each format gets llama-bench's decode and prefill."""
+    from sedac.builder.sources import smollm2_gguf_path
+    from sedac.cli.llama_cpp_baseline import llama_cpp_rows
+    from sedac.cli.precision_bench import _llama_cpp
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    (bin_dir / "llama-quantize").write_text(f'#!/bin/sh\necho "quantize $4" >> {calls}\ntouch "$3"\n')
+    (bin_dir / "llama-bench").write_text(f'#!/bin/sh\necho "bench $2 $4" >> {calls}\n'
+                                         'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 500.04},'
+                                         ' {"n_prompt": 0, "n_gen": 8, "avg_ts": 140.26}]\'\n')
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    rows = llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
+    assert list(rows) == ["llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0"]
+    assert rows["llama.cpp Q4_1"] == {"batch1_decode_tok_s": 140.3, "prefill64_tok_s": 500.0, "engine_mb": 93.8}
+    logged = calls.read_text().splitlines()
+    assert ([line for line in logged if line.startswith("quantize")]
+            == ["quantize F32", "quantize BF16", "quantize Q8_0"])
+    assert sum(line.startswith("bench") and line.endswith(" 2") for line in logged) == 4      # -t 2 each time
+    llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
+    assert sum(line.startswith("quantize") for line in calls.read_text().splitlines()) == 3   # conversions reused
+    with pytest.raises(ValueError, match="no llama-bench in"):
+        llama_cpp_rows(str(tmp_path), smollm2_gguf_path(), tmp_path / "c", 2, 64, 8)
+    with pytest.raises(ValueError, match="--llama-cpp needs an engine built from a GGUF file"):
+        _llama_cpp(str(bin_dir), _engine(tmp_path, tiny_models["llama"], "fp32"), 64, 8)

@@ -99,7 +99,8 @@ def test_server_reasoning_fields_and_streaming(thinking_engine, tmp_path):
     engine = tmp_path / "opened"                  # its chat template opens the reasoning block, as R1's does
     shutil.copytree(thinking_engine, engine)
     template = (engine / "chat_template.jinja").read_text()
-    (engine / "chat_template.jinja").write_text(template.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>'"))
+    (engine / "chat_template.jinja").write_text(template.replace("'<|im_start|>assistant\n'",
+                                                                 "'<|im_start|>assistant\n<think>'"))
     with sedac_server(engine, "--served-model-name", "t") as (base, _):
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         prompt = httpx.post(base + "/tokenize", json={"prompt": "Q?\n<think>"}, timeout=30).json()["tokens"]

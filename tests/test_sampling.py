@@ -25,7 +25,8 @@ def test_invalid_params_raise_value_error(bad):
 
 
 def test_seed_reproducible_and_varies(llm):
-    p = lambda seed: SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
+    def p(seed):
+        return SamplingParams(max_tokens=16, temperature=1.0, seed=seed, ignore_eos=True)
     a, b, c = (llm.generate([PROMPT], p(s))[0].token_ids for s in (7, 7, 8))
     assert a == b and a != c
 
@@ -45,7 +46,8 @@ def test_top_k_one_is_greedy(llm):
 
 def test_filters_mask_the_right_tokens():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    probs = lambda **kw: filtered_probs(logits, [SamplingParams(temperature=1.0, **kw)])[0]
+    def probs(**kw):
+        return filtered_probs(logits, [SamplingParams(temperature=1.0, **kw)])[0]
     assert (probs(top_k=2) > 0).tolist() == [True, True, False, False]
     assert (probs(top_p=0.8) > 0).tolist() == [True, True, False, False]
     assert (probs(top_p=0.81) > 0).tolist() == [True, True, True, False]
@@ -130,7 +132,8 @@ def test_min_tokens_holds_back_every_stop(llm):
     """EOS pushed to the top by logit_bias ends at once; min_tokens=4 bans it (and stop_token_ids) for four
     tokens and ignores stop strings until then, as vLLM does; the fifth token is EOS."""
     eos = llm.engine.config.model.eos_token_ids[0]
-    params = lambda **kw: SamplingParams(max_tokens=8, temperature=0.0, logit_bias={eos: 100.0}, **kw)
+    def params(**kw):
+        return SamplingParams(max_tokens=8, temperature=0.0, logit_bias={eos: 100.0}, **kw)
     assert llm.generate([PROMPT], params())[0].token_ids == [eos]
     held = llm.generate([PROMPT], params(min_tokens=4))[0]
     assert len(held.token_ids) == 5 and held.token_ids[-1] == eos and eos not in held.token_ids[:4]

@@ -74,7 +74,8 @@ def test_lossless_greedy_is_token_identical_to_off(llm, extra):
 def test_lossless_respects_max_tokens_and_stops(llm):
     off = llm.generate(PROMPTS, SamplingParams(max_tokens=7, temperature=0.0, stop=["e"]))
     lossless = llm.generate(PROMPTS, SamplingParams(max_tokens=7, temperature=0.0, stop=["e"], sedac_mode="lossless"))
-    assert [(o.text, o.token_ids, o.finish_reason) for o in lossless] == [(o.text, o.token_ids, o.finish_reason) for o in off]
+    assert ([(o.text, o.token_ids, o.finish_reason) for o in lossless]
+            == [(o.text, o.token_ids, o.finish_reason) for o in off])
     assert all(len(o.token_ids) <= 7 for o in lossless)
 
 

@@ -170,6 +170,7 @@ def test_api_key_queue_limit_and_sigterm(tiny_llama):
 
 def test_client_cli_talks_to_server(server, offline):
     from click.testing import CliRunner
+
     from sedac.cli.run import main
     msgs = [{"role": "user", "content": "Hello"}]
     expected = offline.chat(msgs, SamplingParams(max_tokens=6, temperature=0))[0].text
@@ -183,6 +184,7 @@ def test_client_cli_talks_to_server(server, offline):
 
 def test_bounded_load_run_has_no_errors(server):
     from click.testing import CliRunner
+
     from sedac.cli.run import main
     result = CliRunner().invoke(main, ["load", "--url", server, "--clients", "4", "--duration", "3",
                                        "--max-tokens", "8"])
@@ -262,7 +264,8 @@ def test_request_limits_are_configurable(tiny_llama):
         c = client(base)
         with pytest.raises(openai.BadRequestError, match=r"n \(3\) is over this server's limit of 2 \(--max-n\)"):
             c.completions.create(model="tiny", prompt="hi", max_tokens=2, n=3)
-        with pytest.raises(openai.BadRequestError, match=r"max_tokens \(6\) is over .* limit of 5 \(--max-tokens-cap\)"):
+        with pytest.raises(openai.BadRequestError,
+                           match=r"max_tokens \(6\) is over .* limit of 5 \(--max-tokens-cap\)"):
             c.completions.create(model="tiny", prompt="hi", max_tokens=6)
         chat = c.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], temperature=0,
                                          extra_body={"ignore_eos": True})

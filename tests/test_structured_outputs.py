@@ -108,7 +108,8 @@ def test_bad_grammars_and_sedac_modes_are_errors(llm, tiny_sedac_engine):
     sedac = LLM(str(tiny_sedac_engine), device="cpu", sedac_mode="lossy")
     with pytest.raises(ValueError, match="sedac_mode lossy does not take structured_outputs"):
         sedac.generate("x", SamplingParams(sedac_mode="lossy", structured_outputs={"choice": ["a"]}))
-    out = sedac.generate(["x"], SamplingParams(max_tokens=8, temperature=0.0, structured_outputs={"choice": ["ab", "cd"]}))
+    out = sedac.generate(["x"], SamplingParams(max_tokens=8, temperature=0.0,
+                                               structured_outputs={"choice": ["ab", "cd"]}))
     assert out[0].outputs[0].text in ("ab", "cd")          # the engine's lossy default steps aside
     assert sedac.engine.counters["sedac_lossy_tokens"] == 0
 
@@ -185,8 +186,10 @@ def test_server_response_format_structured_outputs_and_guided(tiny_llama):
 def test_real_model_fills_a_schema_with_sensible_values(real_engine):
     llm = LLM(str(real_engine), kv_cache_memory=1 << 28)
     schema = {"type": "object", "additionalProperties": False, "required": ["city", "country"],
-              "properties": {"city": {"type": "string", "maxLength": 30}, "country": {"type": "string", "maxLength": 30}}}
-    out = llm.chat([[{"role": "user", "content": "What is the capital of France? Answer in JSON with city and country."}]],
+              "properties": {"city": {"type": "string", "maxLength": 30},
+                             "country": {"type": "string", "maxLength": 30}}}
+    out = llm.chat([[{"role": "user",
+                      "content": "What is the capital of France? Answer in JSON with city and country."}]],
                    SamplingParams(max_tokens=60, temperature=0.0, structured_outputs={"json": schema}))[0].outputs[0]
     record = json.loads(out.text)
     assert set(record) == {"city", "country"} and "Paris" in record["city"]
@@ -194,9 +197,11 @@ def test_real_model_fills_a_schema_with_sensible_values(real_engine):
 
 REAL_SCHEMAS = [
     {"type": "object", "additionalProperties": False, "required": ["name", "age"],
-     "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 150}}},
+     "properties": {"name": {"type": "string", "maxLength": 30},
+                    "age": {"type": "integer", "minimum": 0, "maximum": 150}}},
     {"type": "object", "additionalProperties": False, "required": ["answer", "confidence"],
-     "properties": {"answer": {"enum": ["yes", "no", "unsure"]}, "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
+     "properties": {"answer": {"enum": ["yes", "no", "unsure"]},
+                    "confidence": {"type": "number", "minimum": 0, "maximum": 1}}},
     {"type": "array", "minItems": 1, "maxItems": 3, "items": {"type": "string", "maxLength": 20}},
     {"type": "object", "additionalProperties": False, "required": ["title", "tags", "draft"],
      "properties": {"title": {"type": "string", "maxLength": 40}, "draft": {"type": "boolean"},

@@ -46,8 +46,8 @@ def test_plan_errors_name_the_problem():
 
 def test_auto_parses_tool_call_blocks_and_leaves_other_text():
     plan = _plan()
-    text = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}</tool_call>'
-            '<tool_call>{"name": "unknown", "arguments": {}}</tool_call><tool_call>{broken</tool_call>')
+    text = ('Let me check. <tool_call>{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius"}}'
+            '</tool_call><tool_call>{"name": "unknown", "arguments": {}}</tool_call><tool_call>{broken</tool_call>')
     content, calls = plan.parse(text)
     assert [(c.name, json.loads(c.arguments)) for c in calls] == [("get_weather", {"city": "Oslo", "unit": "celsius"})]
     assert content.startswith("Let me check.")

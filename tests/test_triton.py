@@ -61,7 +61,8 @@ def test_generate_endpoints_match_offline(triton, tiny_llama):
 
 def test_o1_adaptive_inputs(triton, tiny_llama):
     http, _, _, _ = triton
-    body = {"text_input": "Hello world", "max_tokens": 6, "temperature": 0.0, "o1_mode": "adaptive", "o1_max_branches": 3}
+    body = {"text_input": "Hello world", "max_tokens": 6, "temperature": 0.0, "o1_mode": "adaptive",
+            "o1_max_branches": 3}
     r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
     assert r.status_code == 200, r.text
     offline = LLM(str(tiny_llama), device="cpu").generate(
@@ -117,6 +118,7 @@ def test_sigterm_stops_triton(tiny_llama, tmp_path):
 
 def test_client_cli_streams_from_triton(triton, tiny_llama):
     from click.testing import CliRunner
+
     from sedac.cli.run import main
     _, grpc_address, _, _ = triton
     expected = greedy_offline(tiny_llama, ["Hello world"], 6)[0]

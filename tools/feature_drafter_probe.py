@@ -62,7 +62,8 @@ def teacher_documents(model, documents, limit: int) -> list[tuple]:
         _, final = et.teacher_pass(model, ids, [])
         with torch.inference_mode():
             top = model.logits(final).argmax(-1)
-        out.append((torch.tensor(ids), final.clone(), top.clone(), first))    # clones outside inference mode: trainable inputs
+        # clones outside inference mode: trainable inputs
+        out.append((torch.tensor(ids), final.clone(), top.clone(), first))
         total += len(ids)
         if total >= limit:
             break

@@ -32,7 +32,8 @@ def main(engine, batches, tokens, rounds):
                 params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True, sedac_mode=mode)
                 start = time.perf_counter()
                 outs = llm.generate(prompts[r * b:(r + 1) * b], params)
-                tok_s.setdefault((b, mode), []).append(sum(len(o.token_ids) for o in outs) / (time.perf_counter() - start))
+                tok_s.setdefault((b, mode), []).append(sum(len(o.token_ids) for o in outs)
+                                                       / (time.perf_counter() - start))
     for b in sizes:
         off, lossless = (sum(tok_s[(b, m)]) / rounds for m in ("off", "lossless"))
         click.echo(f"batch {b}: off {off:.1f} tok/s, lossless {lossless:.1f} tok/s, ratio {lossless / off:.2f}")

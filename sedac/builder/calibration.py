@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from sedac.runtime.early_exit import NEVER, binomial_cdf   # NEVER: the threshold of a layer that never exits
+from sedac.runtime.early_exit import NEVER, binomial_cdf  # NEVER: the threshold of a layer that never exits
 from sedac.runtime.speculative import pass_cost
 
 AGREEMENT_LEVELS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)

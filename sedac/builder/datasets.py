@@ -56,7 +56,8 @@ def sharegpt_conversations(split: str) -> Iterator[list[dict]]:
             yield messages
 
 
-def sharegpt_prompts(tokenizer, split: str, count: int, max_prompt_len: int, min_prompt_len: int = 4) -> list[list[int]]:
+def sharegpt_prompts(tokenizer, split: str, count: int, max_prompt_len: int,
+                     min_prompt_len: int = 4) -> list[list[int]]:
     """First user turns with the chat template applied, as token ids within the length bounds."""
     prompts = []
     for messages in sharegpt_conversations(split):

@@ -27,7 +27,8 @@ def hf_config(cfg: ModelConfig):
 def hf_state_dict(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     out = {"model.embed_tokens.weight": weights["embed_tokens.weight"], "model.norm.weight": weights["norm.weight"]}
-    out["lm_head.weight"] = weights["lm_head.weight"].t() if "lm_head.weight" in weights else out["model.embed_tokens.weight"]
+    out["lm_head.weight"] = (weights["lm_head.weight"].t() if "lm_head.weight" in weights
+                             else out["model.embed_tokens.weight"])
     for i in range(cfg.num_layers):
         src, dst = f"layers.{i}.", f"model.layers.{i}."
         out[dst + "input_layernorm.weight"] = weights[src + "input_norm.weight"]

@@ -43,7 +43,8 @@ class SedacOptions:
         try:
             layers = sorted({int(x) for x in self.exit_layers.split(",")})
         except ValueError:
-            raise ValueError(f"--exit-layers must be 'auto' or comma-separated integers, got {self.exit_layers!r}") from None
+            raise ValueError(f"--exit-layers must be 'auto' or comma-separated integers, "
+                             f"got {self.exit_layers!r}") from None
         if not layers or layers[0] < 1 or layers[-1] >= num_layers:
             raise ValueError(f"exit layers must be in [1, {num_layers - 1}], got {self.exit_layers!r}")
         return layers
@@ -57,7 +58,7 @@ class SedacOptions:
 
 def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
     """Train and calibrate SEDAC into a built engine directory; returns the report section."""
-    from sedac.runtime.llm import LLM     # the engine generates its own calibration answers
+    from sedac.runtime.llm import LLM  # the engine generates its own calibration answers
     opts.validate()
     engine_dir = Path(engine_dir)
     llm = LLM(str(engine_dir), device="cpu")
@@ -91,8 +92,8 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
                    vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
                    options=asdict(opts), calib_positions=len(calib.argmax), train_positions=len(train.argmax))
     _save(engine_dir, cfg, heads, ghost, section)
-    return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_exit", "lossy_layers", "alpha",
-                                    "predicted_lossless_speedup", "predicted_lossy_cost_at_0.99",
+    return {k: section[k] for k in ("exit_layers", "draft_len", "draft_agreement", "lossy_exit", "lossy_layers",
+                                    "alpha", "predicted_lossless_speedup", "predicted_lossy_cost_at_0.99",
                                     "predicted_int8_lossy_cost_at_0.99", "vocab_coverage", "ghost_kv_error",
                                     "calibration_split")}
 

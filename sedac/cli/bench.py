@@ -6,16 +6,14 @@ stopping at its own EOS (or the length cap); HF runs them as one padded batch, a
 """
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
-import click
 import torch
 
 from sedac.builder.datasets import sharegpt_prompts
+from sedac.cli.report import grouped_bars, write_report
 
 
 def run_bench(engine, device, num_prompts, output_len, batch1_prompts, max_prompt_len, baseline, report,
@@ -26,14 +24,16 @@ def run_bench(engine, device, num_prompts, output_len, batch1_prompts, max_promp
     fixed = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     natural = SamplingParams(max_tokens=output_len, temperature=0.0)
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))          # warm-up
-    results = {"engine": str(engine), "device": str(llm.engine.runner.device), "host": platform.processor() or platform.machine(),
+    results = {"engine": str(engine), "device": str(llm.engine.runner.device),
+               "host": platform.processor() or platform.machine(),
                "threads": torch.get_num_threads(), "output_len": output_len, "num_prompts": num_prompts,
                "batch1": {"sedac": _ours_batch1(llm, prompts[:batch1_prompts], fixed)},
                "concurrent": {"sedac": _ours_concurrent(llm, prompts[:num_prompts], natural)}}
     if baseline:
         from sedac.builder.hf_export import load_hf_model
         hf = load_hf_model(engine).to(llm.engine.runner.device)
-        pad = llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None else llm.engine.config.model.eos_token_ids[0]
+        pad = (llm.tokenizer.pad_token_id if llm.tokenizer.pad_token_id is not None
+               else llm.engine.config.model.eos_token_ids[0])
         results["batch1"]["hf"] = _hf_batch1(hf, prompts[:batch1_prompts], output_len)
         results["concurrent"]["hf"] = _hf_concurrent(hf, prompts[:num_prompts], output_len, pad,
                                                      set(llm.engine.config.model.eos_token_ids))
@@ -45,7 +45,7 @@ def run_bench(engine, device, num_prompts, output_len, batch1_prompts, max_promp
         results["concurrent"]["greedy_match"] = sum(a == b for a, b in zip(ours_tokens, hf_tokens)) / len(ours_tokens)
     else:
         results["concurrent"]["sedac"].pop("tokens")
-    _write(results, Path(report))
+    _write(results, report)
 
 
 def _ours_batch1(llm, prompts, params) -> dict:
@@ -110,12 +110,14 @@ def _until_eos(row: list[int], eos_ids: set[int]) -> list[int]:
     return row
 
 
-def _write(results: dict, report: Path) -> None:
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    lines = [f"# sedac-run bench: {results['engine']} on {results['device']} ({results['threads']} threads)", "",
-             "| workload | engine | output tok/s | ratio vs HF | details |", "|---|---|---|---|---|"]
-    for key, label in (("batch1", "batch 1"), ("concurrent", f"{results['num_prompts']} concurrent")):
+def _workloads(results: dict) -> list[tuple[str, str]]:
+    return [("batch1", "batch 1"), ("concurrent", f"{results['num_prompts']} concurrent")]
+
+
+def _write(results: dict, report) -> None:
+    title = f"sedac-run bench: {results['engine']} on {results['device']} ({results['threads']} threads)"
+    lines = ["| workload | engine | output tok/s | ratio vs HF | details |", "|---|---|---|---|---|"]
+    for key, label in _workloads(results):
         r = results[key]
         for name in ("sedac", "hf"):
             if name in r:
@@ -123,6 +125,16 @@ def _write(results: dict, report: Path) -> None:
                 ratio = r.get("ratio", "") if name == "sedac" else ""
                 lines.append(f"| {label} | {name} | {r[name]['output_tok_s']} | {ratio} | {details} |")
     if "greedy_match" in results["concurrent"]:
-        lines += ["", f"Greedy outputs identical to HF on {results['concurrent']['greedy_match']:.0%} of concurrent requests."]
-    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+        lines += ["", f"Greedy outputs identical to HF on {results['concurrent']['greedy_match']:.0%} "
+                      f"of concurrent requests."]
+    write_report(report, title, results, "\n".join(lines), figures(results))
+
+
+def figures(results: dict) -> dict:
+    """Output tok/s per workload, sedac beside HF transformers when the baseline ran."""
+    workloads = _workloads(results)
+    engines = {"sedac": "sedac", "hf": "HF transformers"}
+    series = {label: [results[key][name]["output_tok_s"] for key, _ in workloads]
+              for name, label in engines.items() if name in results["batch1"]}
+    return {"throughput": grouped_bars(f"Output throughput: {results['engine']}", "workload (requests in flight)",
+                                       "output tokens/s", [label for _, label in workloads], series)}

@@ -10,15 +10,14 @@ opens the reasoning block); on one without them the report says so.
 """
 from __future__ import annotations
 
-import json
 import math
 import random
 import re
 from collections import Counter
-from pathlib import Path
 
-import click
 import torch
+
+from sedac.cli.report import labelled_scatter, write_report
 
 ANSWER = r"(-?\d+)"
 EVAL_SEED = 1         # the defaults were picked on seed 0
@@ -75,7 +74,7 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
                "entropy_auroc_wrong_answer": _auroc([_max_entropy(o.outputs[0].logprobs) for o in greedy], wrong),
                "thinking_budgets": "rows above" if llm.engine.reasoning.markers else
                "not run: this engine has no reasoning markers (sedac-build --reasoning-start/--reasoning-end)"}
-    _write(results, Path(report))
+    _write(results, report)
     return results
 
 
@@ -109,17 +108,34 @@ def _auroc(scores: list[float], positives: list[bool]) -> float | None:
     return round(float(((s > p).float() + 0.5 * (s == p).float()).mean()), 3)
 
 
-def _write(results: dict, report: Path) -> None:
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(json.dumps(results, indent=2))
-    lines = [f"# sedac-run bench --o1: {results['engine']} on {results['device']} ({results['questions']} generated "
-             f"arithmetic questions, seed {results['seed']}, up to {results['max_tokens']} tokens each)", "",
-             "| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped |",
+def _write(results: dict, report) -> None:
+    title = (f"sedac-run bench --o1: {results['engine']} on {results['device']} ({results['questions']} generated "
+             f"arithmetic questions, seed {results['seed']}, up to {results['max_tokens']} tokens each)")
+    lines = ["| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped |",
              "|---|---|---|---|---|---|"]
     for name, r in results["rows"].items():
         lines.append(f"| {name} | {r['accuracy']} | {r['tokens']} | {r['tokens_vs_greedy']} | "
                      f"{r.get('branches_per_question', '')} | {r.get('early_stopped', '')} |")
     lines += ["", f"Entropy as a predictor of a wrong greedy answer: AUROC {results['entropy_auroc_wrong_answer']}.",
               f"Thinking budgets: {results['thinking_budgets']}."]
-    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+    write_report(report, title, results, "\n".join(lines), figures(results))
+
+
+def figures(results: dict) -> dict:
+    """Accuracy against generated tokens (relative to greedy): one series per strategy, points labelled with
+    their setting."""
+    series: dict[str, list] = {}
+    for name, r in results["rows"].items():
+        strategy, setting = _strategy_and_setting(name)
+        series.setdefault(strategy, []).append((setting, r["tokens_vs_greedy"], r["accuracy"]))
+    return {"accuracy_vs_tokens": labelled_scatter("o1 strategies: accuracy vs generated tokens",
+                                                   "generated tokens (relative to greedy, x)",
+                                                   "accuracy (fraction correct)", series)}
+
+
+def _strategy_and_setting(row: str) -> tuple[str, str]:
+    """"self-consistency@4" -> ("self-consistency", "@4"), "adaptive (entropy > 4.0, 4 branches)" -> ("adaptive",
+    "entropy > 4.0, 4 branches"), "thinking budget 16" -> ("thinking budget", "16"),
+    "greedy" -> ("greedy", "greedy")."""
+    match = re.fullmatch(r"(.+?)(?: \((.+)\)|(@\d+)| (\d+))?", row)
+    return match[1], next((g for g in match.groups()[1:] if g), match[1])

@@ -7,6 +7,8 @@ them, so they share the machine's drifts in speed. Per precision, on held-out Sh
 output length), prefill tok/s of one 1,024-token prompt (the answers' tokens) and decode tok/s after it
 (attention over a long context), teacher-forced greedy
 agreement with the fp32 engine and perplexity on the answers, engine size on disk, resident weight bytes.
+With --llama-cpp DIR, llama.cpp's llama-bench runs on the same GGUF and its conversions right after our
+batch-1 runs (sedac.cli.llama_cpp_baseline), and the report sets our fastest batch-1 decode against theirs.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 
 from sedac.builder.datasets import sharegpt_prompts
 from sedac.builder.exit_training import teacher_pass
+from sedac.cli.report import grouped_bars, labelled_scatter, write_report
 from sedac.config import PRECISIONS, WEIGHTS_FILE, BuildConfig, EngineConfig
 from sedac.models.layers import Linear
 
@@ -28,7 +31,7 @@ KV_CACHE_BYTES = 1 << 30      # per engine: all of them stay loaded
 
 def run_precision_bench(engine, device, precisions, num_prompts, output_len, batch1_prompts, max_prompt_len,
                         report, kv_cache_dtype: str = "auto", answers: int = 8, answer_len: int = 256,
-                        prefill_len: int = 1024, long_decode_len: int = 64) -> dict:
+                        prefill_len: int = 1024, long_decode_len: int = 64, llama_cpp: str | None = None) -> dict:
     from sedac import LLM, SamplingParams
     from sedac.cli.sedac_bench import held_out_answers
     llms = {p: LLM(str(path), device=device, kv_cache_memory=KV_CACHE_BYTES, kv_cache_dtype=kv_cache_dtype)
@@ -46,12 +49,14 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
             batch1[p][0] += len(outs[0].token_ids)
             batch1[p][1] += dt
             batch1[p][2] += outs[0].metrics.tpot * (len(outs[0].token_ids) - 1)
+    theirs = _llama_cpp(llama_cpp, Path(engine), prefill_len, output_len) if llama_cpp else {}
     long_prompt = [t for text in texts for t in text][:prefill_len]
     prefill = {p: _timed(llm, [long_prompt], SamplingParams(max_tokens=1))[0] for p, llm in llms.items()}
     long_params = SamplingParams(max_tokens=long_decode_len, temperature=0.0, ignore_eos=True)
     long_decode = {p: _timed(llm, [long_prompt], long_params)[1][0].metrics.tpot for p, llm in llms.items()}
     forced = {p: _teacher_forced(llm, texts) for p, llm in llms.items()}    # (greedy choices, mean NLL)
-    results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device), "kv_cache_dtype": kv_cache_dtype,
+    results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device),
+               "kv_cache_dtype": kv_cache_dtype,
                "threads": torch.get_num_threads(), "output_len": output_len, "num_prompts": num_prompts,
                "held_out_tokens": sum(len(t) - 1 for t in texts), "precisions": {}}
     for p, llm in llms.items():
@@ -70,8 +75,23 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
     base = results["precisions"]["fp32"]
     for r in results["precisions"].values():
         r["batch1_decode_vs_fp32"] = round(r["batch1_decode_tok_s"] / base["batch1_decode_tok_s"], 2)
-    _write(results, Path(report))
+    if theirs:
+        ours = max(r["batch1_decode_tok_s"] for r in results["precisions"].values())
+        results["llama.cpp"] = theirs
+        results["fastest_vs_llama_cpp_fastest"] = round(ours / max(r["batch1_decode_tok_s"]
+                                                                   for r in theirs.values()), 2)
+    _write(results, report)
     return results
+
+
+def _llama_cpp(bin_dir: str, reference: Path, prefill_len: int, output_len: int) -> dict:
+    """llama.cpp's rows on the GGUF the fp32 engine was built from (conversions kept in ENGINE-llama.cpp)."""
+    from sedac.cli.llama_cpp_baseline import llama_cpp_rows
+    source = json.loads((reference / "build_report.json").read_text())["source"]
+    if not source.startswith("gguf:"):
+        raise ValueError(f"--llama-cpp needs an engine built from a GGUF file; {reference} is from {source}")
+    return llama_cpp_rows(bin_dir, Path(source.split(":", 1)[1]), reference.with_name(f"{reference.name}-llama.cpp"),
+                          torch.get_num_threads(), prefill_len, output_len)
 
 
 def precision_engines(reference: Path, precisions: list[str]) -> dict[str, Path]:
@@ -127,15 +147,35 @@ def _teacher_forced(llm, texts: list[list[int]]) -> tuple[torch.Tensor, float]:
     return torch.cat(choices), nll / count
 
 
-def _write(results: dict, report: Path) -> None:
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(json.dumps(results, indent=2))
+def _write(results: dict, report) -> None:
     keys = list(next(iter(results["precisions"].values())))
-    lines = [f"# sedac-run bench --precisions: {results['engine']} on {results['device']} ({results['threads']} "
-             f"threads, KV cache {results['kv_cache_dtype']}, {results['output_len']} greedy tokens; agreement and perplexity teacher-forced on "
-             f"{results['held_out_tokens']} held-out tokens)", "",
-             "| precision | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    title = (f"sedac-run bench --precisions: {results['engine']} on {results['device']} ({results['threads']} "
+             f"threads, KV cache {results['kv_cache_dtype']}, {results['output_len']} greedy tokens; agreement and "
+             f"perplexity teacher-forced on {results['held_out_tokens']} held-out tokens)")
+    lines = ["| precision | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for p, r in results["precisions"].items():
         lines.append(f"| {p} | " + " | ".join(str(r[k]) for k in keys) + " |")
-    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+    if "llama.cpp" in results:
+        theirs = results["llama.cpp"]
+        columns = list(next(iter(theirs.values())))
+        lines += ["", f"llama.cpp's llama-bench on the same GGUF (same threads, same run): our fastest batch-1 decode "
+                      f"is {results['fastest_vs_llama_cpp_fastest']}x llama.cpp's fastest.", "",
+                  "| llama.cpp format | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [f"| {name} | " + " | ".join(str(r[k]) for k in columns) + " |" for name, r in theirs.items()]
+    write_report(report, title, results, "\n".join(lines), figures(results))
+
+
+def figures(results: dict) -> dict:
+    """Decode throughput per precision (batch 1, N concurrent; llama.cpp's formats beside ours when measured),
+    and batch-1 speed against agreement with fp32."""
+    rows, concurrent = results["precisions"], f"concurrent{results['num_prompts']}_tok_s"
+    everyone = {**rows, **results.get("llama.cpp", {})}
+    throughput = grouped_bars("Decode throughput per precision", "precision (weight format)", "output tokens/s",
+                              list(everyone),
+                              {"batch 1 (decode)": [r["batch1_decode_tok_s"] for r in everyone.values()],
+                               f"{results['num_prompts']} concurrent": [r.get(concurrent) for r in everyone.values()]})
+    tradeoff = labelled_scatter("Speed vs quality per precision", "teacher-forced agreement with fp32 (fraction)",
+                                "batch-1 output tokens/s",
+                                {"precision": [(p, r["agreement_vs_fp32"], r["batch1_tok_s"])
+                                               for p, r in rows.items()]})
+    return {"throughput": throughput, "speed_vs_quality": tradeoff}

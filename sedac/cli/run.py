@@ -120,8 +120,8 @@ def _stream_one(llm, prompt, params, chat):
 @clean_errors
 def chat(engine, device, kv_cache_dtype, **sampling):
     """Interactive chat: /stats, /reset, /quit."""
-    from sedac.cli.chat import chat_loop
     from sedac import LLM
+    from sedac.cli.chat import chat_loop
     chat_loop(LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype), make_params(**sampling))
 
 
@@ -144,13 +144,15 @@ def chat(engine, device, kv_cache_dtype, **sampling):
 @click.option("--speculative-disable-by-batch-size", type=int,
               help="lossless requests decode without drafts in steps with more sequences than this")
 @click.option("--max-n", type=int, default=64, show_default=True, help="choices one request may ask for (n)")
-@click.option("--max-tokens-cap", type=int, help="max_tokens one request may ask for (default: what fits in max_seq_len)")
+@click.option("--max-tokens-cap", type=int,
+              help="max_tokens one request may ask for (default: what fits in max_seq_len)")
 @click.option("--max-body-bytes", type=int, default=1 << 20, show_default=True, help="larger request bodies get 413")
 @clean_errors
 def serve(engine, device, host, port, api_key, max_queue, served_model_name, max_n, max_tokens_cap, max_body_bytes,
           **engine_options):
     """OpenAI-compatible HTTP server with Prometheus metrics."""
-    from sedac.serving.app import RequestLimits, serve as run_server
+    from sedac.serving.app import RequestLimits
+    from sedac.serving.app import serve as run_server
     limits = RequestLimits(max_n, max_tokens_cap, max_body_bytes)
     run_server(engine, host, port, api_key, max_queue, device, served_model_name, engine_options, limits)
 
@@ -216,6 +218,7 @@ def client(url, prompt, stream, model, api_key, **sampling):
 def load(url, clients, duration, max_tokens, api_key):
     """Bounded load run: CLIENTS streaming clients for DURATION seconds on ShareGPT prompts."""
     import asyncio
+
     from sedac.builder.datasets import sharegpt_conversations
     from sedac.serving.loadtest import run_load
     if clients < 1 or duration <= 0 or duration > 3600:
@@ -233,10 +236,13 @@ def load(url, clients, duration, max_tokens, api_key):
 @click.option("--batch1-prompts", type=int, default=4, show_default=True)
 @click.option("--max-prompt-len", type=int, default=256, show_default=True)
 @click.option("--baseline/--no-baseline", default=True, show_default=True, help="also run HF transformers generate")
-@click.option("--report", default="reports/bench", show_default=True, help="writes REPORT.json and REPORT.md")
+@click.option("--report", help="directory for report.md, report.json and PNG plots  [default: reports/bench, or "
+                                "reports/sedac_bench, reports/precision_bench, reports/o1_bench with those options]")
 @click.option("--sedac-modes", help="compare SEDAC modes instead, e.g. off,lossless,lossy")
 @click.option("--precisions", help="compare precisions instead, e.g. fp32,fp16,bf16,int8 (ENGINE is the fp32 one; "
                                    "the others are ENGINE-PRECISION, built when missing)")
+@click.option("--llama-cpp", type=click.Path(), help="with --precisions: a llama.cpp build's bin directory; its "
+                                                       "llama-bench runs on the same GGUF in the same run")
 @click.option("--o1", "o1", is_flag=True, help="o1 reasoning control instead: accuracy vs generated tokens on "
                                                 "generated arithmetic (greedy, self-consistency, adaptive)")
 @click.option("--o1-questions", type=int, default=100, show_default=True)
@@ -247,8 +253,8 @@ def load(url, clients, duration, max_tokens, api_key):
 @KV_DTYPE
 @click.pass_context
 @clean_errors
-def bench(ctx, engine, device, sedac_modes, precisions, o1, o1_questions, batch_size, agreement, sedac_kv_fill,
-          sedac_lossy_exit, kv_cache_dtype, **options):
+def bench(ctx, engine, device, sedac_modes, precisions, llama_cpp, o1, o1_questions, batch_size, agreement,
+          sedac_kv_fill, sedac_lossy_exit, kv_cache_dtype, **options):
     """Offline benchmark: batch-1 decode and N concurrent requests vs HF transformers generate,
     or with --sedac-modes the SEDAC modes, with --precisions the precisions side by side.
     `bench serve --url URL` benchmarks a running server instead."""
@@ -258,19 +264,21 @@ def bench(ctx, engine, device, sedac_modes, precisions, o1, o1_questions, batch_
         raise ValueError("--engine is required (or run `sedac-run bench serve --url URL` against a server)")
     if sum(map(bool, (sedac_modes, precisions, o1))) > 1:
         raise ValueError("give one of --sedac-modes, --precisions or --o1")
+    if llama_cpp and not precisions:
+        raise ValueError("--llama-cpp goes with --precisions")
+    kind = "o1_bench" if o1 else "precision_bench" if precisions else "sedac_bench" if sedac_modes else "bench"
+    report = options.pop("report") or f"reports/{kind}"
     if o1:
         from sedac.cli.o1_bench import run_o1_bench
         if o1_questions < 1:
             raise ValueError("--o1-questions must be >= 1")
-        report = options["report"] if options["report"] != "reports/bench" else "reports/o1_bench"
         run_o1_bench(engine, device, o1_questions, report=report)
         return
     if precisions:
         from sedac.cli.precision_bench import run_precision_bench
-        report = options["report"] if options["report"] != "reports/bench" else "reports/precision_bench"
         run_precision_bench(engine, device, [p.strip() for p in precisions.split(",") if p.strip()],
                             options["num_prompts"], options["output_len"], options["batch1_prompts"],
-                            options["max_prompt_len"], report, kv_cache_dtype)
+                            options["max_prompt_len"], report, kv_cache_dtype, llama_cpp=llama_cpp)
         return
     if sedac_modes:
         if kv_cache_dtype != "auto":
@@ -279,12 +287,11 @@ def bench(ctx, engine, device, sedac_modes, precisions, o1, o1_questions, batch_
         modes = [m.strip() for m in sedac_modes.split(",") if m.strip()]
         if not modes or set(modes) - set(SEDAC_MODES):
             raise ValueError(f"--sedac-modes takes off, lossless and lossy, got {sedac_modes!r}")
-        report = options["report"] if options["report"] != "reports/bench" else "reports/sedac_bench"
         run_sedac_bench(engine, device, modes, options["output_len"], options["batch1_prompts"], batch_size,
                         options["max_prompt_len"], agreement, report, sedac_kv_fill, sedac_lossy_exit)
         return
     from sedac.cli.bench import run_bench
-    run_bench(engine, device, kv_cache_dtype=kv_cache_dtype, **options)
+    run_bench(engine, device, report=report, kv_cache_dtype=kv_cache_dtype, **options)
 
 
 @bench.command("serve")
@@ -296,31 +303,33 @@ def bench(ctx, engine, device, sedac_modes, precisions, o1, o1_questions, batch_
 @click.option("--random-input-len", type=int, default=128, show_default=True)
 @click.option("--random-output-len", type=int, default=128, show_default=True)
 @click.option("--max-prompt-len", type=int, default=1024, show_default=True, help="sharegpt: longest prompt kept")
-@click.option("--request-rate", type=float, default=float("inf"), show_default=True, help="requests/s (inf: all at once)")
+@click.option("--request-rate", type=float, default=float("inf"), show_default=True,
+              help="requests/s (inf: all at once)")
 @click.option("--burstiness", type=float, default=1.0, show_default=True, help="gamma shape of arrivals (1 = Poisson)")
 @click.option("--max-concurrency", type=int, help="requests in flight at most")
 @click.option("--goodput", multiple=True, help="SLO as METRIC:MS (ttft, tpot, e2el), repeatable")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--api-key")
-@click.option("--report", default="reports/bench_serve", show_default=True, help="writes REPORT.json and REPORT.md")
+@click.option("--report", default="reports/bench_serve", show_default=True,
+              help="directory for report.md, report.json and PNG plots")
 @clean_errors
 def bench_serve(url, tokenizer, dataset_name, num_prompts, sharegpt_output_len, random_input_len, random_output_len,
                 max_prompt_len, request_rate, burstiness, max_concurrency, goodput, seed, api_key, report):
     """vLLM's `bench serve` against any OpenAI-compatible server: its datasets, arrivals and metric names."""
     import asyncio
-    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    from sedac.cli.report import write_report
     from sedac.serving import bench_serve as bs
     if num_prompts < 1 or request_rate <= 0 or burstiness <= 0 or (max_concurrency is not None and max_concurrency < 1):
         raise ValueError("need --num-prompts >= 1, --request-rate > 0, --burstiness > 0, --max-concurrency >= 1")
     slo = bs.parse_goodput(goodput)
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    requests = (bs.sharegpt_requests(tok, num_prompts, sharegpt_output_len, max_prompt_len) if dataset_name == "sharegpt"
+    requests = (bs.sharegpt_requests(tok, num_prompts, sharegpt_output_len, max_prompt_len)
+                if dataset_name == "sharegpt"
                 else bs.random_requests(tok, num_prompts, random_input_len, random_output_len, seed))
-    result = asyncio.run(bs.run_bench_serve(url, requests, request_rate, burstiness, max_concurrency, slo, api_key, seed))
-    path = Path(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".json").write_text(json.dumps({"url": url, "dataset": dataset_name, **result}, indent=2))
-    path.with_suffix(".md").write_text(f"# sedac-run bench serve: {url}, {dataset_name}, {num_prompts} prompts\n\n"
-                                       + bs.markdown(result))
-    click.echo(bs.markdown(result))
+    result = asyncio.run(bs.run_bench_serve(url, requests, request_rate, burstiness, max_concurrency, slo,
+                                            api_key, seed))
+    write_report(report, f"sedac-run bench serve: {url}, {dataset_name}, {num_prompts} prompts",
+                 {"url": url, "dataset": dataset_name, **result}, bs.markdown(result), bs.figures(result))

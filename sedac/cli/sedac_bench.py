@@ -8,17 +8,16 @@ held-out assistant text; skip ratio, layers per token, draft acceptance.
 """
 from __future__ import annotations
 
-import json
 import math
+import re
 import statistics
 import time
-from pathlib import Path
 
-import click
 import torch
 
 from sedac.builder.datasets import sharegpt_conversations, sharegpt_prompts
 from sedac.builder.exit_training import teacher_pass
+from sedac.cli.report import labelled_scatter, write_report
 
 
 def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report,
@@ -61,7 +60,7 @@ def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_siz
                 r[key.replace("tok_s", "ratio")] = round(r[key] / base[key], 3)
         if "off" in outputs:
             r["identical_to_off"] = sum(a == b for a, b in zip(outputs[mode], outputs["off"])) / len(outputs["off"])
-    _write(results, Path(report))
+    _write(results, report)
     return results
 
 
@@ -149,16 +148,24 @@ def held_out_answers(count):
     return texts
 
 
-def _write(results: dict, report: Path) -> None:
-    report.parent.mkdir(parents=True, exist_ok=True)
-    report.with_suffix(".json").write_text(json.dumps(results, indent=2))
+def _write(results: dict, report) -> None:
     keys = [k for k in next(iter(results["modes"].values())) if k != "perplexity"]
-    lines = [f"# sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
+    title = (f"sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
              f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
              f"{results['agreement_target']}, lossy exit {results['lossy_exit']}"
-             + (f", KV fill {results['kv_fill']})" if results["lossy_exit"] == "depth" else ")"), "",
-             "| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
+             + (f", KV fill {results['kv_fill']})" if results["lossy_exit"] == "depth" else ")"))
+    lines = ["| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {r['perplexity']['ppl']} |")
-    report.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    click.echo("\n".join(lines))
+    write_report(report, title, results, "\n".join(lines), figures(results))
+
+
+def figures(results: dict) -> dict:
+    """Per mode, decode tok/s against agreement with the full model; one series per workload (batch 1, batch N)."""
+    modes = results["modes"]
+    workloads = [k for k in next(iter(modes.values())) if re.fullmatch(r"batch\d+_tok_s", k)]
+    series = {k.removesuffix("_tok_s").replace("batch", "batch "): [(m, r["agreement"], r[k]) for m, r in modes.items()]
+              for k in workloads}
+    return {"speed_vs_agreement": labelled_scatter("SEDAC modes: speed vs agreement",
+                                                   "agreement with the full model's greedy token (fraction)",
+                                                   "output tokens/s", series)}

@@ -8,8 +8,8 @@ from sedac.config import ModelConfig
 from sedac.models import cpu_kernels
 from sedac.models.attention import get_context, paged_attention
 from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
-from sedac.models.quant import BlockWeight
 from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from sedac.models.quant import BlockWeight
 
 
 class DecoderLayer(nn.Module):
@@ -35,7 +35,8 @@ class DecoderLayer(nn.Module):
         """Store K/V [T, 2 * KV * D] (before rotary) of tokens that exited before this layer, predicted
         from their exit state, so later tokens can attend to them."""
         kv = kv.view(kv.shape[0], 2 * self.num_kv_heads, self.head_dim)
-        self.k_cache.index_copy_(0, slots, apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin).to(self.k_cache.dtype))
+        self.k_cache.index_copy_(0, slots,
+                                 apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin).to(self.k_cache.dtype))
         self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads:].to(self.v_cache.dtype))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, int8: bool = False) -> torch.Tensor:

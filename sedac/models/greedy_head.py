@@ -1,8 +1,8 @@
 """Exact greedy decoding without the full-precision LM head: an int8 screen with a proven error bound.
 
 A batch-1 CPU decode streams every weight once per token, and the LM head is a fifth of SmolLM2's
-bytes (49152 x 576 fp32, 113 MB, ~4 ms of a ~20 ms token). A greedy step only needs the argmax, so the head first runs on an
-int8 copy (a quarter of the bytes) and bounds each logit's error: for a weight row w and its
+bytes (49152 x 576 fp32, 113 MB, ~4 ms of a ~20 ms token). A greedy step only needs the argmax, so the head first runs
+on an int8 copy (a quarter of the bytes) and bounds each logit's error: for a weight row w and its
 dequantized copy w~, |x.w - x.w~| <= |x| |w - w~| (Cauchy-Schwarz), with |w - w~| stored per row.
 Every token whose int8 logit plus its bound reaches the best lower bound may be the argmax; only
 those (a handful per token on SmolLM2: tools/greedy_screen_probe.py) get their exact fp32 logit. The

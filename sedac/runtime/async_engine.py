@@ -18,7 +18,6 @@ from sedac.runtime.engine import LLMEngine
 from sedac.runtime.outputs import RequestOutput
 from sedac.runtime.sampling_params import SamplingParams
 
-
 logger = logging.getLogger(__name__)
 
 

@@ -11,12 +11,12 @@ from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
 from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.sampling_params import SamplingParams, check_o1, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
-from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
 from sedac.runtime.structured_outputs import StructuredOutputs
 
 
@@ -363,7 +363,8 @@ class LLMEngine:
         hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
         outs, opened = [], self.reasoning.opened_by(req.prompt_token_ids)
         for seq, confidence in self._returned(req, done):
-            text = seq.output_text if seq.is_finished or not hold else seq.output_text[:max(0, len(seq.output_text) - hold)]
+            text = (seq.output_text if seq.is_finished or not hold
+                    else seq.output_text[:max(0, len(seq.output_text) - hold)])
             reasoning, content = self.reasoning.split(text, opened)
             outs.append(CompletionOutput(0 if confidence is not None else seq.index, text, seq.output_token_ids,
                                          seq.finish_reason,
@@ -406,7 +407,8 @@ class LLMEngine:
     # ---- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
         b = self.blocks
-        return {"num_requests_running": len(self.scheduler.running), "num_requests_waiting": len(self.scheduler.waiting),
+        return {"num_requests_running": len(self.scheduler.running),
+                "num_requests_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": b.usage(), "kv_blocks_total": b.num_blocks, "kv_blocks_free": b.num_free_blocks,
                 "kv_cache_bytes": self.runner.kv_cache_bytes,
                 "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,

@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterator, Sequence as Seq
+from typing import Iterator
+from typing import Sequence as Seq
 
 from tqdm import tqdm
 

@@ -7,7 +7,15 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sedac.config import KV_CACHE_DTYPES, MIN_SUFFIX, PRECISIONS, SCALE_SUFFIX, SEDAC_WEIGHTS_FILE, WEIGHTS_FILE, EngineConfig
+from sedac.config import (
+    KV_CACHE_DTYPES,
+    MIN_SUFFIX,
+    PRECISIONS,
+    SCALE_SUFFIX,
+    SEDAC_WEIGHTS_FILE,
+    WEIGHTS_FILE,
+    EngineConfig,
+)
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
 from sedac.models.exit_head import ExitHead

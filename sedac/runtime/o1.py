@@ -32,7 +32,8 @@ ESC_WINDOW = 3          # finished branches that, all agreeing, end the vote (ES
 def with_engine_o1_mode(params, engine_mode: str):
     """params with the engine's o1 mode when they set none; requests it cannot serve adaptively (n > 1, a
     grammar, a SEDAC mode) run off, as they would on an engine without the default."""
-    if params.o1_mode is not None or engine_mode == "off" or params.o1_blocker or params.sedac_mode not in (None, "off"):
+    if (params.o1_mode is not None or engine_mode == "off" or params.o1_blocker
+            or params.sedac_mode not in (None, "off")):
         return params
     return dataclasses.replace(params, o1_mode=engine_mode)
 
@@ -97,7 +98,8 @@ class AdaptiveCompute:
 
     def start(self, request_id: str, params, answer_text) -> None:
         threshold = params.o1_entropy_threshold
-        self.trees[request_id] = _Tree(params.o1_max_branches, self.default_threshold if threshold is None else threshold,
+        self.trees[request_id] = _Tree(params.o1_max_branches,
+                                       self.default_threshold if threshold is None else threshold,
                                        params.answer_regex, answer_text)
         self.counters["o1_requests"] += 1
 
@@ -121,7 +123,8 @@ class AdaptiveCompute:
             total, count = tree.logprob_sums.get(seq, (0.0, 0))
             tree.logprob_sums[seq] = (total + float(logp[tokens[i]]), count + 1)
             siblings = sum(f.parent.request_id == seq.request_id for f in forks)
-            if entropy > tree.threshold and not tree.decided and num_branches(seq.request_id) + siblings < tree.max_branches:
+            if (entropy > tree.threshold and not tree.decided
+                    and num_branches(seq.request_id) + siblings < tree.max_branches):
                 token = _alternative(raw[n:n + 1], tokens[i], seq)
                 forks.append(Fork(seq, token, token_logprobs(logp[None], [token], [seq])[0],
                                   (total + float(logp[token]), count + 1)))

@@ -6,7 +6,8 @@ import torch
 from sedac.runtime.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence], constrain=None) -> tuple[list[int], list[dict[int, float] | None]]:
+def sample(logits: torch.Tensor, seqs: list[Sequence],
+           constrain=None) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs (of the
     model's raw distribution). constrain(logits, seqs): masks rows in place (structured outputs)."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None

@@ -45,7 +45,8 @@ class SedacSteps:
         self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
                                           max_num_seqs) if sedac else []
         # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
-        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))}
+        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8"
+                                                      else sedac.get("lossy_layers", []))}
 
     def split(self, batch: ScheduledBatch, mode_of):
         """-> (full batch, lossless seqs, lossy seqs). Decodes in lossless or lossy mode take SEDAC's
@@ -79,7 +80,8 @@ class SedacSteps:
 
     def draft_len(self, seq) -> int:
         """Drafts for a lossless decode step of seq; never past max_tokens or max_seq_len."""
-        room = min(seq.params.max_tokens - seq.num_output_tokens, self.runner.config.build.max_seq_len - seq.num_tokens) - 1
+        room = min(seq.params.max_tokens - seq.num_output_tokens,
+                   self.runner.config.build.max_seq_len - seq.num_tokens) - 1
         return max(0, min(self.sedac["draft_len"], room))
 
     def lossless(self, seqs, grammar) -> list[SedacTokens]:

@@ -46,7 +46,8 @@ class Sequence:
         self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
         self.stop_ids = stop_ids or []     # EOS and stop_token_ids: held back until params.min_tokens outputs
         self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
-        self.int8_exits: list = []         # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
+        # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
+        self.int8_exits: list = []
         self.approximate_kv_from: int | None = None   # first position whose K/V is not the full model's
 
     @property
@@ -79,7 +80,8 @@ class Sequence:
     def branch(self, index: int) -> "Sequence":
         """A fork mid-generation (o1 branching): it also takes the text, logprobs and detokenizer state so far."""
         child = self.fork(index)
-        child.output_text, child.logprobs, child.first_token_time = self.output_text, list(self.logprobs), self.first_token_time
+        child.output_text, child.logprobs, child.first_token_time = (self.output_text, list(self.logprobs),
+                                                                     self.first_token_time)
         child.detok_state = copy.copy(self.detok_state)
         return child
 

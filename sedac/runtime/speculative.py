@@ -32,7 +32,7 @@ class _Extended(Sequence):
     """A sequence seen as if `extra` tokens were already appended: what the sampler sees at a draft.
     Only what the sampler reads is set; the token-count properties come from Sequence."""
 
-    def __init__(self, seq: Sequence, extra: list[int]):   # noqa: super().__init__ would start a new sequence
+    def __init__(self, seq: Sequence, extra: list[int]):   # not super().__init__: it would start a new sequence
         self.params, self.generator, self.bad_words_ids = seq.params, seq.generator, seq.bad_words_ids
         self.stop_ids = seq.stop_ids
         self.num_prompt_tokens = seq.num_prompt_tokens

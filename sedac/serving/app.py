@@ -17,8 +17,16 @@ from sedac.runtime.async_engine import AsyncLLM, QueueFullError
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.serving.metrics import ServerMetrics
 from sedac.serving.openai_api import OpenAIHandlers
-from sedac.serving.protocol import (BatchGenerateRequest, ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                    ErrorResponse, GenerateRequest, TokenizeRequest)
+from sedac.serving.protocol import (
+    BatchGenerateRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    GenerateRequest,
+    TokenizeRequest,
+)
+
 
 @dataclass(frozen=True)
 class RequestLimits:
@@ -80,7 +88,8 @@ class Server:
             raise HTTPError(400, "request body nests too deeply") from None
         except ValidationError as e:
             first = e.errors()[0]
-            raise HTTPError(400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}") from None
+            raise HTTPError(400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: "
+                                 f"{first['msg']}") from None
         if getattr(req, "model", None) not in (None, self.model_name):
             raise HTTPError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
                             "model_not_found")
@@ -297,8 +306,10 @@ def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue:
           limits: RequestLimits = RequestLimits()) -> None:
     """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0.
     engine_options: LLMEngine keyword arguments (max_num_seqs, sedac_mode, sedac_kv_fill, ...)."""
-    import uvicorn
     from pathlib import Path
+
+    import uvicorn
+
     from sedac.runtime.engine import LLMEngine
 
     class GracefulServer(uvicorn.Server):

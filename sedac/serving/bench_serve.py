@@ -112,7 +112,8 @@ async def run_bench_serve(url: str, requests: list[BenchRequest], request_rate: 
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as http:
         try:
-            models = await http.get(url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+            models = await http.get(url + "/v1/models",
+                                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
             models.raise_for_status()
             model = models.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
@@ -138,8 +139,8 @@ def summarize(requests, results: list[Result], duration: float, model: str, good
     inputs = sum(q.prompt_len for q, _ in done)
     outputs = sum(r.output_tokens for _, r in done)
     out = {"model": model, **settings, "Successful requests": len(done), "Failed requests": len(results) - len(done),
-           "Benchmark duration (s)": round(duration, 2), "Total input tokens": inputs, "Total generated tokens": outputs,
-           "Request throughput (req/s)": round(len(done) / duration, 3),
+           "Benchmark duration (s)": round(duration, 2), "Total input tokens": inputs,
+           "Total generated tokens": outputs, "Request throughput (req/s)": round(len(done) / duration, 3),
            "Output token throughput (tok/s)": round(outputs / duration, 2),
            "Total Token throughput (tok/s)": round((inputs + outputs) / duration, 2)}
     series = {"ttft": [r.ttft for _, r in done], "tpot": [r.tpot for _, r in done if r.tpot is not None],
@@ -155,7 +156,14 @@ def summarize(requests, results: list[Result], duration: float, model: str, good
                    for _, r in done)
         out["Request goodput (req/s)"] = round(good / duration, 3)
     out["errors"] = [r.error for r in results if not r.ok][:3]
+    # the raw per-request values behind the percentiles, for the report's distributions
+    out["per_request_ms"] = {key: _ms(series[key]) for key in ("ttft", "tpot", "e2el")}
+    out["per_request_ms"]["itl"] = [_ms(r.itl) for _, r in done]
     return out
+
+
+def _ms(seconds: list[float]) -> list[float]:
+    return [round(1000 * s, 3) for s in seconds]
 
 
 def parse_goodput(items: tuple[str, ...]) -> dict[str, float]:
@@ -173,5 +181,22 @@ def parse_goodput(items: tuple[str, ...]) -> dict[str, float]:
 
 
 def markdown(result: dict) -> str:
-    rows = [(k, v) for k, v in result.items() if k not in ("errors",)]
+    rows = [(k, v) for k, v in result.items() if k not in ("errors", "per_request_ms")]
     return "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+
+
+def figures(result: dict) -> dict:
+    """TTFT, TPOT and ITL distributions, and the run's token throughput (one run: one rate, one concurrency)."""
+    from sedac.cli.report import grouped_bars, histograms
+    per_request = result["per_request_ms"]
+    latency = histograms(f"Latency distributions ({result['Successful requests']} requests)",
+                         [("TTFT (ms)", "requests (count)", per_request["ttft"]),
+                          ("TPOT (ms)", "requests (count)", per_request["tpot"]),
+                          ("ITL (ms)", "token gaps (count)", [t for gaps in per_request["itl"] for t in gaps])])
+    concurrency = result["max_concurrency"] or "unlimited"
+    throughput = grouped_bars(f"Token throughput at request rate {result['request_rate']} req/s, "
+                              f"max concurrency {concurrency}", "throughput (tokens counted)", "tokens/s",
+                              ["output tokens", "input + output tokens"],
+                              {"throughput": [result["Output token throughput (tok/s)"],
+                                              result["Total Token throughput (tok/s)"]]})
+    return {"latency": latency, "throughput": throughput}

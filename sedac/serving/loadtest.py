@@ -5,7 +5,6 @@ import asyncio
 import itertools
 import time
 
-
 _TEMPLATE_TOKENS = 64     # room for the chat template around the user turn
 
 

@@ -91,7 +91,8 @@ class OpenAIHandlers:
                 if plan is not None and plan.active:     # tool calls are parsed from the whole text: sent at the end
                     if c.finish_reason:
                         message = _message(c, plan)
-                        calls = [{"index": k, **call} for k, call in enumerate(message["message"].get("tool_calls", []))]
+                        calls = [{"index": k, **call}
+                                 for k, call in enumerate(message["message"].get("tool_calls", []))]
                         delta = {"content": message["message"]["content"]} | ({"tool_calls": calls} if calls else {})
                         yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
                                                     "finish_reason": message["finish_reason"]}]}

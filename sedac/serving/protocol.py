@@ -10,7 +10,6 @@ from sedac.runtime.reasoning import REASONING_EFFORT
 from sedac.runtime.sampling_params import O1_BRANCHES, O1_MAX_BRANCHES, SamplingParams
 from sedac.serving.tools import Tool, ToolPlan
 
-
 # OpenAI / vLLM fields that would change the output but are not implemented yet: answered 400 naming the
 # field, never silently ignored. A value that asks for nothing (the benign ones) passes.
 UNSUPPORTED_FIELDS = {
@@ -116,13 +115,15 @@ class _Sampling(BaseModel):
     def budget(self) -> int | None:
         if self.thinking_token_budget is not None and self.reasoning_effort is not None:
             raise ValueError("give thinking_token_budget or reasoning_effort, not both")
-        return self.thinking_token_budget or (REASONING_EFFORT[self.reasoning_effort] if self.reasoning_effort else None)
+        return self.thinking_token_budget or (REASONING_EFFORT[self.reasoning_effort]
+                                              if self.reasoning_effort else None)
 
     def structured(self) -> dict | None:
         """The one structured-outputs request among response_format, structured_outputs and guided_*."""
         given = {name: value for name, value in (("response_format", _response_format(self.response_format)),
                                                  ("structured_outputs", self.structured_outputs)) if value}
-        guided = {field: getattr(self, name) for name, field in GUIDED_FIELDS.items() if getattr(self, name) is not None}
+        guided = {field: getattr(self, name) for name, field in GUIDED_FIELDS.items()
+                  if getattr(self, name) is not None}
         if guided:
             given["guided_*"] = guided
         if len(given) > 1:
@@ -182,7 +183,8 @@ class ChatMessage(BaseModel):
         for call in self.tool_calls or []:
             function = call.get("function") or {}
             arguments = function.get("arguments") or "{}"
-            text += '<tool_call>{"name": %s, "arguments": %s}</tool_call>' % (json.dumps(function.get("name")), arguments)
+            text += ('<tool_call>{"name": %s, "arguments": %s}</tool_call>'
+                     % (json.dumps(function.get("name")), arguments))
         return {"role": self.role, "content": text}
 
 

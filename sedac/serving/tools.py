@@ -77,7 +77,8 @@ class ToolPlan:
             return messages
         described = "\n".join(json.dumps(f.model_dump(exclude_none=True)) for f in self.tools.values())
         note = ("You can call these functions:\n<tools>\n" + described + "\n</tools>\nTo call one, reply with "
-                '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>, one block per call.')
+                '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>, one block '
+                'per call.')
         if messages[0]["role"] == "system":
             return [{"role": "system", "content": messages[0]["content"] + "\n\n" + note}, *messages[1:]]
         return [{"role": "system", "content": note}, *messages]

@@ -16,7 +16,8 @@ from sedac.runtime.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 64
 _SCALARS = {"max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_k": ("top_k", int),
-            "top_p": ("top_p", float), "random_seed": ("seed", int), "repetition_penalty": ("repetition_penalty", float),
+            "top_p": ("top_p", float), "random_seed": ("seed", int),
+            "repetition_penalty": ("repetition_penalty", float),
             "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
             "sedac_agreement": ("sedac_agreement", float), "thinking_token_budget": ("thinking_token_budget", int),
             "o1_max_branches": ("o1_max_branches", int), "o1_entropy_threshold": ("o1_entropy_threshold", float)}

@@ -20,7 +20,8 @@ def _steps(steps) -> str:
     out = []
     for model, inputs, outputs in steps:
         maps = "".join(f'      input_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in inputs)
-        maps += "".join(f'      output_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n' for k, v in outputs)
+        maps += "".join(f'      output_map {{\n        key: "{k}"\n        value: "{v}"\n      }}\n'
+                        for k, v in outputs)
         out.append(f'    {{\n      model_name: "{model}"\n      model_version: -1\n{maps}    }}')
     return "ensemble_scheduling {\n  step [\n" + ",\n".join(out) + "\n  ]\n}\n"
 
@@ -29,7 +30,8 @@ def trtllm_configs(tokenizer_dir: Path, trtllm_engine_dir: str, batch: int, max_
     cpu = "instance_group [\n  {\n    count: 1\n    kind: KIND_CPU\n  }\n]\n"
     preprocessing = (_head("preprocessing", "python", batch)
                      + tensor_block("input", [("QUERY", _S, "[ 1 ]"), ("REQUEST_OUTPUT_LEN", _I, "[ 1 ]"),
-                                          ("BAD_WORDS_DICT", _S, "[ -1 ]", True), ("STOP_WORDS_DICT", _S, "[ -1 ]", True),
+                                          ("BAD_WORDS_DICT", _S, "[ -1 ]", True),
+                                          ("STOP_WORDS_DICT", _S, "[ -1 ]", True),
                                           ("END_ID", _I, "[ 1 ]", True), ("PAD_ID", _I, "[ 1 ]", True)])
                      + tensor_block("output", [("INPUT_ID", _I, "[ -1 ]"), ("REQUEST_INPUT_LEN", _I, "[ 1 ]"),
                                            ("BAD_WORDS_IDS", _I, "[ 2, -1 ]"), ("STOP_WORDS_IDS", _I, "[ 2, -1 ]"),
@@ -40,7 +42,8 @@ def trtllm_configs(tokenizer_dir: Path, trtllm_engine_dir: str, batch: int, max_
                     + tensor_block("input", [("input_ids", _I, "[ -1 ]"), ("input_lengths", _I, "[ 1 ]"),
                                          ("request_output_len", _I, "[ 1 ]"), ("end_id", _I, "[ 1 ]", True),
                                          ("pad_id", _I, "[ 1 ]", True), ("stop_words_list", _I, "[ 2, -1 ]", True),
-                                         ("bad_words_list", _I, "[ 2, -1 ]", True), ("runtime_top_k", _I, "[ 1 ]", True),
+                                         ("bad_words_list", _I, "[ 2, -1 ]", True),
+                                         ("runtime_top_k", _I, "[ 1 ]", True),
                                          ("runtime_top_p", _F, "[ 1 ]", True), ("streaming", _B, "[ 1 ]", True)]
                                + [(n, t, "[ 1 ]", True) for n, t in _SAMPLING])
                     + tensor_block("output", [("output_ids", _I, "[ -1, -1 ]"), ("sequence_length", _I, "[ -1 ]"),
