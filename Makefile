@@ -34,6 +34,7 @@ demo: install $(ENGINE)/config.json
 
 test: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q -p no:cacheprovider
 
 # Each bench writes a directory under reports/: report.md (tables and plots), report.json and PNG plots.

@@ -7,6 +7,7 @@ SEDAC_CPU_ARCH picks the instruction set:
 The library registers torch.ops.sedac_cpu and is loaded with torch.ops.load_library: no compiler,
 no build directory and no lock at run time.
 """
+
 import os
 from pathlib import Path
 
@@ -22,10 +23,21 @@ PORTABLE_LEVELS = {"avx512": "x86-64-v4", "avx2": "x86-64-v3"}
 def kernels(target: str, march: str) -> CppExtension:
     # -ffp-contract=off: no fused multiply-adds the source does not ask for, so elementwise results round
     # exactly as torch's do.
-    flags = ["-O3", "-g0", f"-march={march}", "-fopenmp", "-ffp-contract=off", f'-DSEDAC_TARGET="{target}"',
-             f'-DSEDAC_TORCH_VERSION="{torch.__version__}"']
-    return CppExtension(f"sedac.models._cpu_kernels_{target}", sorted(str(s) for s in CSRC.glob("*.cpp")),
-                        extra_compile_args=flags, extra_link_args=["-fopenmp"])
+    flags = [
+        "-O3",
+        "-g0",
+        f"-march={march}",
+        "-fopenmp",
+        "-ffp-contract=off",
+        f'-DSEDAC_TARGET="{target}"',
+        f'-DSEDAC_TORCH_VERSION="{torch.__version__}"',
+    ]
+    return CppExtension(
+        f"sedac.models._cpu_kernels_{target}",
+        sorted(str(s) for s in CSRC.glob("*.cpp")),
+        extra_compile_args=flags,
+        extra_link_args=["-fopenmp"],
+    )
 
 
 def extensions() -> list[CppExtension]:

@@ -1,4 +1,5 @@
 """SEDAC: build and run LLM inference engines with entropy-guided early exit."""
+
 import os
 
 # Before torch loads (c10 reads it once): buffers of 2 MB and more (weights, the KV pool) on transparent

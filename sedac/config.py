@@ -3,6 +3,7 @@
 One dataclass for the model's shape (ModelConfig) and one for the build settings (BuildConfig);
 EngineConfig bundles them with a format version so old engines fail loudly instead of silently.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -11,21 +12,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"      # converted weights inside an engine directory
+WEIGHTS_FILE = "model.safetensors"  # converted weights inside an engine directory
 SEDAC_WEIGHTS_FILE = "sedac.safetensors"  # trained exit heads (engines built with --sedac)
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 # precision -> the dtype an engine stores its float tensors in (on CPU every step computes in fp32)
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "float16", "int4": "float16",
-              "gguf": "float32"}
+PRECISIONS = {
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "int8": "float16",
+    "int4": "float16",
+    "gguf": "float32",
+}
 # weight-only precisions: linear weights stored quantized (int8: one scale per output channel; int4:
 # a scale and a minimum per group of inputs; gguf: the source file's own blocks)
 WEIGHT_ONLY = ("int8", "int4", "gguf")
 # --kv-cache-dtype -> the KV pool's dtype; "auto": the compute dtype (fp32 on CPU, the weights' on CUDA)
-KV_CACHE_DTYPES = {"auto": None, "fp32": "float32", "fp16": "float16", "bf16": "bfloat16",
-                   "float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-SCALE_SUFFIX = ".weight_scale"    # a quantized linear's scales beside its "<name>.weight"
-MIN_SUFFIX = ".weight_min"        # and a 4-bit block weight's minimums
-DEFAULT_GROUP_SIZE = 32           # int4's inputs per scale and minimum: GGUF Q4_1's block
+KV_CACHE_DTYPES = {
+    "auto": None,
+    "fp32": "float32",
+    "fp16": "float16",
+    "bf16": "bfloat16",
+    "float32": "float32",
+    "float16": "float16",
+    "bfloat16": "bfloat16",
+}
+SCALE_SUFFIX = ".weight_scale"  # a quantized linear's scales beside its "<name>.weight"
+MIN_SUFFIX = ".weight_min"  # and a 4-bit block weight's minimums
+DEFAULT_GROUP_SIZE = 32  # int4's inputs per scale and minimum: GGUF Q4_1's block
 
 
 @dataclass
@@ -90,7 +104,12 @@ class EngineConfig:
             version = raw.get("format_version")
             if version != FORMAT_VERSION:
                 raise ValueError(f"engine format version {version} is not {FORMAT_VERSION}; rebuild it")
-            return cls(model=ModelConfig(**raw["model"]), build=BuildConfig(**raw["build"]),
-                       format_version=version, sedac=raw.get("sedac"), reasoning=raw.get("reasoning"))
+            return cls(
+                model=ModelConfig(**raw["model"]),
+                build=BuildConfig(**raw["build"]),
+                format_version=version,
+                sedac=raw.get("sedac"),
+                reasoning=raw.get("reasoning"),
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"corrupt engine config {path}: {e}") from None

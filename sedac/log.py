@@ -1,5 +1,6 @@
 """The package's logger: facts worth one line (what an engine loaded with) go to stderr at INFO, as
 vLLM's do. SEDAC_CONFIGURE_LOGGING=0 leaves the "sedac" logger to the application's own setup."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Start real servers on loopback for tests, bounded in time, and stop them cleanly."""
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,9 @@ def wait_until_up(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> N
 @contextmanager
 def launched(command: list[str], ready_url: str, timeout: float = 120.0):
     """Run a server process until the block ends, then SIGTERM it (kill if it does not stop)."""
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+    )
     try:
         wait_until_up(ready_url, proc, timeout)
         yield proc
@@ -77,7 +79,18 @@ def sedac_server(engine: Path, *extra: str):
 def triton_server(repo: Path):
     """`sedac-run triton serve` (the real tritonserver); yields (http_url, grpc_address, metrics_url, process)."""
     http, grpc, metrics = free_ports(3)
-    command = [str(BIN / "sedac-run"), "triton", "serve", "--repo", str(repo), "--http-port", str(http),
-               "--grpc-port", str(grpc), "--metrics-port", str(metrics)]
+    command = [
+        str(BIN / "sedac-run"),
+        "triton",
+        "serve",
+        "--repo",
+        str(repo),
+        "--http-port",
+        str(http),
+        "--grpc-port",
+        str(grpc),
+        "--metrics-port",
+        str(metrics),
+    ]
     with launched(command, f"http://127.0.0.1:{http}/v2/health/ready", timeout=180) as proc:
         yield f"http://127.0.0.1:{http}", f"127.0.0.1:{grpc}", f"http://127.0.0.1:{metrics}/metrics", proc

@@ -1,4 +1,5 @@
 """Python API: detokenization, streaming, chat, and clear ValueErrors for bad input."""
+
 import json
 
 import pytest
@@ -15,8 +16,8 @@ def test_incremental_detokenization_never_breaks_characters(smollm2_tokenizer):
     for end in range(len(prompt) + 1, len(ids) + 1):
         deltas.append(detokenizer.decode_new_text(smollm2_tokenizer, ids[:end], state, True))
     assert all("\ufffd" not in d for d in deltas)
-    assert "".join(deltas) == smollm2_tokenizer.decode(ids[len(prompt):])
-    assert any(d == "" for d in deltas)      # some tokens hold only part of a character
+    assert "".join(deltas) == smollm2_tokenizer.decode(ids[len(prompt) :])
+    assert any(d == "" for d in deltas)  # some tokens hold only part of a character
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def test_missing_and_corrupt_engines_raise(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="corrupt"):
         LLM(str(bad))
     import shutil
+
     broken = tmp_path / "broken"
     shutil.copytree(tiny_llama, broken)
     (broken / "model.safetensors").write_bytes(b"garbage")

@@ -1,4 +1,5 @@
 """AsyncLLM: concurrent callers share one engine loop; early exit aborts; a full queue refuses."""
+
 import asyncio
 
 import pytest
@@ -28,6 +29,7 @@ def test_concurrent_requests_match_offline(llm, tiny_llama):
 
     async def main():
         return await asyncio.gather(*(collect(engine, p) for p in prompts))
+
     try:
         outs = asyncio.run(main())
         assert [o.token_ids for o in outs] == expected and all(o.finished for o in outs)
@@ -49,6 +51,7 @@ def test_early_exit_aborts_and_bad_request_fails_alone(tiny_llama):
             await collect(engine, list(range(400)))
         await leave_early()
         return await collect(engine, [4, 5, 6])
+
     try:
         assert asyncio.run(main()).finished
         stats = asyncio.run(engine.stats())
@@ -63,6 +66,7 @@ def test_full_queue_refuses(tiny_llama):
     async def main():
         with pytest.raises(QueueFullError):
             await asyncio.gather(*(collect(engine, [i + 1] * 5) for i in range(4)))
+
     try:
         asyncio.run(main())
     finally:
@@ -76,17 +80,19 @@ def test_cancelled_callers_leave_the_engine_serving(tiny_llama):
     long = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
     async def main():
-        busy = asyncio.create_task(collect(engine, [1, 2, 3], SamplingParams(max_tokens=48, temperature=0.0,
-                                                                             ignore_eos=True)))
+        busy = asyncio.create_task(
+            collect(engine, [1, 2, 3], SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True))
+        )
         await asyncio.sleep(0.05)
-        for delay in (0, 0, 0.001, 0.002, 0.005):    # cancelled before, while and after the add runs
+        for delay in (0, 0, 0.001, 0.002, 0.005):  # cancelled before, while and after the add runs
             task = asyncio.create_task(collect(engine, [4, 5, 6], long))
             await asyncio.sleep(delay)
             task.cancel()
         await busy
         return await collect(engine, [7, 8, 9])
+
     try:
-        assert asyncio.run(asyncio.wait_for(main(), timeout=60)).finished   # a dead engine thread hangs: bound it
+        assert asyncio.run(asyncio.wait_for(main(), timeout=60)).finished  # a dead engine thread hangs: bound it
         assert engine._thread.is_alive()
         stats = asyncio.run(engine.stats())
         assert stats["num_requests_running"] == 0 and stats["kv_blocks_free"] == stats["kv_blocks_total"]

@@ -1,4 +1,5 @@
 """Inflight batching invariants on a tiny model: batch == alone, cache hit == miss, preemption resumes."""
+
 from sedac import LLM, SamplingParams
 
 GREEDY = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
@@ -27,7 +28,7 @@ def test_prefix_cache_hit_gives_same_tokens(tiny_llama):
     miss = llm.generate([prompt], GREEDY)[0]
     hit = llm.generate([prompt], GREEDY)[0]
     assert miss.metrics.num_cached_tokens == 0
-    assert hit.metrics.num_cached_tokens >= 44        # all full blocks but the one holding the last token
+    assert hit.metrics.num_cached_tokens >= 44  # all full blocks but the one holding the last token
     assert hit.token_ids == miss.token_ids
     shared_prefix = prompt[:30] + [7, 7, 7]
     other = llm.generate([shared_prefix], GREEDY)[0]
@@ -42,8 +43,9 @@ def test_preempted_requests_resume_to_same_tokens(tiny_llama):
     per_block = roomy.engine.runner.kv_bytes_per_block()
     tight = LLM(str(tiny_llama), device="cpu", kv_cache_memory=per_block * 64)
     assert tight.engine.blocks.num_blocks == 64
-    got = [o.token_ids
-           for o in tight.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))]
+    got = [
+        o.token_ids for o in tight.generate(PROMPTS, SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True))
+    ]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == expected
 
@@ -61,7 +63,7 @@ def test_kv_pool_within_budget_and_all_blocks_free_after(tiny_llama):
     finished = []
     while llm.engine.has_unfinished_requests():
         outs = llm.engine.step()
-        assert len({o.request_id for o in outs}) == len(outs)          # one output per request per step
+        assert len({o.request_id for o in outs}) == len(outs)  # one output per request per step
         finished += [o.request_id for o in outs if o.finished]
         peak = max(peak, llm.engine.blocks.num_blocks - llm.engine.blocks.num_free_blocks)
     assert sorted(finished) == sorted(str(i) for i in range(len(PROMPTS)))

@@ -1,4 +1,5 @@
 """Block manager unit tests: allocation, prefix hashing, ref counts, LRU reuse, copy-on-write."""
+
 from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.runtime.sequence import Sequence
@@ -26,7 +27,7 @@ def test_allocate_and_release_all():
 def test_prefix_hit_shares_full_blocks_only_after_compute():
     bm = BlockManager(8, 4)
     a = seq_of(range(10))
-    assert bm.ensure_slots(a, 10)            # allocated, not yet computed: nothing to hit
+    assert bm.ensure_slots(a, 10)  # allocated, not yet computed: nothing to hit
     b = seq_of(range(10))
     bm.match_prefix(b)
     assert b.num_computed_tokens == 0 and not b.block_table
@@ -43,7 +44,7 @@ def test_full_prompt_hit_keeps_last_token_to_compute():
     computed(bm, a, 8)
     b = seq_of(range(8))
     bm.match_prefix(b)
-    assert b.num_computed_tokens == 4        # the block holding the last token is recomputed
+    assert b.num_computed_tokens == 4  # the block holding the last token is recomputed
 
 
 def test_freed_blocks_stay_hittable_until_reused_lru():
@@ -53,9 +54,9 @@ def test_freed_blocks_stay_hittable_until_reused_lru():
     bm.release(a)
     b = seq_of([1, 2, 3, 4, 9])
     bm.match_prefix(b)
-    assert b.num_computed_tokens == 4        # hit after release
+    assert b.num_computed_tokens == 4  # hit after release
     bm.release(b)
-    c = seq_of(range(100, 108))              # needs all 4 blocks: evicts the cached ones
+    c = seq_of(range(100, 108))  # needs all 4 blocks: evicts the cached ones
     computed(bm, c, 8)
     d = seq_of([1, 2, 3, 4, 9])
     bm.release(c)
@@ -77,7 +78,7 @@ def test_copy_on_write_for_forks():
     assert parent.block_table[0] == child.block_table[0] and parent.block_table[1] != shared_tail
     assert bm.ref_counts[shared_tail] == 1
     child.token_ids.append(98)
-    assert bm.ensure_slots(child, 1) and child.block_table[1] == shared_tail   # sole owner: writes in place
+    assert bm.ensure_slots(child, 1) and child.block_table[1] == shared_tail  # sole owner: writes in place
     bm.release(parent)
     bm.release(child)
     assert bm.num_free_blocks == 8

@@ -3,6 +3,7 @@ each weight exactly as the reference does and runs panel_linear's chain, so its 
 fp32 kernel's on the dequantized weights, in any batch; a gguf engine holds exactly the weights the fp32
 engine built from the same file holds and decodes the same tokens; an int4 engine decodes like HF on its
 dequantized weights. Bad inputs name what is supported."""
+
 import numpy as np
 import pytest
 import torch
@@ -41,27 +42,27 @@ def _random_blocks(out: int, inp: int, group: int, bits: int) -> BlockWeight:
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])   # out, in, group
+@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])  # out, in, group
 @pytest.mark.parametrize("bias", [False, True])
 def test_block_linear_is_fp32_panels_on_dequantized_weights(bits, shape, bias):
     torch.manual_seed(bits)
     out, inp, group = shape
     blocks = _random_blocks(out, inp, group, bits)
-    dense = blocks.dense()                                     # [out, in] fp32, the reference values
+    dense = blocks.dense()  # [out, in] fp32, the reference values
     packed, b = blocks.panels(), (torch.randn(out) if bias else None)
     assert torch.equal(packed.dense(), dense) and torch.equal(packed.dense(torch.tensor([3, out - 1])), dense[[3, -1]])
-    x = torch.randn(13, inp)            # 13 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
+    x = torch.randn(13, inp)  # 13 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
     y = packed.linear(x, b)
     for rows in range(1, 14):
         expected = torch.ops.sedac_cpu.panel_linear(x[:rows], to_panels(dense), b, out)
-        assert torch.equal(packed.linear(x[:rows], b), expected)        # bitwise the fp32 chain
-        assert torch.equal(y[:rows], expected)                          # whatever the batch
-    tolerance = 1e-5 * (x.abs() @ dense.abs().t()).max()           # summation order only
+        assert torch.equal(packed.linear(x[:rows], b), expected)  # bitwise the fp32 chain
+        assert torch.equal(y[:rows], expected)  # whatever the batch
+    tolerance = 1e-5 * (x.abs() @ dense.abs().t()).max()  # summation order only
     assert (y - (x @ dense.t() + (0 if b is None else b))).abs().max() <= tolerance
-    assert (blocks.linear(x, b) - y).abs().max() <= tolerance       # the unpacked (torch) path
+    assert (blocks.linear(x, b) - y).abs().max() <= tolerance  # the unpacked (torch) path
 
 
-@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])   # out, in, group
+@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])  # out, in, group
 def test_int8_activation_kernel_is_near_exact_and_batch_invariant(shape):
     """block_linear_a8 quantizes each row's activations per group in two int8 levels (a 15-bit grid)
     for integer dot products: close to the fp32-activation result, not bitwise it, the same in any batch."""
@@ -69,26 +70,26 @@ def test_int8_activation_kernel_is_near_exact_and_batch_invariant(shape):
     out, inp, group = shape
     blocks = _random_blocks(out, inp, group, 4)
     packed = blocks.panels(int8_activations=True)
-    assert packed.int8_activations and torch.equal(packed.dense(), blocks.dense())     # same weights, new layout
-    x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)        # channels of different scales
-    x[2, :group] = 0                                               # a zero group
+    assert packed.int8_activations and torch.equal(packed.dense(), blocks.dense())  # same weights, new layout
+    x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)  # channels of different scales
+    x[2, :group] = 0  # a zero group
     y = packed.linear(x, None)
     for rows in range(1, 14):
-        assert torch.equal(packed.linear(x[:rows], None), y[:rows])        # batch-invariant
-    exact = blocks.panels().linear(x, None)                        # fp32 activations
-    assert not torch.equal(y, exact)                               # it took the integer path,
-    assert (y - exact).norm() < 1e-3 * exact.norm()                # whose activation grid is fine
+        assert torch.equal(packed.linear(x[:rows], None), y[:rows])  # batch-invariant
+    exact = blocks.panels().linear(x, None)  # fp32 activations
+    assert not torch.equal(y, exact)  # it took the integer path,
+    assert (y - exact).norm() < 1e-3 * exact.norm()  # whose activation grid is fine
 
 
 def test_int4_quantization_rounds_to_nearest_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(24, 64)
-    w[3, :32] = 0.7                                              # a constant group
+    w[3, :32] = 0.7  # a constant group
     blocks = quantize_int4(w, 32)
     assert blocks.codes.shape == (24, 32) and blocks.scale.shape == (24, 2) and blocks.group_size == 32
     step = blocks.scale.float().repeat_interleave(32, dim=1)
     error = (blocks.dense() - w).abs()
-    assert (error <= step * 0.5 + 2e-3 * w.abs().amax(1, keepdim=True)).all()   # + the fp16 rounding of the min
+    assert (error <= step * 0.5 + 2e-3 * w.abs().amax(1, keepdim=True)).all()  # + the fp16 rounding of the min
     assert torch.equal(blocks.dense()[3, :32], torch.full((32,), torch.tensor(0.7).half().item()))
     with pytest.raises(ValueError, match="--group-size 48 must be even and divide"):
         quantize_int4(w, 48)
@@ -121,8 +122,13 @@ def test_fused_decode_layer_on_blocks_is_bit_identical_to_python_layer(pool, bit
 
 def _engine(tmp_path, source, precision: str, **build):
     path = tmp_path / precision
-    build_engine(str(source), path, BuildConfig(precision=precision, max_batch_size=8, max_seq_len=256,
-                                                max_num_tokens=256, kv_block_size=4, **build))
+    build_engine(
+        str(source),
+        path,
+        BuildConfig(
+            precision=precision, max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4, **build
+        ),
+    )
     return path
 
 
@@ -132,13 +138,13 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     to that rounding: teacher-forced on its own output, HF picks the same token at nearly every position."""
     engine = _engine(tmp_path, tiny_models[arch], "int4", group_size=16)
     weights = load_file(str(engine / "model.safetensors"))
-    assert weights["layers.0.down_proj.weight"].dtype == torch.uint8          # 4-bit codes, two a byte
+    assert weights["layers.0.down_proj.weight"].dtype == torch.uint8  # 4-bit codes, two a byte
     assert weights["layers.0.down_proj.weight_scale"].shape == (64, 128 // 16)
     hf = load_hf_model(engine)
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
     assert model.layers[0].qkv_proj.blocks.int8_activations and not model.int8_weights
-    assert model.lm_head.blocks.bits == 8                           # the head as 8-bit blocks
+    assert model.lm_head.blocks.bits == 8  # the head as 8-bit blocks
     fused = []
     for layer in model.layers:
         original = layer._fused_decode
@@ -148,17 +154,19 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     for prompt, out in zip(PROMPTS, outs):
         ids = torch.tensor([prompt + out.token_ids])
         with torch.inference_mode():
-            choices = hf(ids).logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+            choices = hf(ids).logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
         same += sum(a == b for a, b in zip(choices, out.token_ids))
         total += len(out.token_ids)
     assert same >= 0.9 * total, (same, total)
-    assert fused                                    # decode steps ran the fused layer on the blocks
+    assert fused  # decode steps ran the fused layer on the blocks
 
 
 def test_int4_engine_without_kernels_dequantizes_at_load(tmp_path, tiny_models, monkeypatch, caplog):
     engine = _engine(tmp_path, tiny_models["llama"], "int4", group_size=16)
-    with_kernels = [o.token_ids for o in LLM(str(engine), device="cpu").generate(
-        PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))]
+    with_kernels = [
+        o.token_ids
+        for o in LLM(str(engine), device="cpu").generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    ]
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     llm = LLM(str(engine), device="cpu")
     assert "int4 weights have no kernel" in caplog.text
@@ -171,8 +179,9 @@ def test_quantized_precision_errors(tmp_path, tiny_models):
     runner = CliRunner()
     base = ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--max-seq-len", "256"]
     out = runner.invoke(build_main, [*base, "--precision", "gguf"])
-    assert (out.exit_code != 0
-            and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output)
+    assert (
+        out.exit_code != 0 and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output
+    )
     out = runner.invoke(build_main, [*base, "--precision", "int8", "--group-size", "64"])
     assert out.exit_code != 0 and "group_size (--group-size) applies to precision int4 only" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--group-size", "48"])
@@ -185,19 +194,23 @@ def test_quantized_precision_errors(tmp_path, tiny_models):
 def test_gguf_tensor_without_a_kernel_is_named():
     class Q6K:
         name, tensor_type, data = "blk.0.ffn_down.weight", GGMLQuantizationType.Q6_K, np.zeros((4, 210), np.uint8)
-    with pytest.raises(ValueError, match="blk.0.ffn_down.weight is Q6_K; --precision gguf computes on "
-                                         "Q4_0, Q4_1, Q8_0, F16, F32"):
+
+    with pytest.raises(
+        ValueError, match="blk.0.ffn_down.weight is Q6_K; --precision gguf computes on Q4_0, Q4_1, Q8_0, F16, F32"
+    ):
         _read(Q6K)
 
 
 def test_q4_0_blocks_decode_like_gguf():
     from gguf import quants
+
     torch.manual_seed(0)
     w = torch.randn(8, 64).numpy()
     raw = quants.quantize(w, GGMLQuantizationType.Q4_0)
 
     class T:
         name, tensor_type, data = "q", GGMLQuantizationType.Q4_0, raw
+
     expected = quants.dequantize(raw, GGMLQuantizationType.Q4_0)
     assert np.array_equal(_read(T).dense().numpy(), expected)
 
@@ -217,14 +230,16 @@ def test_gguf_engine_holds_exactly_the_fp32_engines_weights():
 def test_gguf_engine_decodes_the_fp32_engines_tokens(real_engine, tmp_path_factory):
     """Must show: token-identical to the fp32 engine from the same GGUF on 16 prompts x 64 tokens."""
     from sedac.builder.datasets import sharegpt_prompts
+
     path = tmp_path_factory.mktemp("gguf") / "smollm2-gguf"
     build_engine("smollm2-135m-instruct", path, BuildConfig(precision="gguf", max_batch_size=16))
     runs = {}
     for name, engine in (("fp32", real_engine), ("gguf", path)):
         llm = LLM(str(engine), kv_cache_memory=1 << 29)
         prompts = sharegpt_prompts(llm.tokenizer, "bench", 16, 128)
-        runs[name] = [o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0,
-                                                                                  ignore_eos=True))]
+        runs[name] = [
+            o.token_ids for o in llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True))
+        ]
         if name == "gguf":
             model = llm.engine.runner.model
             assert model.lm_head.blocks.bits == 8 and model.layers[0].gate_up_proj.blocks.bits == 4

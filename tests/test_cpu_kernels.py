@@ -4,6 +4,7 @@ and rejects lengths outside a block table; the fused elementwise ops match the t
 (rotary bit for bit, the norms to the last bit of the RMS reduction); the panel linear matches x @ W
 for every tile of rows and gives each row bit for bit the same alone or in a batch; the int8 linear
 matches its dequantized weights and the int8 decode layer the Python layer on the same int8 copies."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,8 @@ BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 400
 
 @pytest.fixture(autouse=True)
 def _inference():
-    assert cpu_kernels.available()    # loads torch.ops.sedac_cpu for tests that call the ops directly
-    with torch.inference_mode():      # as the engine runs; with autograd on, the kernels stand aside
+    assert cpu_kernels.available()  # loads torch.ops.sedac_cpu for tests that call the ops directly
+    with torch.inference_mode():  # as the engine runs; with autograd on, the kernels stand aside
         yield
 
 
@@ -32,23 +33,23 @@ def pool():
 def _reference(q, k_cache, v_cache, table, length):
     """One query row [H, D] over the first `length` positions of one block table, written out plainly."""
     slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(length)])
-    keys = k_cache[slots].repeat_interleave(H // KV, dim=1)              # [L, H, D]
+    keys = k_cache[slots].repeat_interleave(H // KV, dim=1)  # [L, H, D]
     values = v_cache[slots].repeat_interleave(H // KV, dim=1)
-    weights = (torch.einsum("hd,lhd->hl", q, keys) / D ** 0.5).softmax(-1)
+    weights = (torch.einsum("hd,lhd->hl", q, keys) / D**0.5).softmax(-1)
     return torch.einsum("hl,lhd->hd", weights, values)
 
 
 def _tables(lengths):
-    perm = torch.randperm(NUM_BLOCKS).tolist()       # scattered blocks, as after preemption and reuse
+    perm = torch.randperm(NUM_BLOCKS).tolist()  # scattered blocks, as after preemption and reuse
     width = -(-max(lengths) // BS)
-    return [perm[i * width:(i + 1) * width] for i in range(len(lengths))]
+    return [perm[i * width : (i + 1) * width] for i in range(len(lengths))]
 
 
 def test_kernels_load_here():
-    assert cpu_kernels.available()    # CI must exercise the kernel, not silently fall back
+    assert cpu_kernels.available()  # CI must exercise the kernel, not silently fall back
     assert cpu_kernels.usable(torch.zeros(1))
     with torch.inference_mode(False), torch.enable_grad():
-        assert not cpu_kernels.usable(torch.zeros(1))     # no backward: exit-head training runs torch ops
+        assert not cpu_kernels.usable(torch.zeros(1))  # no backward: exit-head training runs torch ops
 
 
 # a lone token, partial and exactly full last blocks, one span of 64 positions exactly, and several spans
@@ -61,8 +62,7 @@ def test_kernel_matches_plain_attention(pool, dtype):
     pool = tuple(t.to(dtype) for t in pool)
     tables = _tables(LENGTHS)
     q = torch.randn(len(LENGTHS), H, D)
-    out = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS,
-                                                     D ** -0.5)
+    out = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS, D**-0.5)
     for i, (table, length) in enumerate(zip(tables, LENGTHS)):
         assert torch.allclose(out[i], _reference(q[i], *(t.float() for t in pool), table, length), atol=1e-5)
 
@@ -70,19 +70,21 @@ def test_kernel_matches_plain_attention(pool, dtype):
 def test_kernel_rows_are_batch_invariant(pool):
     """Spans split a long context at fixed positions: a row's result is bitwise the same alone or in a batch."""
     tables, q = _tables(LENGTHS), torch.randn(len(LENGTHS), H, D)
-    batch = torch.ops.sedac_cpu.paged_decode_attention(q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS,
-                                                       D ** -0.5)
+    batch = torch.ops.sedac_cpu.paged_decode_attention(
+        q, *pool, torch.tensor(tables), torch.tensor(LENGTHS), BS, D**-0.5
+    )
     for i, (table, length) in enumerate(zip(tables, LENGTHS)):
-        alone = torch.ops.sedac_cpu.paged_decode_attention(q[i:i + 1], *pool, torch.tensor([table]),
-                                                           torch.tensor([length]), BS, D ** -0.5)
+        alone = torch.ops.sedac_cpu.paged_decode_attention(
+            q[i : i + 1], *pool, torch.tensor([table]), torch.tensor([length]), BS, D**-0.5
+        )
         assert torch.equal(alone[0], batch[i])
 
 
 def test_kernel_takes_strided_query_rows(pool):
-    qk = torch.randn(3, H + KV, D)                   # the decoder slices q out of a fused q|k tensor
+    qk = torch.randn(3, H + KV, D)  # the decoder slices q out of a fused q|k tensor
     tables, lengths = torch.tensor(_tables([5, 9, 2])), torch.tensor([5, 9, 2])
-    strided = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H], *pool, tables, lengths, BS, D ** -0.5)
-    dense = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H].contiguous(), *pool, tables, lengths, BS, D ** -0.5)
+    strided = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H], *pool, tables, lengths, BS, D**-0.5)
+    dense = torch.ops.sedac_cpu.paged_decode_attention(qk[:, :H].contiguous(), *pool, tables, lengths, BS, D**-0.5)
     assert torch.equal(strided, dense)
 
 
@@ -103,7 +105,7 @@ def test_decode_attention_kernel_agrees_with_sdpa_path(pool, monkeypatch):
 
 
 def test_short_cached_chunk_kernel_agrees_with_sdpa_path(pool, monkeypatch):
-    cached, n = 9, 5                                  # a verify pass: 5 rows after 9 cached positions
+    cached, n = 9, 5  # a verify pass: 5 rows after 9 cached positions
     table = torch.tensor(_tables([cached + n])[0])
     chunk = PrefillChunk(0, n, table, torch.arange(cached + 1, cached + 1 + n))
     q, k, v = torch.randn(n, H, D), torch.randn(n, KV, D), torch.randn(n, KV, D)
@@ -114,8 +116,9 @@ def test_short_cached_chunk_kernel_agrees_with_sdpa_path(pool, monkeypatch):
 
 def test_kernel_rejects_length_beyond_table(pool):
     with pytest.raises(RuntimeError, match="outside its block table"):
-        torch.ops.sedac_cpu.paged_decode_attention(torch.randn(1, H, D), *pool, torch.tensor([[0, 1]]),
-                                           torch.tensor([2 * BS + 1]), BS, D ** -0.5)
+        torch.ops.sedac_cpu.paged_decode_attention(
+            torch.randn(1, H, D), *pool, torch.tensor([[0, 1]]), torch.tensor([2 * BS + 1]), BS, D**-0.5
+        )
 
 
 def test_rms_norm_matches_torch():
@@ -136,7 +139,7 @@ def test_silu_and_mul_matches_torch():
 
 def test_rotary_is_bit_identical_to_torch_ops():
     qkv = torch.randn(4, (9 + 2 * 3) * 64)
-    x = qkv[:, :12 * 64].view(4, 12, 64)             # q and k heads sliced out of the fused projection
+    x = qkv[:, : 12 * 64].view(4, 12, 64)  # q and k heads sliced out of the fused projection
     cos, signed_sin = torch.randn(4, 1, 64), torch.randn(4, 1, 64)
     expected = x * cos + x.roll(32, dims=-1) * signed_sin
     assert torch.equal(torch.ops.sedac_cpu.rotary(x, cos, signed_sin), expected)
@@ -148,9 +151,21 @@ def test_fused_ops_reject_wrong_dtype():
 
 
 def _random_layer(qkv_bias: bool) -> DecoderLayer:
-    cfg = ModelConfig("LlamaForCausalLM", vocab_size=32, hidden_size=H * D, intermediate_size=80, num_layers=1,
-                      num_heads=H, num_kv_heads=KV, head_dim=D, rms_norm_eps=1e-5, rope_theta=1e4,
-                      max_position_embeddings=64, tie_word_embeddings=False, qkv_bias=qkv_bias)
+    cfg = ModelConfig(
+        "LlamaForCausalLM",
+        vocab_size=32,
+        hidden_size=H * D,
+        intermediate_size=80,
+        num_layers=1,
+        num_heads=H,
+        num_kv_heads=KV,
+        head_dim=D,
+        rms_norm_eps=1e-5,
+        rope_theta=1e4,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        qkv_bias=qkv_bias,
+    )
     layer = DecoderLayer(cfg)
     for p in layer.parameters():
         p.data.normal_(0, 0.2)
@@ -170,19 +185,21 @@ def run_step(layer: DecoderLayer, pool, ctx, run):
         set_context(None)
 
 
-@pytest.mark.parametrize("qkv_bias", [False, True])          # Llama, Qwen2
+@pytest.mark.parametrize("qkv_bias", [False, True])  # Llama, Qwen2
 def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=False)
-    results = [(run_step(layer, pool, ctx, run), layer.k_cache, layer.v_cache)
-               for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))]
+    results = [
+        (run_step(layer, pool, ctx, run), layer.k_cache, layer.v_cache)
+        for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))
+    ]
     for fused_tensor, python_tensor in zip(*results):
         assert torch.equal(fused_tensor, python_tensor)
-    assert not torch.equal(results[0][1], pool[0])            # the step wrote its K into the cache
+    assert not torch.equal(results[0][1], pool[0])  # the step wrote its K into the cache
 
 
-@pytest.mark.parametrize("shape", [(44, 13), (576, 960), (7, 40)])   # out a multiple of 16 or padded
+@pytest.mark.parametrize("shape", [(44, 13), (576, 960), (7, 40)])  # out a multiple of 16 or padded
 @pytest.mark.parametrize("bias", [False, True])
 def test_panel_linear_matches_matmul_and_is_batch_invariant(shape, bias):
     n_in, n_out = shape
@@ -193,19 +210,19 @@ def test_panel_linear_matches_matmul_and_is_batch_invariant(shape, bias):
     weight = linear.weight.clone()
     linear.pack_for_cpu()
     assert linear.weight is None and torch.equal(linear.dense_rows(), weight.t())
-    x = torch.randn(17, n_in)          # 17 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
+    x = torch.randn(17, n_in)  # 17 rows: tiles of 6, 3, 2 and 1 rows over the prefixes below
     for rows in range(1, 18):
         y = linear(x[:rows])
         assert torch.allclose(y, x[:rows] @ weight + (linear.bias if bias else 0), atol=1e-4, rtol=1e-4)
-        assert torch.equal(y, linear(x)[:rows])           # a row's result does not depend on the batch
+        assert torch.equal(y, linear(x)[:rows])  # a row's result does not depend on the batch
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 13])           # every tile of x rows and remainders
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 7, 13])  # every tile of x rows and remainders
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("packed", [True, False])   # int8 panels (CPU) or the [out, in] copy (the sedac op, CUDA)
+@pytest.mark.parametrize("packed", [True, False])  # int8 panels (CPU) or the [out, in] copy (the sedac op, CUDA)
 def test_int8_linear_matches_dequantized_weights(rows, bias, packed):
     torch.manual_seed(rows)
-    linear = Linear(44, 13, bias=bias)          # in not a multiple of 8, out not of a panel's 16
+    linear = Linear(44, 13, bias=bias)  # in not a multiple of 8, out not of a panel's 16
     linear.weight.data.normal_()
     if bias:
         linear.bias.data.normal_()
@@ -219,7 +236,7 @@ def test_int8_linear_matches_dequantized_weights(rows, bias, packed):
     expected = x @ linear.int8_rows().t() + (linear.bias if bias else 0)
     assert torch.allclose(linear.draft(x), expected, atol=1e-4)
     if packed:
-        assert torch.equal(linear.draft(x[:1]), linear.draft(x)[:1])    # batch-invariant, like panel_linear
+        assert torch.equal(linear.draft(x[:1]), linear.draft(x)[:1])  # batch-invariant, like panel_linear
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])
@@ -230,10 +247,12 @@ def test_int8_decode_layer_matches_python_layer_on_int8_weights(pool, qkv_bias):
             linear.quantize_int8()
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=True)
-    runs = {"fused": lambda: layer._fused_decode(h, cos, signed_sin, ctx, int8=True),
-            "python": lambda: layer(h, cos, signed_sin, int8=True),
-            "fp32": lambda: layer._fused_decode(h, cos, signed_sin, ctx)}
+    runs = {
+        "fused": lambda: layer._fused_decode(h, cos, signed_sin, ctx, int8=True),
+        "python": lambda: layer(h, cos, signed_sin, int8=True),
+        "fp32": lambda: layer._fused_decode(h, cos, signed_sin, ctx),
+    }
     out = {name: run_step(layer, pool, ctx, run) for name, run in runs.items()}
     assert torch.equal(out["fused"], out["python"])
-    assert not torch.equal(out["fused"], out["fp32"])                    # it did run on the int8 copies,
-    assert (out["fused"] - out["fp32"]).norm() < 0.05 * out["fp32"].norm()   # which stay close to the weights
+    assert not torch.equal(out["fused"], out["fp32"])  # it did run on the int8 copies,
+    assert (out["fused"] - out["fp32"]).norm() < 0.05 * out["fp32"].norm()  # which stay close to the weights

@@ -1,6 +1,7 @@
 """The README and docs say what runs: every `sedac-build` / `sedac-run` command line in their shell blocks
 parses as written (click resolves the subcommand and checks every option, choice and required value without
 running it), each named command answers --help, and every `make` target they name exists."""
+
 import re
 import shlex
 import subprocess
@@ -34,7 +35,7 @@ def _commands() -> list[tuple[str, list[str]]]:
     for path in DOCS:
         for line in _shell_lines(path):
             words = shlex.split(line)
-            if words and words[0] in PROGRAMS and "[" not in line:      # [--optional] shows a choice, not a command
+            if words and words[0] in PROGRAMS and "[" not in line:  # [--optional] shows a choice, not a command
                 found.append((f"{path.name}: {line}", words))
     return found
 
@@ -59,15 +60,19 @@ def _resolve(words: list[str]) -> tuple[click.Command, list[str], list[str]]:
 @pytest.mark.parametrize("where,words", COMMANDS, ids=[w for w, _ in COMMANDS])
 def test_command_parses_as_written(where, words):
     command, name, args = _resolve(words)
-    with command.make_context(" ".join(name), list(args)) as ctx:      # raises on a bad option or value
+    with command.make_context(" ".join(name), list(args)) as ctx:  # raises on a bad option or value
         assert ctx.command is command
 
 
 @pytest.mark.parametrize("name", sorted({" ".join(_resolve(words)[1]) for _, words in COMMANDS}))
 def test_named_command_answers_help(name):
     program, *subcommands = name.split()
-    done = subprocess.run([str(Path(sys.executable).parent / program), *subcommands, "--help"],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / program), *subcommands, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0 and "Usage:" in done.stdout, done.stderr
 
 

@@ -1,6 +1,7 @@
 """The int8-screened greedy head: its argmax is the full fp32 head's, on random heads and on near-ties
 that the int8 copy alone gets wrong; the engine takes it only for plain greedy rows, and greedy output
 is the same with and without it."""
+
 import pytest
 import torch
 
@@ -37,8 +38,8 @@ def test_screen_argmax_is_the_full_heads_on_random_heads(packed):
     exact = x @ rows.t()
     assert torch.equal(out.argmax(-1), exact.argmax(-1))
     kept = out > float("-inf")
-    assert torch.allclose(out[kept], exact[kept], atol=1e-4, rtol=1e-5)   # candidates carry exact logits
-    assert kept.sum(-1).max() < 4096 // 10                                 # and few tokens are candidates
+    assert torch.allclose(out[kept], exact[kept], atol=1e-4, rtol=1e-5)  # candidates carry exact logits
+    assert kept.sum(-1).max() < 4096 // 10  # and few tokens are candidates
 
 
 @pytest.mark.parametrize("packed", [True, False])
@@ -50,7 +51,7 @@ def test_screen_resolves_near_ties_the_int8_copy_gets_wrong(packed):
     screen, head = _screen(rows, packed)
     x = torch.randn(2000, 32) * 10
     exact = (x @ rows.t()).argmax(-1)
-    assert not torch.equal(head.draft(x).argmax(-1), exact)          # the test has teeth
+    assert not torch.equal(head.draft(x).argmax(-1), exact)  # the test has teeth
     screened = torch.cat([screen.logits(chunk).argmax(-1) for chunk in x.split(MAX_SCREEN_ROWS)])
     assert torch.equal(screened, exact)
 
@@ -69,6 +70,6 @@ def test_engine_screens_only_plain_greedy_rows_and_output_is_unchanged(tiny_llam
     calls.clear()
     llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, logprobs=2))
     llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, repetition_penalty=1.3))
-    assert not calls                                  # those need the whole distribution
+    assert not calls  # those need the whole distribution
     model.greedy_screen = None
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == screened

@@ -3,6 +3,7 @@ branches are copy-on-write forks sharing their parent's blocks, every block is f
 abort mid-branch), the branch budget holds, greedy requests stay deterministic, the vote early-stops when
 finished branches agree, plain requests in the same batch get their tokens as alone, and bad fields are
 errors in the API and over HTTP (the server keeps serving)."""
+
 import httpx
 import pytest
 
@@ -25,9 +26,9 @@ def _all_free(llm) -> bool:
 def test_branch_budget_holds_and_blocks_are_free_after(tiny_llama, branches):
     llm = LLM(str(tiny_llama), device="cpu")
     out = llm.generate([PROMPTS[0]], _adaptive(o1_max_branches=branches))[0]
-    assert out.metrics.o1_branches == branches - 1             # the tiny model is uncertain everywhere
-    assert out.metrics.o1_tokens >= 12 * branches - branches        # every branch's tokens
-    assert out.metrics.num_generated_tokens == len(out.token_ids)   # the returned completion's
+    assert out.metrics.o1_branches == branches - 1  # the tiny model is uncertain everywhere
+    assert out.metrics.o1_tokens >= 12 * branches - branches  # every branch's tokens
+    assert out.metrics.num_generated_tokens == len(out.token_ids)  # the returned completion's
     assert len(out.outputs) == 1 and out.outputs[0].confidence > 0
     assert llm.engine.stats()["o1_branches"] == branches - 1
     assert _all_free(llm)
@@ -42,9 +43,9 @@ def test_branches_share_their_parents_blocks(tiny_llama):
     assert len(seqs) > 1
     root, branch = seqs[0], seqs[1]
     prompt_blocks = len(PROMPTS[2]) // llm.engine.blocks.block_size
-    assert branch.block_table[:prompt_blocks] == root.block_table[:prompt_blocks]     # shared, not copied
+    assert branch.block_table[:prompt_blocks] == root.block_table[:prompt_blocks]  # shared, not copied
     assert all(llm.engine.blocks.ref_counts[b] >= 2 for b in root.block_table[:prompt_blocks])
-    llm.engine.abort_request("r")                                                    # mid-branch
+    llm.engine.abort_request("r")  # mid-branch
     assert _all_free(llm)
 
 
@@ -52,7 +53,7 @@ def test_greedy_adaptive_is_deterministic_and_votes_a_branch(tiny_llama):
     llm = LLM(str(tiny_llama), device="cpu")
     first, again = (llm.generate([PROMPTS[1]], _adaptive())[0] for _ in range(2))
     assert first.outputs[0].token_ids == again.outputs[0].token_ids
-    assert first.outputs[0].confidence == pytest.approx(again.outputs[0].confidence, rel=1e-4)   # prefix-cached 2nd run
+    assert first.outputs[0].confidence == pytest.approx(again.outputs[0].confidence, rel=1e-4)  # prefix-cached 2nd run
 
 
 def test_mixed_batch_gives_plain_requests_their_tokens_alone(tiny_llama):
@@ -60,8 +61,8 @@ def test_mixed_batch_gives_plain_requests_their_tokens_alone(tiny_llama):
     plain = SamplingParams(max_tokens=12, temperature=0.0)
     alone = [o.token_ids for o in llm.generate(PROMPTS, plain)]
     mixed = llm.generate(PROMPTS + PROMPTS[:2], [plain] * len(PROMPTS) + [_adaptive()] * 2)
-    assert [o.token_ids for o in mixed[:len(PROMPTS)]] == alone
-    assert all(o.metrics.o1_branches == 3 for o in mixed[len(PROMPTS):])
+    assert [o.token_ids for o in mixed[: len(PROMPTS)]] == alone
+    assert all(o.metrics.o1_branches == 3 for o in mixed[len(PROMPTS) :])
     assert _all_free(llm)
 
 
@@ -77,8 +78,8 @@ def test_vote_stops_early_once_finished_branches_agree(tiny_llama):
     outs = [o for _ in range(20) for o in llm.engine.step() if o.finished]
     out = outs[0]
     assert out.metrics.o1_early_stopped and out.metrics.o1_branches >= 3
-    assert out.metrics.o1_tokens < 8 + out.metrics.o1_branches * 8      # the root was cut short
-    assert out.outputs[0].finish_reason == "stop"                       # a branch that ended on its own
+    assert out.metrics.o1_tokens < 8 + out.metrics.o1_branches * 8  # the root was cut short
+    assert out.outputs[0].finish_reason == "stop"  # a branch that ended on its own
     assert llm.engine.stats()["o1_early_stops"] == 1
     assert _all_free(llm)
 
@@ -91,10 +92,10 @@ def test_vote_weighs_answers_by_confidence_and_skips_empty_ones(tiny_llama):
         llm.engine.step()
     seqs = list(tree.logprob_sums)
     assert len(seqs) == 4
-    answers = iter(["7", "", "8", "7"])          # branch 1 has no answer; "7" wins with two votes
+    answers = iter(["7", "", "8", "7"])  # branch 1 has no answer; "7" wins with two votes
     texts = {s: f"so {a}" if a else "no number" for s, a in zip(seqs, answers)}
     tree.answer_text = texts.__getitem__
-    llm.engine.o1.trees["r"] = tree              # released when the request finished
+    llm.engine.o1.trees["r"] = tree  # released when the request finished
     vote = llm.engine.o1.vote("r", seqs)
     assert vote.weights.keys() == {"7", "8"} and extract_answer(texts[vote.chosen], r"(\d+)") == "7"
     assert vote.confidence == pytest.approx((tree.confidence(seqs[0]) + tree.confidence(seqs[3])) / 4)
@@ -104,7 +105,7 @@ def test_engine_default_mode(tiny_llama):
     llm = LLM(str(tiny_llama), device="cpu", o1_mode="adaptive")
     out = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0.0, o1_max_branches=2))[0]
     assert out.metrics.o1_branches == 1
-    two = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0.0, n=2))[0]   # n > 1: runs off
+    two = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=6, temperature=0.0, n=2))[0]  # n > 1: runs off
     assert len(two.outputs) == 2 and two.metrics.o1_branches == 0
 
 
@@ -114,15 +115,18 @@ def test_answer_extraction():
     assert extract_answer("no number here", r"(\d+)") == ""
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"o1_mode": "always"}, "o1_mode"),
-    ({"o1_mode": "adaptive", "o1_max_branches": 0}, "o1_max_branches"),
-    ({"o1_mode": "adaptive", "o1_entropy_threshold": -1.0}, "o1_entropy_threshold"),
-    ({"o1_mode": "adaptive", "answer_regex": "(unclosed"}, "answer_regex"),
-    ({"o1_mode": "adaptive", "n": 2}, "n > 1"),
-    ({"o1_mode": "adaptive", "structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
-    ({"o1_mode": "off", "answer_regex": "(\\d+)"}, "adaptive only"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"o1_mode": "always"}, "o1_mode"),
+        ({"o1_mode": "adaptive", "o1_max_branches": 0}, "o1_max_branches"),
+        ({"o1_mode": "adaptive", "o1_entropy_threshold": -1.0}, "o1_entropy_threshold"),
+        ({"o1_mode": "adaptive", "answer_regex": "(unclosed"}, "answer_regex"),
+        ({"o1_mode": "adaptive", "n": 2}, "n > 1"),
+        ({"o1_mode": "adaptive", "structured_outputs": {"choice": ["a", "b"]}}, "structured_outputs"),
+        ({"o1_mode": "off", "answer_regex": "(\\d+)"}, "adaptive only"),
+    ],
+)
 def test_bad_o1_fields(kw, needle):
     with pytest.raises(ValueError, match=needle):
         SamplingParams(**kw)
@@ -135,8 +139,7 @@ def test_o1_with_sedac_mode_is_an_error():
 
 def test_server_o1_fields(tiny_llama):
     with sedac_server(tiny_llama) as (url, _):
-        body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "o1_mode": "adaptive",
-                "o1_max_branches": 3}
+        body = {"prompt": "Hello", "max_tokens": 6, "temperature": 0, "o1_mode": "adaptive", "o1_max_branches": 3}
         ok = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
         assert ok.status_code == 200, ok.text
         assert ok.json()["choices"][0]["confidence"] > 0
@@ -144,16 +147,17 @@ def test_server_o1_fields(tiny_llama):
         assert bad.status_code == 400 and "o1_mode" in bad.text
         assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
         metrics = httpx.get(f"{url}/metrics", timeout=30).text
-        assert 'sedac:o1_branches_total{model_name="llama"} 4.0' in metrics        # two requests x 2 branches
-        assert 'sedac:o1_tokens_total{model_name="llama"} 36.0' in metrics         # 2 x 3 branches x 6 tokens
+        assert 'sedac:o1_branches_total{model_name="llama"} 4.0' in metrics  # two requests x 2 branches
+        assert 'sedac:o1_tokens_total{model_name="llama"} 36.0' in metrics  # 2 x 3 branches x 6 tokens
 
 
 def test_o1_bench_reports_every_strategy(tiny_llama, tmp_path):
     from sedac.cli.o1_bench import run_o1_bench
+
     results = run_o1_bench(str(tiny_llama), "cpu", 3, max_tokens=6, report=tmp_path / "o1")
     assert {"greedy", "self-consistency@4", "self-consistency@8"} <= set(results["rows"])
     adaptive = [r for name, r in results["rows"].items() if name.startswith("adaptive")]
-    assert len(adaptive) == 3 and all(r["branches_per_question"] >= 1 for r in adaptive)   # tiny: always uncertain
+    assert len(adaptive) == 3 and all(r["branches_per_question"] >= 1 for r in adaptive)  # tiny: always uncertain
     assert results["rows"]["self-consistency@8"]["tokens"] == 8 * 3 * 6
     assert "no reasoning markers" in results["thinking_budgets"]
     assert (tmp_path / "o1" / "report.md").read_text().count("| adaptive") == 3

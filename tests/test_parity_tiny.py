@@ -1,4 +1,5 @@
 """Token-identical greedy decoding against HF transformers on tiny random Llama and Qwen2 models."""
+
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ PROMPTS = [[1, 520, 9531, 198], [42] * 3 + [7, 8, 9, 10, 11, 12, 13], list(range
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_greedy_matches_hf(arch, tiny_models, tiny_engines):
     from transformers import AutoModelForCausalLM
+
     hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     llm = LLM(str(tiny_engines[arch]), device="cpu")
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
@@ -23,6 +25,7 @@ def test_engine_roundtrips_to_hf(tiny_models, tiny_engines):
     from transformers import AutoModelForCausalLM
 
     from sedac.builder.hf_export import load_hf_model
+
     for arch in ("llama", "qwen2"):
         original = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).state_dict()
         rebuilt = load_hf_model(tiny_engines[arch]).state_dict()

@@ -1,5 +1,6 @@
 """SEDAC ops: the torch reference is right, each Triton kernel matches it (on CPU via TRITON_INTERPRET=1,
 on the GPU when there is one), and the custom ops are registered correctly."""
+
 import math
 
 import pytest
@@ -39,7 +40,7 @@ def test_reference_margin():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_margin_kernel_matches_reference(n, v, dtype):
     logits = (torch.randn(n, v) * torch.linspace(0.5, 12, max(n, 1))[:n, None]).to(dtype).to(DEVICE)
-    if n > 2:                       # ties: a repeated maximum within one block and across blocks
+    if n > 2:  # ties: a repeated maximum within one block and across blocks
         logits[1, 5] = logits[1, 9] = logits[1].max() + 1
         logits[2, 3] = logits[2, v - 1] = logits[2].max() + 1
     assert torch.allclose(kernels.margin(logits).cpu(), reference.margin(logits).cpu(), atol=2e-5)
@@ -59,8 +60,9 @@ def test_kv_predict_kernel_matches_reference(m):
     hidden = torch.randn(m, 576, device=DEVICE)
     weight = torch.randn(576, 2 * 3 * 64 * 2, device=DEVICE) * 0.05
     bias = torch.randn(2 * 3 * 64 * 2, device=DEVICE)
-    assert torch.allclose(kernels.kv_predict(hidden, weight, bias), reference.kv_predict(hidden, weight, bias),
-                          atol=1e-4, rtol=1e-4)
+    assert torch.allclose(
+        kernels.kv_predict(hidden, weight, bias), reference.kv_predict(hidden, weight, bias), atol=1e-4, rtol=1e-4
+    )
 
 
 @pytest.mark.parametrize("m", [1, 5, 40])
@@ -80,6 +82,7 @@ def test_int8_linear_kernel_matches_reference(m, bias):
 def test_block_linear_kernel_matches_reference(bits, m):
     """int4 / gguf block weights on CUDA (here under TRITON_INTERPRET=1): dequantized per tile in registers."""
     from sedac.models.quant import BlockWeight, pack_nibbles
+
     g = torch.Generator().manual_seed(m)
     out, k, group = 70, 192, 32 if bits == 4 else 64
     scale = (torch.rand(out, k // group, generator=g) * 0.05 + 0.01).half().to(DEVICE)
@@ -97,6 +100,7 @@ def test_block_linear_kernel_matches_reference(bits, m):
 
 def test_custom_ops_registered_and_consistent():
     import sedac.plugins  # noqa: F401  (registers torch.ops.sedac.*)
+
     logits = torch.randn(5, 300, device=DEVICE)
     thresholds = torch.full((5,), 5.0, device=DEVICE)
     h, exits = torch.ops.sedac.exit_decision(logits, thresholds)
@@ -105,9 +109,11 @@ def test_custom_ops_registered_and_consistent():
     assert torch.allclose(torch.ops.sedac.margin(logits), reference.margin(logits), atol=1e-5)
     w, b = torch.randn(300, 24, device=DEVICE), torch.randn(24, device=DEVICE)
     assert torch.allclose(torch.ops.sedac.kv_predict(logits, w, b), logits @ w + b, atol=1e-4)
-    for op, args in ((torch.ops.sedac.entropy.default, (logits,)),
-                     (torch.ops.sedac.margin.default, (logits,)),
-                     (torch.ops.sedac.exit_decision.default, (logits, thresholds)),
-                     (torch.ops.sedac.kv_predict.default, (logits, w, b)),
-                     (torch.ops.sedac.int8_linear.default, (logits, w.t().to(torch.int8).contiguous(), b, None))):
+    for op, args in (
+        (torch.ops.sedac.entropy.default, (logits,)),
+        (torch.ops.sedac.margin.default, (logits,)),
+        (torch.ops.sedac.exit_decision.default, (logits, thresholds)),
+        (torch.ops.sedac.kv_predict.default, (logits, w, b)),
+        (torch.ops.sedac.int8_linear.default, (logits, w.t().to(torch.int8).contiguous(), b, None)),
+    ):
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -4,6 +4,7 @@ batch), and an fp16/bf16 engine decodes greedy tokens identical to HF transforme
 rounded weights. int8 engines store weight-only int8 projections (one scale per output; the head stays
 fp16) and decode like HF on the dequantized weights; without the kernels every precision still runs. Every
 precision takes the fused decode layer."""
+
 import json
 
 import pytest
@@ -26,7 +27,7 @@ HALF = [torch.float16, torch.bfloat16]
 
 @pytest.fixture(autouse=True)
 def _kernels():
-    assert cpu_kernels.available()    # every precision must take the C++ path here, not fall back
+    assert cpu_kernels.available()  # every precision must take the C++ path here, not fall back
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -40,13 +41,13 @@ def test_half_panels_equal_fp32_panels_on_widened_weights(dtype, shape):
     half.bias.data = wide.bias.data = torch.randn(n_out)
     half.pack_for_cpu()
     wide.pack_for_cpu()
-    assert half.packed.dtype == dtype            # streamed at half the bytes
+    assert half.packed.dtype == dtype  # streamed at half the bytes
     x = torch.randn(17, n_in)
     with torch.inference_mode():
         y = half(x)
         assert torch.equal(y, wide(x))
         for rows in (1, 2, 3, 5, 6, 7):
-            assert torch.equal(half(x[:rows]), y[:rows])      # batch-invariant
+            assert torch.equal(half(x[:rows]), y[:rows])  # batch-invariant
 
 
 def test_panel_linear_rejects_other_dtypes():
@@ -56,8 +57,11 @@ def test_panel_linear_rejects_other_dtypes():
 
 def _engine(tmp_path, source, precision: str):
     path = tmp_path / precision
-    build_engine(str(source), path, BuildConfig(precision=precision, max_batch_size=8, max_seq_len=256,
-                                                max_num_tokens=256, kv_block_size=4))
+    build_engine(
+        str(source),
+        path,
+        BuildConfig(precision=precision, max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4),
+    )
     return path
 
 
@@ -74,9 +78,11 @@ def _fused_steps(llm) -> list[int]:
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_models, precision, arch):
     from transformers import AutoModelForCausalLM
+
     engine = _engine(tmp_path, tiny_models[arch], precision)
-    assert load_file(str(engine / "model.safetensors"))["layers.0.qkv_proj.weight"].dtype == \
-        getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[precision])
+    assert load_file(str(engine / "model.safetensors"))["layers.0.qkv_proj.weight"].dtype == getattr(
+        torch, {"fp16": "float16", "bf16": "bfloat16"}[precision]
+    )
     hf = AutoModelForCausalLM.from_pretrained(tiny_models[arch], dtype=torch.float32).eval()
     with torch.no_grad():
         for p in hf.parameters():
@@ -86,7 +92,7 @@ def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_model
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 24)
-    assert fused                                   # the decode steps ran the fused C++ layer
+    assert fused  # the decode steps ran the fused C++ layer
     assert llm.engine.runner.model.layers[0].qkv_proj.packed.dtype != torch.float32
 
 
@@ -96,11 +102,11 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     weights = load_file(str(engine / "model.safetensors"))
     assert weights["layers.0.gate_up_proj.weight"].dtype == torch.int8
     assert weights["layers.0.qkv_proj.weight_scale"].shape == (weights["layers.0.qkv_proj.weight"].shape[0],)
-    assert weights.get("lm_head.weight", weights["embed_tokens.weight"]).dtype == torch.float16   # head excluded
+    assert weights.get("lm_head.weight", weights["embed_tokens.weight"]).dtype == torch.float16  # head excluded
     hf = load_hf_model(engine)
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
-    assert model.int8_weights and model.layers[0].qkv_proj.int8[0].dim() == 3     # int8 panels
+    assert model.int8_weights and model.layers[0].qkv_proj.int8[0].dim() == 3  # int8 panels
     fused = _fused_steps(llm)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(PROMPTS, outs):
@@ -117,30 +123,46 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
 
 def test_precision_errors(tmp_path, tiny_models):
     runner = CliRunner()
-    out = runner.invoke(build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"),
-                                     "--precision", "int3"])
+    out = runner.invoke(
+        build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--precision", "int3"]
+    )
     assert out.exit_code != 0 and "int3" in out.output and "int8" in out.output and "bf16" in out.output
-    out = runner.invoke(build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"),
-                                     "--precision", "int8", "--sedac"])
+    out = runner.invoke(
+        build_main,
+        ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--precision", "int8", "--sedac"],
+    )
     assert out.exit_code != 0 and "--sedac needs a fp32, fp16 or bf16 base" in out.output
     assert not (tmp_path / "e").exists()
 
 
 def test_engine_size_follows_precision(tmp_path, tiny_models):
-    sizes = {p: json.loads((_engine(tmp_path, tiny_models["llama"], p) / "build_report.json").read_text())
-             ["weights_bytes"] for p in ("fp32", "fp16", "int8")}
+    sizes = {
+        p: json.loads((_engine(tmp_path, tiny_models["llama"], p) / "build_report.json").read_text())["weights_bytes"]
+        for p in ("fp32", "fp16", "int8")
+    }
     assert sizes["int8"] < sizes["fp16"] < sizes["fp32"]
 
 
 def test_precision_bench_reports_every_precision(tmp_path, tiny_models):
     from sedac.cli.precision_bench import run_precision_bench
+
     reference = _engine(tmp_path, tiny_models["qwen2"], "fp32")
-    results = run_precision_bench(reference, "cpu", ["fp32", "bf16", "int8", "int4"], num_prompts=3, output_len=6,
-                                  batch1_prompts=2, max_prompt_len=64, report=tmp_path / "report",
-                                  answers=2, answer_len=48, prefill_len=80)
+    results = run_precision_bench(
+        reference,
+        "cpu",
+        ["fp32", "bf16", "int8", "int4"],
+        num_prompts=3,
+        output_len=6,
+        batch1_prompts=2,
+        max_prompt_len=64,
+        report=tmp_path / "report",
+        answers=2,
+        answer_len=48,
+        prefill_len=80,
+    )
     rows = results["precisions"]
     assert list(rows) == ["fp32", "bf16", "int8", "int4"]
-    assert (tmp_path / "fp32-int8" / "config.json").is_file()         # built beside the reference
+    assert (tmp_path / "fp32-int8" / "config.json").is_file()  # built beside the reference
     assert rows["fp32"]["agreement_vs_fp32"] == 1.0 and rows["fp32"]["batch1_decode_vs_fp32"] == 1.0
     assert 0.5 < rows["bf16"]["agreement_vs_fp32"] <= 1.0 and rows["int8"]["perplexity"] > 1
     mb = {p: r["resident_weight_mb"] for p, r in rows.items()}
@@ -155,11 +177,13 @@ def test_precision_bench_reports_every_precision(tmp_path, tiny_models):
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
 def test_without_kernels_every_precision_runs_the_torch_path(tmp_path, tiny_models, monkeypatch, precision):
     engine = _engine(tmp_path, tiny_models["llama"], precision)
-    with_kernels = [o.token_ids for o in LLM(str(engine), device="cpu").generate(
-        PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))]
+    with_kernels = [
+        o.token_ids
+        for o in LLM(str(engine), device="cpu").generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+    ]
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     llm = LLM(str(engine), device="cpu")
-    assert llm.engine.runner.model.layers[0].qkv_proj.packed is None        # nothing packed: torch ops
+    assert llm.engine.runner.model.layers[0].qkv_proj.packed is None  # nothing packed: torch ops
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
     assert [o.token_ids for o in outs] == with_kernels
 
@@ -168,17 +192,24 @@ def test_sedac_over_a_half_base(tmp_path, tiny_models):
     """The exits train and calibrate on a bf16 engine's fp32 compute, and lossless stays lossless."""
     from sedac.builder import SedacOptions
     from tests.conftest import TINY_SEDAC
+
     path = tmp_path / "sedac-bf16"
-    build_engine(str(tiny_models["llama"]), path, BuildConfig(precision="bf16", max_batch_size=8, max_seq_len=256,
-                                                              max_num_tokens=256, kv_block_size=4),
-                 SedacOptions(**TINY_SEDAC))
+    build_engine(
+        str(tiny_models["llama"]),
+        path,
+        BuildConfig(precision="bf16", max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4),
+        SedacOptions(**TINY_SEDAC),
+    )
     from tests.test_sedac import always_draft
+
     llm = LLM(str(path), device="cpu")
     always_draft(llm.engine)
-    runs = {m: llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, sedac_mode=m))
-            for m in ("off", "lossless")}
+    runs = {
+        m: llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True, sedac_mode=m))
+        for m in ("off", "lossless")
+    }
     assert [o.token_ids for o in runs["lossless"]] == [o.token_ids for o in runs["off"]]
-    assert llm.engine.stats()["sedac_drafted_tokens"] > 0          # the int8 drafter over the bf16 base ran
+    assert llm.engine.stats()["sedac_drafted_tokens"] > 0  # the int8 drafter over the bf16 base ran
 
 
 def _near_tie_divergences(outs, reference) -> list[float]:
@@ -205,7 +236,7 @@ def test_half_kv_cache(tiny_llama, monkeypatch):
         assert runner.model.layers[0].k_cache.dtype == getattr(torch, {"fp16": "float16", "bf16": "bfloat16"}[dtype])
         assert 2 * runner.kv_bytes_per_block() == full.engine.runner.kv_bytes_per_block()
         outs = [o.outputs[0] for o in llm.generate(PROMPTS, params)]
-        again = llm.generate([PROMPTS[2] + [7, 7]], params)[0]        # a prefix-cache hit reads the half pool
+        again = llm.generate([PROMPTS[2] + [7, 7]], params)[0]  # a prefix-cache hit reads the half pool
         assert again.metrics.num_cached_tokens > 0
         assert max(_near_tie_divergences(outs, reference)) < tie, dtype
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
@@ -222,23 +253,29 @@ def test_llama_cpp_baseline_runs_llama_bench_on_the_source_and_its_conversions(t
     from sedac.builder.sources import smollm2_gguf_path
     from sedac.cli.llama_cpp_baseline import llama_cpp_rows
     from sedac.cli.precision_bench import _llama_cpp
+
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     (bin_dir / "llama-quantize").write_text(f'#!/bin/sh\necho "quantize $4" >> {calls}\ntouch "$3"\n')
-    (bin_dir / "llama-bench").write_text(f'#!/bin/sh\necho "bench $2 $4" >> {calls}\n'
-                                         'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 500.04},'
-                                         ' {"n_prompt": 0, "n_gen": 8, "avg_ts": 140.26}]\'\n')
+    (bin_dir / "llama-bench").write_text(
+        f'#!/bin/sh\necho "bench $2 $4" >> {calls}\n'
+        'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 500.04},'
+        ' {"n_prompt": 0, "n_gen": 8, "avg_ts": 140.26}]\'\n'
+    )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
     rows = llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
     assert list(rows) == ["llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0"]
     assert rows["llama.cpp Q4_1"] == {"batch1_decode_tok_s": 140.3, "prefill64_tok_s": 500.0, "engine_mb": 93.8}
     logged = calls.read_text().splitlines()
-    assert ([line for line in logged if line.startswith("quantize")]
-            == ["quantize F32", "quantize BF16", "quantize Q8_0"])
-    assert sum(line.startswith("bench") and line.endswith(" 2") for line in logged) == 4      # -t 2 each time
+    assert [line for line in logged if line.startswith("quantize")] == [
+        "quantize F32",
+        "quantize BF16",
+        "quantize Q8_0",
+    ]
+    assert sum(line.startswith("bench") and line.endswith(" 2") for line in logged) == 4  # -t 2 each time
     llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
-    assert sum(line.startswith("quantize") for line in calls.read_text().splitlines()) == 3   # conversions reused
+    assert sum(line.startswith("quantize") for line in calls.read_text().splitlines()) == 3  # conversions reused
     with pytest.raises(ValueError, match="no llama-bench in"):
         llama_cpp_rows(str(tmp_path), smollm2_gguf_path(), tmp_path / "c", 2, 64, 8)
     with pytest.raises(ValueError, match="--llama-cpp needs an engine built from a GGUF file"):

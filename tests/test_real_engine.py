@@ -1,4 +1,5 @@
 """Integration on the real SmolLM2-135M-Instruct engine (built once per session) at fp32 on CPU."""
+
 import pytest
 
 from sedac import LLM, SamplingParams
@@ -22,7 +23,7 @@ def test_greedy_token_identical_to_hf_on_16_prompts(llm, prompts, real_hf_model)
     outs = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0.0))
     mismatches = [i for i, (p, o) in enumerate(zip(prompts, outs)) if o.token_ids != hf_greedy(real_hf_model, p, 64)]
     assert mismatches == []
-    assert sum(len(o.token_ids) for o in outs) >= 16 * 32          # real continuations, not early EOS
+    assert sum(len(o.token_ids) for o in outs) >= 16 * 32  # real continuations, not early EOS
 
 
 def test_batch_equals_alone_and_prefix_hits(llm, prompts):
@@ -31,10 +32,11 @@ def test_batch_equals_alone_and_prefix_hits(llm, prompts):
     for p, out in zip(prompts[:6], batched):
         single = llm.generate([p], params)[0]
         assert single.token_ids == out.token_ids
-        assert single.metrics.num_cached_tokens > 0       # the shared system prompt and this prompt are cached
+        assert single.metrics.num_cached_tokens > 0  # the shared system prompt and this prompt are cached
 
 
 def test_chat_answers_sensibly(llm):
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
-                   SamplingParams(max_tokens=32, temperature=0.0))[0]
+    out = llm.chat(
+        [{"role": "user", "content": "What is the capital of France?"}], SamplingParams(max_tokens=32, temperature=0.0)
+    )[0]
     assert "Paris" in out.text and out.finish_reason in ("stop", "length")

@@ -1,6 +1,7 @@
 """Thinking budgets on a tiny random model with reasoning markers: the reasoning block never holds more than
 the budget (the end marker is forced when it is spent) in every API; outputs split reasoning from the
 answer; markers come from the chat template or the build; bad budgets and markerless engines are errors."""
+
 import json
 import shutil
 
@@ -22,8 +23,12 @@ MARKERS = ReasoningMarkers("<think>", "</think>")
 @pytest.fixture(scope="module")
 def thinking_engine(tiny_models, tmp_path_factory):
     path = tmp_path_factory.mktemp("reasoning") / "tiny"
-    build_engine(str(tiny_models["llama"]), path, BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256,
-                                                              kv_block_size=4), reasoning=MARKERS)
+    build_engine(
+        str(tiny_models["llama"]),
+        path,
+        BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4),
+        reasoning=MARKERS,
+    )
     return path
 
 
@@ -40,23 +45,23 @@ def test_budget_forces_the_end_marker_and_the_answer_follows(thinking_engine, bu
     out = llm.generate([_opened(llm)], params)[0]
     for o in out.outputs:
         ids = o.token_ids
-        at = next(i for i in range(len(ids)) if ids[i:i + len(end_ids)] == end_ids)
-        assert at <= budget                                    # never more reasoning tokens than the budget
+        at = next(i for i in range(len(ids)) if ids[i : i + len(end_ids)] == end_ids)
+        assert at <= budget  # never more reasoning tokens than the budget
         assert o.reasoning is not None and "</think>" not in o.reasoning and "</think>" not in o.content
-        assert "</think>" in o.text and o.text.endswith(o.content)   # text stays the raw output
-        assert len(ids) == 40 and o.content                    # and the answer continues after it
+        assert "</think>" in o.text and o.text.endswith(o.content)  # text stays the raw output
+        assert len(ids) == 40 and o.content  # and the answer continues after it
     unbounded = llm.generate([_opened(llm)], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
-    assert unbounded.outputs[0].reasoning is not None          # the split applies without a budget too
+    assert unbounded.outputs[0].reasoning is not None  # the split applies without a budget too
 
 
 def test_budget_starts_counting_when_the_model_opens_the_block(thinking_engine):
     budgets = ThinkingBudgets(LLM(str(thinking_engine), device="cpu").tokenizer, MARKERS)
     seq = object()
-    budgets.start(seq, 2, [5, 6, 7])                           # the prompt did not open it
+    budgets.start(seq, 2, [5, 6, 7])  # the prompt did not open it
     out = [11, 12]
     for t in out:
-        budgets.observe(seq, out[:out.index(t) + 1])
-    assert budgets.override(seq, 99) == 99                     # outside the block: nothing forced
+        budgets.observe(seq, out[: out.index(t) + 1])
+    assert budgets.override(seq, 99) == 99  # outside the block: nothing forced
     out += budgets.start_ids
     budgets.observe(seq, out)
     for t in (21, 22):
@@ -66,7 +71,7 @@ def test_budget_starts_counting_when_the_model_opens_the_block(thinking_engine):
     forced = [budgets.override(seq, 0) for _ in budgets.end_ids]
     assert forced == budgets.end_ids
     assert budgets.split("a<think>xy</think>\nanswer", False) == ("xy", "aanswer")
-    assert budgets.split("reasoning so far </thi", True) == ("reasoning so far ", "")     # partial marker held
+    assert budgets.split("reasoning so far </thi", True) == ("reasoning so far ", "")  # partial marker held
 
 
 def test_bad_budgets_and_markerless_engines(thinking_engine, tiny_llama, tiny_sedac_engine):
@@ -77,8 +82,9 @@ def test_bad_budgets_and_markerless_engines(thinking_engine, tiny_llama, tiny_se
     with pytest.raises(ValueError, match="needs a model with reasoning markers.*--reasoning-start"):
         LLM(str(tiny_llama), device="cpu").generate("x", SamplingParams(thinking_token_budget=4))
     with pytest.raises(ValueError, match="sedac_mode lossless does not take thinking_token_budget"):
-        LLM(str(tiny_sedac_engine), device="cpu").generate("x", SamplingParams(thinking_token_budget=4,
-                                                                                   sedac_mode="lossless"))
+        LLM(str(tiny_sedac_engine), device="cpu").generate(
+            "x", SamplingParams(thinking_token_budget=4, sedac_mode="lossless")
+        )
     assert EngineConfig.load(thinking_engine).reasoning == {"start": "<think>", "end": "</think>"}
     out = CliRunner().invoke(build_main, ["--model", "x", "--output", "y", "--reasoning-start", "<think>"])
     assert out.exit_code != 0 and "give both --reasoning-start and --reasoning-end" in out.output
@@ -96,33 +102,52 @@ def test_mixed_batch_gives_plain_requests_their_tokens(thinking_engine):
 
 
 def test_server_reasoning_fields_and_streaming(thinking_engine, tmp_path):
-    engine = tmp_path / "opened"                  # its chat template opens the reasoning block, as R1's does
+    engine = tmp_path / "opened"  # its chat template opens the reasoning block, as R1's does
     shutil.copytree(thinking_engine, engine)
     template = (engine / "chat_template.jinja").read_text()
-    (engine / "chat_template.jinja").write_text(template.replace("'<|im_start|>assistant\n'",
-                                                                 "'<|im_start|>assistant\n<think>'"))
+    (engine / "chat_template.jinja").write_text(
+        template.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>'")
+    )
     with sedac_server(engine, "--served-model-name", "t") as (base, _):
         c = openai.OpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=60)
         prompt = httpx.post(base + "/tokenize", json={"prompt": "Q?\n<think>"}, timeout=30).json()["tokens"]
-        r = c.completions.create(model="t", prompt=prompt, max_tokens=20, temperature=0,
-                                 extra_body={"thinking_token_budget": 3, "ignore_eos": True})
-        assert "</think>" in r.choices[0].text                  # completions return the raw text
+        r = c.completions.create(
+            model="t",
+            prompt=prompt,
+            max_tokens=20,
+            temperature=0,
+            extra_body={"thinking_token_budget": 3, "ignore_eos": True},
+        )
+        assert "</think>" in r.choices[0].text  # completions return the raw text
         messages = [{"role": "user", "content": "Q?"}]
-        r = c.chat.completions.create(model="t", messages=messages, max_tokens=30, temperature=0,
-                                      extra_body={"thinking_token_budget": 3, "ignore_eos": True})
+        r = c.chat.completions.create(
+            model="t",
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            extra_body={"thinking_token_budget": 3, "ignore_eos": True},
+        )
         message = r.choices[0].message.model_dump()
         assert message["reasoning"] and message["content"] and "think>" not in message["content"] + message["reasoning"]
-        stream = c.chat.completions.create(model="t", messages=messages, max_tokens=30, temperature=0, stream=True,
-                                           extra_body={"thinking_token_budget": 3, "ignore_eos": True})
+        stream = c.chat.completions.create(
+            model="t",
+            messages=messages,
+            max_tokens=30,
+            temperature=0,
+            stream=True,
+            extra_body={"thinking_token_budget": 3, "ignore_eos": True},
+        )
         chunks = [ch.choices[0].delta.model_dump() for ch in stream if ch.choices]
-        assert "".join(d.get("reasoning") or "" for d in chunks) == message["reasoning"]     # SSE: its own field
+        assert "".join(d.get("reasoning") or "" for d in chunks) == message["reasoning"]  # SSE: its own field
         assert "".join(d.get("content") or "" for d in chunks) == message["content"]
-        for body, message in (({"thinking_token_budget": 0}, "thinking_token_budget"),
-                              ({"reasoning_effort": "extreme"}, "reasoning_effort"),
-                              ({"thinking_token_budget": 5, "reasoning_effort": "low"}, "not both")):
+        for body, message in (
+            ({"thinking_token_budget": 0}, "thinking_token_budget"),
+            ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+            ({"thinking_token_budget": 5, "reasoning_effort": "low"}, "not both"),
+        ):
             with pytest.raises(openai.BadRequestError, match=message):
                 c.chat.completions.create(model="t", messages=messages, max_tokens=4, extra_body=body)
         assert json.loads(httpx.get(base + "/health", timeout=10).text)["status"] == "ok"
         metrics = httpx.get(base + "/metrics", timeout=10).text
         exhausted = [line for line in metrics.splitlines() if line.startswith("sedac:thinking_budget_exhausted_total")]
-        assert exhausted and float(exhausted[0].split()[-1]) >= 3       # the three budgeted requests above
+        assert exhausted and float(exhausted[0].split()[-1]) >= 3  # the three budgeted requests above

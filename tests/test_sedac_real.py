@@ -1,4 +1,5 @@
 """SEDAC on the real SmolLM2 engine (built with --sedac once per session), on held-out prompts."""
+
 import pytest
 import torch
 
@@ -29,18 +30,27 @@ def test_lossless_is_token_identical_to_off(llm, prompts):
     assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
     alone = llm.generate(prompts[:1], SamplingParams(max_tokens=48, temperature=0.0, sedac_mode="lossless"))
     assert alone[0].token_ids == off[0].token_ids
-    assert alone[0].metrics.acceptance_rate is not None      # it drafted (in the batch of 8 few rounds pay)
+    assert alone[0].metrics.acceptance_rate is not None  # it drafted (in the batch of 8 few rounds pay)
 
 
 def test_structured_outputs_in_lossless_are_token_identical_to_off(llm, prompts):
     """A JSON schema per request: drafts and verification both follow the grammar, so each constrained
     greedy output is the one `off` gives, and drafts were made and accepted."""
-    schema = {"type": "object", "required": ["name", "age", "tags"], "additionalProperties": False,
-              "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
-                             "tags": {"type": "array", "items": {"type": "string"}}}}
+    schema = {
+        "type": "object",
+        "required": ["name", "age", "tags"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "age": {"type": "integer"},
+            "tags": {"type": "array", "items": {"type": "string"}},
+        },
+    }
     for prompt in prompts[:4]:
-        params = [SamplingParams(max_tokens=64, temperature=0.0, sedac_mode=mode, structured_outputs={"json": schema})
-                  for mode in ("off", "lossless")]
+        params = [
+            SamplingParams(max_tokens=64, temperature=0.0, sedac_mode=mode, structured_outputs={"json": schema})
+            for mode in ("off", "lossless")
+        ]
         off, lossless = (llm.generate([prompt], p)[0] for p in params)
         assert lossless.token_ids == off.token_ids
         assert lossless.metrics.acceptance_rate is not None and lossless.metrics.acceptance_rate > 0
@@ -53,9 +63,10 @@ def test_calibration_guarantee_holds_on_held_out_answers(llm, prompts):
     layers = engine.config.sedac["lossy_layers"]
     answers = llm.generate(prompts, SamplingParams(max_tokens=96, temperature=0.0))
     docs = [(p + list(o.token_ids), len(p) - 1) for p, o in zip(prompts, answers)]
-    feats = et.collect_features(engine.runner.model, docs, layers, 10 ** 6, "held-out")
-    entropy, agree = zip(*(et.evaluate_exit_head(engine.runner.exit_heads[l], feats.hidden[l], feats.argmax)
-                           for l in layers))
+    feats = et.collect_features(engine.runner.model, docs, layers, 10**6, "held-out")
+    entropy, agree = zip(
+        *(et.evaluate_exit_head(engine.runner.exit_heads[l], feats.hidden[l], feats.argmax) for l in layers)
+    )
     thresholds = ExitController(engine.config.sedac["thresholds"], 0.99).thresholds(0.99, len(layers))
     where, wrong = cal.cascade(thresholds, list(entropy), list(agree))
     assert 1 - wrong.float().mean().item() >= 0.99

@@ -1,4 +1,5 @@
 """Triton: repository export (configs parsed by Triton's own protobuf) and a real tritonserver run."""
+
 import json
 import queue
 import re
@@ -26,8 +27,11 @@ def test_export_both_flavours_parse_with_triton_protobuf(tmp_path, tiny_llama):
     assert sorted(p.parent.name for p in trt) == ["ensemble", "postprocessing", "preprocessing", "tensorrt_llm"]
     models = {p.parent.name: validate_config(p.read_text(), p) for p in trt}
     assert ENSEMBLE_TENSORS <= {i.name for i in models["ensemble"].input}
-    assert [s.model_name for s in models["ensemble"].ensemble_scheduling.step] == \
-        ["preprocessing", "tensorrt_llm", "postprocessing"]
+    assert [s.model_name for s in models["ensemble"].ensemble_scheduling.step] == [
+        "preprocessing",
+        "tensorrt_llm",
+        "postprocessing",
+    ]
     assert models["tensorrt_llm"].parameters["gpt_model_path"].string_value == "/engines/trtllm"
     with pytest.raises(ValueError, match="invalid Triton config"):
         validate_config('name: "x"\nbackend: "python"\nmax_batch_sise: 0\n', tmp_path / "bad")
@@ -53,26 +57,34 @@ def test_generate_endpoints_match_offline(triton, tiny_llama):
     assert r.status_code == 200, r.text
     expected = greedy_offline(tiny_llama, ["Hello world"], 10)[0]
     assert r.json()["text_output"] == expected and r.json()["output_tokens"] >= 1
-    with httpx.stream("POST", http + "/v2/models/sedac/generate_stream", json={**body, "stream": True},
-                      timeout=60) as s:
+    with httpx.stream(
+        "POST", http + "/v2/models/sedac/generate_stream", json={**body, "stream": True}, timeout=60
+    ) as s:
         events = [json.loads(line[5:]) for line in s.iter_lines() if line.startswith("data:")]
     assert "".join(e["text_output"] for e in events) == expected and events[-1]["finish_reason"]
 
 
 def test_o1_adaptive_inputs(triton, tiny_llama):
     http, _, _, _ = triton
-    body = {"text_input": "Hello world", "max_tokens": 6, "temperature": 0.0, "o1_mode": "adaptive",
-            "o1_max_branches": 3}
+    body = {
+        "text_input": "Hello world",
+        "max_tokens": 6,
+        "temperature": 0.0,
+        "o1_mode": "adaptive",
+        "o1_max_branches": 3,
+    }
     r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
     assert r.status_code == 200, r.text
     offline = LLM(str(tiny_llama), device="cpu").generate(
-        ["Hello world"], SamplingParams(max_tokens=6, temperature=0.0, o1_mode="adaptive", o1_max_branches=3))
+        ["Hello world"], SamplingParams(max_tokens=6, temperature=0.0, o1_mode="adaptive", o1_max_branches=3)
+    )
     assert r.json()["text_output"] == offline[0].text
     assert r.json()["confidence"] == pytest.approx(offline[0].outputs[0].confidence, rel=1e-4)
 
 
 def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
     import tritonclient.grpc as grpcclient
+
     _, grpc_address, metrics_url, _ = triton
     prompts = [f"Request number {i} says" for i in range(64)]
     expected = greedy_offline(tiny_llama, prompts, 8)
@@ -97,9 +109,16 @@ def test_64_concurrent_grpc_streams_and_kv_free(triton, tiny_llama):
     assert free == total
 
 
-@pytest.mark.parametrize("body", [{"max_tokens": 5}, {"text_input": "hi", "max_tokens": -1},
-                                  {"text_input": "hi", "temperature": -2.0}, {"text_input": "word " * 400},
-                                  {"text_input": "hi", "o1_mode": "sometimes"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"max_tokens": 5},
+        {"text_input": "hi", "max_tokens": -1},
+        {"text_input": "hi", "temperature": -2.0},
+        {"text_input": "word " * 400},
+        {"text_input": "hi", "o1_mode": "sometimes"},
+    ],
+)
 def test_bad_requests_fail_alone(triton, body):
     http, _, _, _ = triton
     r = httpx.post(http + "/v2/models/sedac/generate", json=body, timeout=60)
@@ -120,17 +139,20 @@ def test_client_cli_streams_from_triton(triton, tiny_llama):
     from click.testing import CliRunner
 
     from sedac.cli.run import main
+
     _, grpc_address, _, _ = triton
     expected = greedy_offline(tiny_llama, ["Hello world"], 6)[0]
     for flag in ("--stream", "--no-stream"):
-        result = CliRunner().invoke(main, ["client", "--url", f"grpc://{grpc_address}", "--prompt", "Hello world",
-                                           "--max-tokens", "6", flag])
+        result = CliRunner().invoke(
+            main, ["client", "--url", f"grpc://{grpc_address}", "--prompt", "Hello world", "--max-tokens", "6", flag]
+        )
         assert result.exit_code == 0, result.output
         assert result.output.strip() == expected.strip()
 
 
 def test_tritonclient_http_sees_the_model(triton):
     import tritonclient.http as httpclient
+
     http, _, _, _ = triton
     client = httpclient.InferenceServerClient(http.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("sedac")
@@ -148,17 +170,22 @@ def test_tensorrt_llm_shaped_requests(triton, tiny_llama):
     import numpy as np
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
+
     _, grpc_address, _, _ = triton
     client = grpcclient.InferenceServerClient(grpc_address)
 
     def request(prompts: list[str], **extra):
-        values = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
-                  "max_tokens": np.array([[8]] * len(prompts), dtype=np.int32),
-                  "temperature": np.array([[0.0]] * len(prompts), dtype=np.float32),
-                  "end_id": np.array([[2]] * len(prompts), dtype=np.int32),
-                  "pad_id": np.array([[2]] * len(prompts), dtype=np.int32),
-                  **{k: np.array([[v]] * len(prompts), dtype=np.bool_ if isinstance(v, bool) else np.int32)
-                     for k, v in extra.items()}}
+        values = {
+            "text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
+            "max_tokens": np.array([[8]] * len(prompts), dtype=np.int32),
+            "temperature": np.array([[0.0]] * len(prompts), dtype=np.float32),
+            "end_id": np.array([[2]] * len(prompts), dtype=np.int32),
+            "pad_id": np.array([[2]] * len(prompts), dtype=np.int32),
+            **{
+                k: np.array([[v]] * len(prompts), dtype=np.bool_ if isinstance(v, bool) else np.int32)
+                for k, v in extra.items()
+            },
+        }
         types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL"}
         inputs = []
         for name, value in values.items():
@@ -181,9 +208,11 @@ def test_tensorrt_llm_shaped_requests(triton, tiny_llama):
     assert logprobs.shape == (1, int(out.as_numpy("output_tokens")[0, 0])) and (logprobs <= 0).all()
     assert abs(out.as_numpy("cum_log_probs")[0, 0] - logprobs.sum()) < 1e-4
     echoed = request(["Hello world"], exclude_input_in_output=False)
-    assert echoed.as_numpy("text_output")[0, 0].decode() == "Hello world" + expected     # TensorRT-LLM's default
-    for prompts, extra, message in ((["Hello world"], {"beam_width": 2}, "beam_width 2 is not supported"),
-                                    (["a", "b"], {}, "one prompt per request")):
+    assert echoed.as_numpy("text_output")[0, 0].decode() == "Hello world" + expected  # TensorRT-LLM's default
+    for prompts, extra, message in (
+        (["Hello world"], {"beam_width": 2}, "beam_width 2 is not supported"),
+        (["a", "b"], {}, "one prompt per request"),
+    ):
         with pytest.raises(InferenceServerException, match=message):
             request(prompts, **extra)
     assert request(["Hello world"]).as_numpy("text_output")[0, 0].decode() == expected

@@ -11,6 +11,7 @@ agree with the model about as often. Trained here on the same teacher-forced Sha
 exit-layer agreement α in the engine's build. Prints the first draft's agreement and the second's
 (given the first was right, drafted from the predicted hidden state).
 """
+
 from __future__ import annotations
 
 import time
@@ -37,7 +38,7 @@ class FeatureDrafter(nn.Module):
         self.rotary = LlamaRotaryEmbedding(hf_config(cfg))
         self.norm = nn.RMSNorm(hidden, eps=cfg.rms_norm_eps)
         self.head = nn.Linear(hidden, len(vocab_ids), bias=False)
-        with torch.no_grad():     # start from "the next hidden state is this one" and the model's own head
+        with torch.no_grad():  # start from "the next hidden state is this one" and the model's own head
             self.fuse.weight.zero_()
             self.fuse.weight[:, :hidden].copy_(torch.eye(hidden))
             self.norm.weight.copy_(model.norm.weight.detach())
@@ -97,7 +98,7 @@ def agreement(drafter, docs, vocab_ids) -> tuple[float, float]:
         ok = vocab_ids[logits.argmax(-1)] == top[1:]
         first_ok, first_n = first_ok + int(ok[answer:].sum()), first_n + len(ok) - answer
         drafted = final[:-1].clone()
-        drafted[1:] = h[:-1]                 # the second draft sees the drafter's own hidden states
+        drafted[1:] = h[:-1]  # the second draft sees the drafter's own hidden states
         _, logits2 = drafter(drafted, ids[1:])
         ok2 = (vocab_ids[logits2.argmax(-1)] == top[1:])[1:] & ok[:-1]
         second_ok, second_n = second_ok + int(ok2[answer:].sum()), second_n + int(ok[:-1][answer:].sum())
@@ -118,15 +119,17 @@ def main(engine, train_tokens, epochs, lr, test_prompts, vocab):
     docs = teacher_documents(model, et.training_texts(llm.tokenizer, "sharegpt", "train", 512), train_tokens)
     prompts = sharegpt_prompts(llm.tokenizer, "calib", test_prompts, 256)
     answers = llm.generate(prompts, SamplingParams(max_tokens=96, temperature=0.0))
-    test = teacher_documents(model, ((p + a.token_ids, len(p)) for p, a in zip(prompts, answers)), 10 ** 9)
+    test = teacher_documents(model, ((p + a.token_ids, len(p)) for p, a in zip(prompts, answers)), 10**9)
     vocab_ids = et.choose_vocab(torch.cat([d[2] for d in docs]), vocab, model.cfg.eos_token_ids)
     position = torch.full((model.cfg.vocab_size,), -1)
     position[vocab_ids] = torch.arange(len(vocab_ids))
     drafter = FeatureDrafter(model, vocab_ids)
     train(drafter, docs, position, epochs, lr)
     first, second = agreement(drafter, test, vocab_ids)
-    click.echo(f"feature drafter, {sum(len(d[0]) for d in docs)} train tokens, {epochs} epochs: first-draft "
-               f"agreement {first:.3f}, second draft given the first {second:.3f}")
+    click.echo(
+        f"feature drafter, {sum(len(d[0]) for d in docs)} train tokens, {epochs} epochs: first-draft "
+        f"agreement {first:.3f}, second draft given the first {second:.3f}"
+    )
 
 
 if __name__ == "__main__":

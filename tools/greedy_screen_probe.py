@@ -7,6 +7,7 @@ LM-head call also run on the full fp32 head: prints the candidates per token the
 exactly (mean, 99th percentile, max) and how many of its choices differ from the full head's
 argmax (the screen's bound says none can).
 """
+
 from __future__ import annotations
 
 import click
@@ -40,8 +41,10 @@ def main(engine, prompts, tokens):
     for prompt in sharegpt_prompts(llm.tokenizer, "bench", prompts, 256):
         llm.generate([prompt], params)
     c = torch.tensor(counts, dtype=torch.float)
-    print(f"{len(counts)} screened tokens: candidates mean {c.mean():.1f}, p99 {c.quantile(0.99):.0f}, "
-          f"max {c.max():.0f} of {model.cfg.vocab_size}; choices differing from the full head: {differ}")
+    print(
+        f"{len(counts)} screened tokens: candidates mean {c.mean():.1f}, p99 {c.quantile(0.99):.0f}, "
+        f"max {c.max():.0f} of {model.cfg.vocab_size}; choices differing from the full head: {differ}"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ signal (entropy, max probability, top-2 probability margin) it prints the share 
 exit with the overall disagreement at most 0.5%, 1% and 2%, the threshold picked on these same tokens
 (an upper bound on what Learn-then-Test's held-out split grants). The build uses the best: the margin.
 """
+
 from __future__ import annotations
 
 import click

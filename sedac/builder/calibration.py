@@ -13,6 +13,7 @@ draws from the calibration distribution (prompts of the calib split, the engine'
 Tokens of one document are correlated, so the nominal 1 - epsilon is approximate, and it says
 nothing about other distributions (`sedac-run bench --sedac-modes` measures a shifted one).
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ from sedac.runtime.early_exit import NEVER, binomial_cdf  # NEVER: the threshold
 from sedac.runtime.speculative import pass_cost
 
 AGREEMENT_LEVELS = (0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999)
-T_GRID = [0.0] + [10 ** (e / 8) for e in range(-32, -3)]     # 1e-4 .. ~0.42, increasing
+T_GRID = [0.0] + [10 ** (e / 8) for e in range(-32, -3)]  # 1e-4 .. ~0.42, increasing
 
 
 def thresholds_for(t: float, entropy: torch.Tensor, agree: torch.Tensor) -> float:
@@ -51,8 +52,9 @@ def document_split(documents: torch.Tensor) -> torch.Tensor:
     return documents % 2 == 0
 
 
-def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delta: float, learn: torch.Tensor,
-                    epsilon: float = 0.05) -> dict:
+def learn_then_test(
+    entropy: list[torch.Tensor], agree: list[torch.Tensor], delta: float, learn: torch.Tensor, epsilon: float = 0.05
+) -> dict:
     """Per-layer thresholds chosen on the `learn` positions and tested on the others (the module doc says
     what that guarantees), and the curve they came from."""
     test = ~learn
@@ -62,17 +64,24 @@ def learn_then_test(entropy: list[torch.Tensor], agree: list[torch.Tensor], delt
         where, wrong = cascade(taus, [h[test] for h in entropy], [a[test] for a in agree])
         m, errors = int(test.sum()), int(wrong.sum())
         p_value = binomial_cdf(errors, m, delta)
-        curve.append({"t": t, "thresholds": taus, "agreement": 1 - errors / m,
-                      "exit_fraction": [float((where == i).float().mean()) for i in range(len(entropy))],
-                      "p_value": p_value})
-        if p_value > epsilon:               # fixed-sequence testing stops at the first non-rejection
+        curve.append(
+            {
+                "t": t,
+                "thresholds": taus,
+                "agreement": 1 - errors / m,
+                "exit_fraction": [float((where == i).float().mean()) for i in range(len(entropy))],
+                "p_value": p_value,
+            }
+        )
+        if p_value > epsilon:  # fixed-sequence testing stops at the first non-rejection
             break
         chosen = taus
     return {"thresholds": chosen, "curve": curve}
 
 
-def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, draft_len: int, max_entropy: float,
-                     costs: dict) -> float:
+def lossless_speedup(
+    entropy: torch.Tensor, agree: torch.Tensor, draft_len: int, max_entropy: float, costs: dict
+) -> float:
     """Batch-1 speedup of gated self-speculative decoding with the int8 drafter, replayed over
     calibration tokens in order (entropy and agree: the int8 model's next-token prediction given the
     true prefix). A cycle runs draft passes while they are confident, then one verify pass over the
@@ -82,9 +91,9 @@ def lossless_speedup(entropy: torch.Tensor, agree: torch.Tensor, draft_len: int,
     while i < n:
         drafts, accepted, j = 0, 0, i
         while drafts < draft_len and j < n and confident[j]:
-            accepted += drafts == accepted and correct[j]     # only an unbroken prefix counts
+            accepted += drafts == accepted and correct[j]  # only an unbroken prefix counts
             drafts, j = drafts + 1, j + 1
-        passes = drafts + (drafts < draft_len and j < n)      # the unconfident pass is paid too
+        passes = drafts + (drafts < draft_len and j < n)  # the unconfident pass is paid too
         cost += passes * pass_cost(costs, "int8", 1) + pass_cost(costs, "full", drafts + 1)
         tokens += accepted + 1
         i += accepted + 1
@@ -107,6 +116,9 @@ def cost_units(cfg, adapter_rank: int, kept_vocab: int) -> dict:
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     q = cfg.num_heads * cfg.head_dim
     layer = h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size
-    return {"layers": cfg.num_layers, "lm_head": h * cfg.vocab_size / layer,
-            "exit_head": (2 * h * adapter_rank + h * kept_vocab) / layer,
-            "kv_fill": h * (q + 2 * kv) / layer}
+    return {
+        "layers": cfg.num_layers,
+        "lm_head": h * cfg.vocab_size / layer,
+        "exit_head": (2 * h * adapter_rank + h * kept_vocab) / layer,
+        "kv_fill": h * (q + 2 * kv) / layer,
+    }

@@ -4,6 +4,7 @@ The packaged JSON is cut off near its end, so records are decoded one at a time 
 tail is dropped. Conversations are split by a stable hash of their id, so the prompts that
 benchmarks use are never the ones that training or calibration saw.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ def iter_sharegpt(chunk_chars: int = 1 << 20) -> Iterator[dict]:
             except json.JSONDecodeError:
                 more = f.read(chunk_chars)
                 if not more:
-                    return            # the truncated tail: no complete record left
+                    return  # the truncated tail: no complete record left
                 buf, pos = buf[pos:] + more, 0
                 continue
             pos = end
@@ -50,14 +51,18 @@ def sharegpt_conversations(split: str) -> Iterator[list[dict]]:
         turns = record.get("conversations") or []
         if split_of(str(record.get("id", ""))) != split or not turns or turns[0].get("from") != "human":
             continue
-        messages = [{"role": roles[t["from"]], "content": t["value"]} for t in turns
-                    if t.get("from") in roles and isinstance(t.get("value"), str) and t["value"].strip()]
+        messages = [
+            {"role": roles[t["from"]], "content": t["value"]}
+            for t in turns
+            if t.get("from") in roles and isinstance(t.get("value"), str) and t["value"].strip()
+        ]
         if messages and messages[0]["role"] == "user":
             yield messages
 
 
-def sharegpt_prompts(tokenizer, split: str, count: int, max_prompt_len: int,
-                     min_prompt_len: int = 4) -> list[list[int]]:
+def sharegpt_prompts(
+    tokenizer, split: str, count: int, max_prompt_len: int, min_prompt_len: int = 4
+) -> list[list[int]]:
     """First user turns with the chat template applied, as token ids within the length bounds."""
     prompts = []
     for messages in sharegpt_conversations(split):

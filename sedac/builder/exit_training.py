@@ -5,6 +5,7 @@ and the full model's top-k next-token distribution. Each exit head (sedac.models
 learns to match that distribution from its layer's hidden state alone; the backbone never changes,
 so the full model (sedac_mode off, and every lossless verify) stays exactly the model that was built.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -25,10 +26,10 @@ TEACHER_TOP_K = 8
 
 @dataclass
 class Features:
-    hidden: dict[int, torch.Tensor]   # exit layer -> [N, hidden] fp16 hidden state after that many layers
-    top_ids: torch.Tensor             # [N, k] the full model's most likely next tokens
-    top_probs: torch.Tensor           # [N, k] their probabilities
-    documents: torch.Tensor           # [N] which document (conversation) each position came from
+    hidden: dict[int, torch.Tensor]  # exit layer -> [N, hidden] fp16 hidden state after that many layers
+    top_ids: torch.Tensor  # [N, k] the full model's most likely next tokens
+    top_probs: torch.Tensor  # [N, k] their probabilities
+    documents: torch.Tensor  # [N] which document (conversation) each position came from
 
     @property
     def argmax(self) -> torch.Tensor:
@@ -39,6 +40,7 @@ def training_texts(tokenizer, source: str, split: str, seq_len: int):
     """(token ids, 0) documents: ShareGPT conversations with the chat template, or a local file's lines."""
     if source == "sharegpt":
         from sedac.builder.datasets import sharegpt_conversations
+
         for messages in sharegpt_conversations(split):
             ids = tokenizer.apply_chat_template(messages, tokenize=True)
             yield list(ids["input_ids"] if hasattr(ids, "keys") else ids)[:seq_len], 0
@@ -46,7 +48,7 @@ def training_texts(tokenizer, source: str, split: str, seq_len: int):
     path = Path(source)
     if not path.is_file():
         raise ValueError(f"--calib-data must be 'sharegpt' or an existing file, got {source!r}")
-    for line in path.read_text().splitlines():   # one document a line; split by a stable hash like ShareGPT
+    for line in path.read_text().splitlines():  # one document a line; split by a stable hash like ShareGPT
         if line.strip() and zlib.crc32(line.encode()) % 10 in {"train": range(8), "calib": (8,), "bench": (9,)}[split]:
             yield tokenizer.encode(line, add_special_tokens=False)[:seq_len], 0
 
@@ -76,8 +78,12 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
     bar.close()
     if total == 0:
         raise ValueError("calibration data yielded no usable documents")
-    return Features({k: torch.cat(v)[:num_tokens] for k, v in hidden.items()},
-                    torch.cat(top_ids)[:num_tokens], torch.cat(top_probs)[:num_tokens], torch.cat(doc_of)[:num_tokens])
+    return Features(
+        {k: torch.cat(v)[:num_tokens] for k, v in hidden.items()},
+        torch.cat(top_ids)[:num_tokens],
+        torch.cat(top_probs)[:num_tokens],
+        torch.cat(doc_of)[:num_tokens],
+    )
 
 
 def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = False):
@@ -86,8 +92,13 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = Fal
     t, states = len(ids), {}
     dev = model.norm.weight.device
     with scratch_kv(model, t):
-        set_context(AttentionContext(torch.arange(t, device=dev), block_size=1,
-                                     prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))]))
+        set_context(
+            AttentionContext(
+                torch.arange(t, device=dev),
+                block_size=1,
+                prefills=[PrefillChunk(0, t, torch.empty(0, dtype=torch.long))],
+            )
+        )
         try:
             h, start, positions = model.embed(torch.tensor(ids, device=dev)), 0, torch.arange(t, device=dev)
             for layer in sorted(exit_layers) + [model.cfg.num_layers]:
@@ -104,7 +115,7 @@ def scratch_kv(model, num_slots: int):
     """K/V go to scratch caches of num_slots slots meanwhile: an engine's pool (and the prefix cache
     in it) is never touched."""
     m, pools = model.cfg, [(layer.k_cache, layer.v_cache) for layer in model.layers]
-    dtype, dev = model.norm.weight.dtype, model.norm.weight.device   # the compute dtype
+    dtype, dev = model.norm.weight.dtype, model.norm.weight.device  # the compute dtype
     try:
         for layer in model.layers:
             layer.k_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
@@ -124,8 +135,17 @@ def choose_vocab(argmax: torch.Tensor, size: int, always: list[int]) -> torch.Te
     return torch.tensor(sorted(kept[:size]))
 
 
-def train_exit_head(model, layer: int, features: Features, vocab_ids: torch.Tensor, adapter_rank: int,
-                    epochs: int, batch_size: int = 256, lr: float = 1e-3, seed: int = 0) -> ExitHead:
+def train_exit_head(
+    model,
+    layer: int,
+    features: Features,
+    vocab_ids: torch.Tensor,
+    adapter_rank: int,
+    epochs: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+    seed: int = 0,
+) -> ExitHead:
     """Distil the full model's top-k distribution into an exit head on `layer` (backbone frozen)."""
     torch.manual_seed(seed)
     cfg = model.cfg
@@ -156,7 +176,7 @@ def train_exit_head(model, layer: int, features: Features, vocab_ids: torch.Tens
 
 
 def _lm_head_weight(model) -> torch.Tensor:
-    return model.lm_head.dense_rows().detach().t()     # [hidden, vocab], packed into panels or not
+    return model.lm_head.dense_rows().detach().t()  # [hidden, vocab], packed into panels or not
 
 
 def _kept_targets(features: Features, vocab_ids: torch.Tensor) -> torch.Tensor:

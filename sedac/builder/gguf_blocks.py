@@ -7,6 +7,7 @@ codes with an fp16 scale. F32 and F16 tensors stay as they are. Names map as tra
 loader maps them, and llama's Q/K rows are un-permuted the same way, so a gguf engine holds exactly
 the weights the fp32 engine built from the same file holds, undequantized.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -44,7 +45,7 @@ def gguf_engine_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
         out[dst + "post_norm.weight"] = take(blk + "ffn_norm.weight")
         heads = {"attn_q": cfg.num_heads, "attn_k": cfg.num_kv_heads, "attn_v": None}
         parts = {p: take(f"{blk}{p}.weight") for p in heads}
-        if arch == "llama":      # llama.cpp's converter permutes Q/K rows for its rotary layout
+        if arch == "llama":  # llama.cpp's converter permutes Q/K rows for its rotary layout
             parts = {p: t if n is None else _permute_rows(t, n) for (p, n), t in zip(heads.items(), parts.values())}
         out.update(_stored(dst + "qkv_proj", _concat(list(parts.values()), f"{blk}attn_q/k/v")))
         if cfg.qkv_bias:
@@ -54,7 +55,7 @@ def gguf_engine_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]
             out[dst + "qkv_proj.bias"] = torch.cat(biases)
         for name, srcs in _LINEARS.items():
             out.update(_stored(dst + name, _concat([take(f"{blk}{s}.weight") for s in srcs], blk + "/".join(srcs))))
-    tensors.pop("rope_freqs.weight", None)      # rotary tables the engine computes itself
+    tensors.pop("rope_freqs.weight", None)  # rotary tables the engine computes itself
     if tensors:
         raise ValueError(f"unexpected tensors in the GGUF file (unsupported variant?): {sorted(tensors)[:5]}")
     return out
@@ -67,16 +68,18 @@ def _read(t) -> torch.Tensor | BlockWeight:
         return torch.from_numpy(np.array(t.data))
     sizes = {Q.Q4_0: 18, Q.Q4_1: 20, Q.Q8_0: 34}
     if kind not in sizes:
-        raise ValueError(f"GGUF tensor {t.name} is {kind.name}; --precision gguf computes on {SUPPORTED} "
-                         "(use --precision int4, int8, fp16 or bf16 to convert it instead)")
+        raise ValueError(
+            f"GGUF tensor {t.name} is {kind.name}; --precision gguf computes on {SUPPORTED} "
+            "(use --precision int4, int8, fp16 or bf16 to convert it instead)"
+        )
     raw = torch.from_numpy(np.array(t.data)).view(torch.uint8)
-    blocks = raw.reshape(raw.shape[0], -1, sizes[kind])                 # [out, groups, block bytes]
+    blocks = raw.reshape(raw.shape[0], -1, sizes[kind])  # [out, groups, block bytes]
     scale = _halves(blocks[..., 0:2])
     if kind == Q.Q8_0:
         codes = blocks[..., 2:].contiguous().view(torch.int8).flatten(1)
         return BlockWeight(codes, scale, None, raw.shape[0])
-    minimum = _halves(blocks[..., 2:4]) if kind == Q.Q4_1 else scale * -8       # exact: a power of two
-    qs = blocks[..., sizes[kind] - 16:]                     # element j in qs[j]'s low nibble, 16 + j in its high
+    minimum = _halves(blocks[..., 2:4]) if kind == Q.Q4_1 else scale * -8  # exact: a power of two
+    qs = blocks[..., sizes[kind] - 16 :]  # element j in qs[j]'s low nibble, 16 + j in its high
     codes = torch.cat((qs & 15, qs >> 4), dim=-1).flatten(1)
     return BlockWeight(pack_nibbles(codes), scale, minimum, raw.shape[0])
 
@@ -98,13 +101,20 @@ def _concat(parts: list, what: str):
     """Fused projections (q|k|v, gate|up) by rows; the parts must share one format."""
     if all(isinstance(p, torch.Tensor) and p.dtype == parts[0].dtype for p in parts):
         return torch.cat(parts)
-    if not all(isinstance(p, BlockWeight) and p.bits == parts[0].bits and p.group_size == parts[0].group_size
-               for p in parts):
-        raise ValueError(f"GGUF tensors {what} mix formats; --precision gguf fuses them, so they need one format "
-                         "(use --precision int4 or int8 instead)")
+    if not all(
+        isinstance(p, BlockWeight) and p.bits == parts[0].bits and p.group_size == parts[0].group_size for p in parts
+    ):
+        raise ValueError(
+            f"GGUF tensors {what} mix formats; --precision gguf fuses them, so they need one format "
+            "(use --precision int4 or int8 instead)"
+        )
     cat = lambda ts: None if ts[0] is None else torch.cat(ts)  # noqa: E731
-    return BlockWeight(cat([p.codes for p in parts]), cat([p.scale for p in parts]),
-                       cat([p.minimum for p in parts]), sum(p.out_features for p in parts))
+    return BlockWeight(
+        cat([p.codes for p in parts]),
+        cat([p.scale for p in parts]),
+        cat([p.minimum for p in parts]),
+        sum(p.out_features for p in parts),
+    )
 
 
 def _stored(prefix: str, t, transpose: bool = True) -> dict[str, torch.Tensor]:
@@ -113,4 +123,3 @@ def _stored(prefix: str, t, transpose: bool = True) -> dict[str, torch.Tensor]:
     if isinstance(t, torch.Tensor):
         return {prefix + ".weight": (t.t() if transpose else t).contiguous()}
     return t.stored(prefix)
-

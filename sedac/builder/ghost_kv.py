@@ -11,6 +11,7 @@ text. Closed form from normal equations accumulated in float64: deterministic, s
 the ridge pulls toward propagation where data says little. All deeper layers stack into one
 [hidden, layers x 2 x KV x D] matrix, so the runtime fills them with one `sedac::kv_predict` GEMV.
 """
+
 from __future__ import annotations
 
 import torch
@@ -43,10 +44,10 @@ def fit_ghost_kv(model, documents, exit_layer: int, num_tokens: int, ridge: floa
     if total == 0:
         raise ValueError("ghost KV training data yielded no documents")
     reg = torch.eye(size, dtype=torch.float64) * (ridge * gram.diagonal()[:-1].mean())
-    reg[-1, -1] = 0                                               # the bias is not shrunk
+    reg[-1, -1] = 0  # the bias is not shrunk
     weights, biases = [], []
     for l in deeper:
-        delta = torch.linalg.solve(gram + reg, cross[l]).float()   # [hidden + 1, 2 * KV * D]
+        delta = torch.linalg.solve(gram + reg, cross[l]).float()  # [hidden + 1, 2 * KV * D]
         prior_w, prior_b = _propagation_map(model, l)
         weights.append(prior_w + delta[:-1])
         biases.append(prior_b + delta[-1])
@@ -87,6 +88,6 @@ def _propagation_map(model, l: int):
     """State propagation as an affine map of ghost_input(h): (W [hidden, 2 * KV * D], b)."""
     layer = model.layers[l]
     gain = torch.diag(layer.input_norm.weight.float())
-    basis = torch.cat([torch.zeros(1, gain.shape[0]), gain]).to(layer.input_norm.weight.dtype)   # 0, then e_i * g_i
+    basis = torch.cat([torch.zeros(1, gain.shape[0]), gain]).to(layer.input_norm.weight.dtype)  # 0, then e_i * g_i
     rows = layer.kv_projection(basis).float()
     return rows[1:] - rows[0], rows[0]

@@ -6,6 +6,7 @@ the int8 draft pass, at 1 and 8 rows, and fitted as fixed + per_row * rows, in u
 full pass. The build's replay (k and the gate at batch 1) and the engine's draft length per batch
 size (sedac.runtime.speculative.draft_plan) both read them.
 """
+
 from __future__ import annotations
 
 import time
@@ -15,7 +16,7 @@ import torch
 
 from sedac.builder.exit_training import scratch_kv
 
-CONTEXT = 128        # context length of each measured row (a typical chat turn)
+CONTEXT = 128  # context length of each measured row (a typical chat turn)
 ROWS = (1, 8)
 
 
@@ -34,7 +35,7 @@ def measure_pass_costs(runner, repeats: int = 20) -> dict:
     seconds = {key: float("inf") for key in passes}
     with scratch_kv(runner.model, max(ROWS) * per_seq * bs):
         for fn in passes.values():
-            fn()                          # warm-up
+            fn()  # warm-up
         for _ in range(repeats):
             for key, fn in passes.items():
                 start = time.perf_counter()

@@ -1,4 +1,5 @@
 """Resolve `--model` into an HF config, a tensor stream and a tokenizer, without any network."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -15,10 +16,10 @@ SMOLLM2_ALIAS = "smollm2-135m-instruct"
 @dataclass
 class ModelSource:
     description: str
-    hf_config: object                      # transformers PretrainedConfig
+    hf_config: object  # transformers PretrainedConfig
     load_tokenizer: Callable[[], object]
     tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]  # HF-named tensors, fp32 or native
-    gguf_path: Path | None = None           # a GGUF source's file (--precision gguf reads its blocks)
+    gguf_path: Path | None = None  # a GGUF source's file (--precision gguf reads its blocks)
 
 
 def smollm2_gguf_path() -> Path:
@@ -42,22 +43,28 @@ def resolve_source(model: str) -> ModelSource:
     if path.is_dir():
         return _hf_dir_source(path)
     if path.exists() or model.startswith((".", "/")) or model.count("/") != 1:
-        raise ValueError(f"model not found: {model!r} (expected an HF model directory, a .gguf file, "
-                         f"a cached hub id, or {SMOLLM2_ALIAS!r})")
+        raise ValueError(
+            f"model not found: {model!r} (expected an HF model directory, a .gguf file, "
+            f"a cached hub id, or {SMOLLM2_ALIAS!r})"
+        )
     return _hf_dir_source(_cached_hub_snapshot(model))
 
 
 def _cached_hub_snapshot(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
+
     try:
         return Path(snapshot_download(repo_id, local_files_only=True))
     except Exception:
-        raise ValueError(f"hub id {repo_id!r} is not in the local Hugging Face cache and this build is "
-                         "offline; download it first or pass a local directory") from None
+        raise ValueError(
+            f"hub id {repo_id!r} is not in the local Hugging Face cache and this build is "
+            "offline; download it first or pass a local directory"
+        ) from None
 
 
 def _gguf_source(path: Path) -> ModelSource:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     folder, name = str(path.parent), path.name
     config = AutoConfig.from_pretrained(folder, gguf_file=name)
 
@@ -66,13 +73,15 @@ def _gguf_source(path: Path) -> ModelSource:
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
         yield from model.state_dict().items()
 
-    return ModelSource(f"gguf:{path}", config, lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name),
-                       tensors, gguf_path=path)
+    return ModelSource(
+        f"gguf:{path}", config, lambda: AutoTokenizer.from_pretrained(folder, gguf_file=name), tensors, gguf_path=path
+    )
 
 
 def _hf_dir_source(path: Path) -> ModelSource:
     from safetensors import safe_open
     from transformers import AutoConfig, AutoTokenizer
+
     if not (path / "config.json").is_file():
         raise ValueError(f"not a Hugging Face model directory (no config.json): {path}")
     files = sorted(path.glob("*.safetensors"))

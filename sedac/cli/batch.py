@@ -1,4 +1,5 @@
 """`sedac-run generate --input`: a JSONL batch where a bad line fails alone."""
+
 from __future__ import annotations
 
 import json
@@ -37,8 +38,23 @@ def run_batch(llm, input_file: str, output_file: str, params) -> dict:
                 f.write(json.dumps({"index": i, "error": str(item) if out is None else out.error}) + "\n")
                 continue
             tokens += len(out.token_ids)
-            f.write(json.dumps({"index": i, "text": out.text, "token_ids": out.token_ids,
-                                "finish_reason": out.finish_reason, "metrics": out.metrics.as_dict()}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "index": i,
+                        "text": out.text,
+                        "token_ids": out.token_ids,
+                        "finish_reason": out.finish_reason,
+                        "metrics": out.metrics.as_dict(),
+                    }
+                )
+                + "\n"
+            )
     elapsed = time.perf_counter() - started
-    return {"requests": len(items), "errors": errors, "generated_tokens": tokens,
-            "seconds": round(elapsed, 2), "tokens_per_s": round(tokens / elapsed, 1)}
+    return {
+        "requests": len(items),
+        "errors": errors,
+        "generated_tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 1),
+    }

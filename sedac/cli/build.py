@@ -1,4 +1,5 @@
 """sedac-build: compile a Hugging Face causal LM into an engine directory."""
+
 from __future__ import annotations
 
 import json
@@ -39,20 +40,35 @@ def load_preset(path: str | None) -> dict:
 @click.option("--group-size", type=int, help="int4: inputs per scale and minimum (default 32, GGUF Q4_1's)")
 @click.option("--sedac", is_flag=True, help="train SEDAC exit heads and calibrate early-exit thresholds")
 @click.option("--exit-layers", default="auto", show_default=True, help="'auto' or comma-separated exit layers")
-@click.option("--calib-data", default="sharegpt", show_default=True,
-              help="'sharegpt' or a text file, one document a line")
+@click.option(
+    "--calib-data", default="sharegpt", show_default=True, help="'sharegpt' or a text file, one document a line"
+)
 @click.option("--calib-tokens", default=8192, show_default=True, help="generated tokens for calibration")
 @click.option("--train-tokens", default=65536, show_default=True, help="teacher-forced tokens for exit training")
 @click.option("--exit-epochs", default=2, show_default=True)
-@click.option("--reasoning-start",
-              help="text that opens the model's reasoning (default: <think> if the template has it)")
+@click.option(
+    "--reasoning-start", help="text that opens the model's reasoning (default: <think> if the template has it)"
+)
 @click.option("--reasoning-end", help="text that closes it (thinking_token_budget forces it)")
 @clean_errors
-def main(model, output, config_file, sedac, exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs,
-         reasoning_start, reasoning_end, **flags):
+def main(
+    model,
+    output,
+    config_file,
+    sedac,
+    exit_layers,
+    calib_data,
+    calib_tokens,
+    train_tokens,
+    exit_epochs,
+    reasoning_start,
+    reasoning_end,
+    **flags,
+):
     """Compile MODEL into a self-contained engine directory."""
     from sedac.builder import SedacOptions, build_engine
     from sedac.runtime.reasoning import ReasoningMarkers
+
     settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
     options = SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs) if sedac else None
     if (reasoning_start is None) != (reasoning_end is None):

@@ -1,4 +1,5 @@
 """`sedac-run chat`: an interactive conversation using the engine's chat template."""
+
 from __future__ import annotations
 
 import sys
@@ -46,6 +47,8 @@ def _stats_line(llm, last) -> str:
         return f"no reply yet; kv cache usage {s['kv_cache_usage']:.1%}"
     out, elapsed = last
     m = out.metrics
-    return (f"last reply: {m.num_generated_tokens} tokens, {m.num_generated_tokens / elapsed:.1f} tok/s, "
-            f"ttft {1000 * (m.ttft or 0):.0f} ms; prompt {m.num_prompt_tokens} tokens "
-            f"({m.num_cached_tokens} from prefix cache); kv cache usage {s['kv_cache_usage']:.1%}")
+    return (
+        f"last reply: {m.num_generated_tokens} tokens, {m.num_generated_tokens / elapsed:.1f} tok/s, "
+        f"ttft {1000 * (m.ttft or 0):.0f} ms; prompt {m.num_prompt_tokens} tokens "
+        f"({m.num_cached_tokens} from prefix cache); kv cache usage {s['kv_cache_usage']:.1%}"
+    )

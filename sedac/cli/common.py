@@ -1,4 +1,6 @@
-"""Shared CLI behaviour: a clear one-line error and a nonzero exit instead of a traceback."""
+"""Shared CLI behaviour: a clear one-line error and a nonzero exit instead of a traceback; the options
+several commands take."""
+
 from __future__ import annotations
 
 import functools
@@ -6,7 +8,10 @@ import os
 
 import click
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")          # nothing downloads at run time
+from sedac.config import KV_CACHE_DTYPES
+from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing downloads at run time
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
@@ -17,4 +22,28 @@ def clean_errors(fn):
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, OSError) as e:
             raise click.ClickException(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+
     return wrapper
+
+
+ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
+DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+KV_FILL = click.option(
+    "--sedac-kv-fill",
+    type=click.Choice(SEDAC_KV_FILLS),
+    default="deferred",
+    show_default=True,
+    help="how lossy mode's depth exit fills exited tokens' deeper KV (engine-wide)",
+)
+KV_DTYPE = click.option(
+    "--kv-cache-dtype",
+    type=click.Choice(list(KV_CACHE_DTYPES)),
+    default="auto",
+    show_default=True,
+    help="KV cache dtype; auto: the compute dtype (fp32 on CPU). fp16 halves the KV bytes long contexts stream",
+)
+LOSSY_EXIT = click.option(
+    "--sedac-lossy-exit",
+    type=click.Choice(SEDAC_LOSSY_EXITS),
+    help="where lossy mode's tokens exit (engine-wide; default: the build's choice)",
+)

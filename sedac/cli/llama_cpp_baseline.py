@@ -5,27 +5,31 @@ so it is never a dependency) measures batch-1 decode (tg: generating N tokens) a
 tokens) on the same GGUF our engines were built from, plus its conversions by llama-quantize (F32, BF16,
 Q8_0; kept beside the report), with the same thread count, in the same run as ours.
 """
+
 from __future__ import annotations
 
 import json
 import subprocess
 from pathlib import Path
 
-CONVERSIONS = ("F32", "BF16", "Q8_0")     # llama.cpp's fastest formats on CPU besides the file's own
+CONVERSIONS = ("F32", "BF16", "Q8_0")  # llama.cpp's fastest formats on CPU besides the file's own
 REPETITIONS = 3
 
 
-def llama_cpp_rows(bin_dir: str, gguf: Path, work_dir: Path, threads: int, prefill_len: int,
-                   output_len: int) -> dict[str, dict]:
+def llama_cpp_rows(
+    bin_dir: str, gguf: Path, work_dir: Path, threads: int, prefill_len: int, output_len: int
+) -> dict[str, dict]:
     """{"llama.cpp FORMAT": {batch-1 decode tok/s, prefill tok/s, file MB}} for the source file and each
     conversion. ValueError when the tools are missing or a run fails (one line naming it)."""
     bench, quantize = (_tool(bin_dir, name) for name in ("llama-bench", "llama-quantize"))
     rows = {}
     for fmt, path in _formats(quantize, gguf, work_dir).items():
         speeds = _llama_bench(bench, path, threads, prefill_len, output_len)
-        rows[f"llama.cpp {fmt}"] = {"batch1_decode_tok_s": speeds["decode"],
-                                    f"prefill{prefill_len}_tok_s": speeds["prefill"],
-                                    "engine_mb": round(path.stat().st_size / 2**20, 1)}
+        rows[f"llama.cpp {fmt}"] = {
+            "batch1_decode_tok_s": speeds["decode"],
+            f"prefill{prefill_len}_tok_s": speeds["prefill"],
+            "engine_mb": round(path.stat().st_size / 2**20, 1),
+        }
     return rows
 
 
@@ -53,6 +57,7 @@ def _formats(quantize: Path, gguf: Path, work_dir: Path) -> dict[str, Path]:
 def _file_type(gguf: Path) -> str:
     """The file's llama.cpp type (Q4_1, F32, ...) from its metadata."""
     import gguf as gguf_lib
+
     field = gguf_lib.GGUFReader(str(gguf)).fields.get("general.file_type")
     if field is None:
         return "source"
@@ -60,8 +65,24 @@ def _file_type(gguf: Path) -> str:
 
 
 def _llama_bench(bench: Path, model: Path, threads: int, prefill_len: int, output_len: int) -> dict[str, float]:
-    out = _run([str(bench), "-m", str(model), "-t", str(threads), "-p", str(prefill_len), "-n", str(output_len),
-                "-r", str(REPETITIONS), "-o", "json"], f"llama-bench on {model.name}")
+    out = _run(
+        [
+            str(bench),
+            "-m",
+            str(model),
+            "-t",
+            str(threads),
+            "-p",
+            str(prefill_len),
+            "-n",
+            str(output_len),
+            "-r",
+            str(REPETITIONS),
+            "-o",
+            "json",
+        ],
+        f"llama-bench on {model.name}",
+    )
     speeds = {}
     for test in json.loads(out):
         speeds["prefill" if test["n_prompt"] else "decode"] = round(test["avg_ts"], 1)

@@ -8,6 +8,7 @@ token entropy predicts a wrong greedy answer (AUROC of the reply's highest token
 probabilities the engine reports). Thinking budgets need an engine with reasoning markers (its chat template
 opens the reasoning block); on one without them the report says so.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,10 +21,10 @@ import torch
 from sedac.cli.report import labelled_scatter, write_report
 
 ANSWER = r"(-?\d+)"
-EVAL_SEED = 1         # the defaults were picked on seed 0
+EVAL_SEED = 1  # the defaults were picked on seed 0
 # (threshold nats, max branches): picked on the tuning seed's 60 questions (docs in the README)
 ADAPTIVE_SETTINGS = [(4.0, 4), (4.0, 8), (3.0, 2)]
-BUDGETS = (16, 64)     # thinking-budget rows, on engines with reasoning markers (the answer after the block)
+BUDGETS = (16, 64)  # thinking-budget rows, on engines with reasoning markers (the answer after the block)
 
 
 def arithmetic_questions(seed: int, count: int) -> list[tuple[str, int]]:
@@ -42,6 +43,7 @@ def answer_of(text: str) -> int | None:
 
 def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, report="reports/o1_bench") -> dict:
     from sedac import LLM, SamplingParams
+
     llm = LLM(engine, device=device)
     questions = arithmetic_questions(EVAL_SEED, num_questions)
     prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q, _ in questions]
@@ -53,27 +55,43 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
         outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.8, n=k, seed=0))
         rows[f"self-consistency@{k}"] = _row([[c.text for c in o.outputs] for o in outs], _tokens(outs), truth)
     for threshold, branches in ADAPTIVE_SETTINGS:
-        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, o1_mode="adaptive",
-                                                    o1_entropy_threshold=threshold, o1_max_branches=branches,
-                                                    answer_regex=ANSWER))
+        outs = llm.generate(
+            prompts,
+            SamplingParams(
+                max_tokens=max_tokens,
+                temperature=0.0,
+                o1_mode="adaptive",
+                o1_entropy_threshold=threshold,
+                o1_max_branches=branches,
+                answer_regex=ANSWER,
+            ),
+        )
         row = _row([[o.outputs[0].text] for o in outs], sum(o.metrics.o1_tokens for o in outs), truth)
         row["branches_per_question"] = round(sum(o.metrics.o1_branches for o in outs) / len(outs), 2)
         row["early_stopped"] = sum(o.metrics.o1_early_stopped for o in outs)
         rows[f"adaptive (entropy > {threshold}, {branches} branches)"] = row
     if llm.engine.reasoning.markers is not None:
         for budget in BUDGETS:
-            outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens + budget, temperature=0.0,
-                                                        thinking_token_budget=budget))
+            outs = llm.generate(
+                prompts, SamplingParams(max_tokens=max_tokens + budget, temperature=0.0, thinking_token_budget=budget)
+            )
             rows[f"thinking budget {budget}"] = _row([[o.outputs[0].answer] for o in outs], _tokens(outs), truth)
     base = rows["greedy"]["tokens"]
     for row in rows.values():
         row["tokens_vs_greedy"] = round(row["tokens"] / base, 2)
     wrong = [answer_of(o.outputs[0].text) != t for o, t in zip(greedy, truth)]
-    results = {"engine": str(engine), "device": str(llm.engine.runner.device), "questions": num_questions,
-               "seed": EVAL_SEED, "max_tokens": max_tokens, "rows": rows,
-               "entropy_auroc_wrong_answer": _auroc([_max_entropy(o.outputs[0].logprobs) for o in greedy], wrong),
-               "thinking_budgets": "rows above" if llm.engine.reasoning.markers else
-               "not run: this engine has no reasoning markers (sedac-build --reasoning-start/--reasoning-end)"}
+    results = {
+        "engine": str(engine),
+        "device": str(llm.engine.runner.device),
+        "questions": num_questions,
+        "seed": EVAL_SEED,
+        "max_tokens": max_tokens,
+        "rows": rows,
+        "entropy_auroc_wrong_answer": _auroc([_max_entropy(o.outputs[0].logprobs) for o in greedy], wrong),
+        "thinking_budgets": "rows above"
+        if llm.engine.reasoning.markers
+        else "not run: this engine has no reasoning markers (sedac-build --reasoning-start/--reasoning-end)",
+    }
     _write(results, report)
     return results
 
@@ -109,15 +127,24 @@ def _auroc(scores: list[float], positives: list[bool]) -> float | None:
 
 
 def _write(results: dict, report) -> None:
-    title = (f"sedac-run bench --o1: {results['engine']} on {results['device']} ({results['questions']} generated "
-             f"arithmetic questions, seed {results['seed']}, up to {results['max_tokens']} tokens each)")
-    lines = ["| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped |",
-             "|---|---|---|---|---|---|"]
+    title = (
+        f"sedac-run bench --o1: {results['engine']} on {results['device']} ({results['questions']} generated "
+        f"arithmetic questions, seed {results['seed']}, up to {results['max_tokens']} tokens each)"
+    )
+    lines = [
+        "| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in results["rows"].items():
-        lines.append(f"| {name} | {r['accuracy']} | {r['tokens']} | {r['tokens_vs_greedy']} | "
-                     f"{r.get('branches_per_question', '')} | {r.get('early_stopped', '')} |")
-    lines += ["", f"Entropy as a predictor of a wrong greedy answer: AUROC {results['entropy_auroc_wrong_answer']}.",
-              f"Thinking budgets: {results['thinking_budgets']}."]
+        lines.append(
+            f"| {name} | {r['accuracy']} | {r['tokens']} | {r['tokens_vs_greedy']} | "
+            f"{r.get('branches_per_question', '')} | {r.get('early_stopped', '')} |"
+        )
+    lines += [
+        "",
+        f"Entropy as a predictor of a wrong greedy answer: AUROC {results['entropy_auroc_wrong_answer']}.",
+        f"Thinking budgets: {results['thinking_budgets']}.",
+    ]
     write_report(report, title, results, "\n".join(lines), figures(results))
 
 
@@ -128,13 +155,18 @@ def figures(results: dict) -> dict:
     for name, r in results["rows"].items():
         strategy, setting = _strategy_and_setting(name)
         series.setdefault(strategy, []).append((setting, r["tokens_vs_greedy"], r["accuracy"]))
-    return {"accuracy_vs_tokens": labelled_scatter("o1 strategies: accuracy vs generated tokens",
-                                                   "generated tokens (relative to greedy, x)",
-                                                   "accuracy (fraction correct)", series)}
+    return {
+        "accuracy_vs_tokens": labelled_scatter(
+            "o1 strategies: accuracy vs generated tokens",
+            "generated tokens (relative to greedy, x)",
+            "accuracy (fraction correct)",
+            series,
+        )
+    }
 
 
 def _strategy_and_setting(row: str) -> tuple[str, str]:
-    """"self-consistency@4" -> ("self-consistency", "@4"), "adaptive (entropy > 4.0, 4 branches)" -> ("adaptive",
+    """ "self-consistency@4" -> ("self-consistency", "@4"), "adaptive (entropy > 4.0, 4 branches)" -> ("adaptive",
     "entropy > 4.0, 4 branches"), "thinking budget 16" -> ("thinking budget", "16"),
     "greedy" -> ("greedy", "greedy")."""
     match = re.fullmatch(r"(.+?)(?: \((.+)\)|(@\d+)| (\d+))?", row)

@@ -10,6 +10,7 @@ agreement with the fp32 engine and perplexity on the answers, engine size on dis
 With --llama-cpp DIR, llama.cpp's llama-bench runs on the same GGUF and its conversions right after our
 batch-1 runs (sedac.cli.llama_cpp_baseline), and the report sets our fastest batch-1 decode against theirs.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,23 +27,39 @@ from sedac.cli.report import grouped_bars, labelled_scatter, write_report
 from sedac.config import PRECISIONS, WEIGHTS_FILE, BuildConfig, EngineConfig
 from sedac.models.layers import Linear
 
-KV_CACHE_BYTES = 1 << 30      # per engine: all of them stay loaded
+KV_CACHE_BYTES = 1 << 30  # per engine: all of them stay loaded
 
 
-def run_precision_bench(engine, device, precisions, num_prompts, output_len, batch1_prompts, max_prompt_len,
-                        report, kv_cache_dtype: str = "auto", answers: int = 8, answer_len: int = 256,
-                        prefill_len: int = 1024, long_decode_len: int = 64, llama_cpp: str | None = None) -> dict:
+def run_precision_bench(
+    engine,
+    device,
+    precisions,
+    num_prompts,
+    output_len,
+    batch1_prompts,
+    max_prompt_len,
+    report,
+    kv_cache_dtype: str = "auto",
+    answers: int = 8,
+    answer_len: int = 256,
+    prefill_len: int = 1024,
+    long_decode_len: int = 64,
+    llama_cpp: str | None = None,
+) -> dict:
     from sedac import LLM, SamplingParams
     from sedac.cli.sedac_bench import held_out_answers
-    llms = {p: LLM(str(path), device=device, kv_cache_memory=KV_CACHE_BYTES, kv_cache_dtype=kv_cache_dtype)
-            for p, path in precision_engines(Path(engine), precisions).items()}
+
+    llms = {
+        p: LLM(str(path), device=device, kv_cache_memory=KV_CACHE_BYTES, kv_cache_dtype=kv_cache_dtype)
+        for p, path in precision_engines(Path(engine), precisions).items()
+    }
     tokenizer = llms["fp32"].tokenizer
     prompts = sharegpt_prompts(tokenizer, "bench", max(num_prompts, batch1_prompts), max_prompt_len)
     texts = [tokenizer.encode(t, add_special_tokens=False)[:answer_len] for t in held_out_answers(answers)]
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for llm in llms.values():
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))     # warm-up
-    batch1 = {p: [0, 0.0, 0.0] for p in llms}           # tokens, seconds, decode seconds (TPOT x tokens)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    batch1 = {p: [0, 0.0, 0.0] for p in llms}  # tokens, seconds, decode seconds (TPOT x tokens)
     for prompt in prompts[:batch1_prompts]:
         for p, llm in llms.items():
             dt, outs = _timed(llm, [prompt], params)
@@ -54,11 +71,17 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
     prefill = {p: _timed(llm, [long_prompt], SamplingParams(max_tokens=1))[0] for p, llm in llms.items()}
     long_params = SamplingParams(max_tokens=long_decode_len, temperature=0.0, ignore_eos=True)
     long_decode = {p: _timed(llm, [long_prompt], long_params)[1][0].metrics.tpot for p, llm in llms.items()}
-    forced = {p: _teacher_forced(llm, texts) for p, llm in llms.items()}    # (greedy choices, mean NLL)
-    results = {"engine": str(engine), "device": str(llms["fp32"].engine.runner.device),
-               "kv_cache_dtype": kv_cache_dtype,
-               "threads": torch.get_num_threads(), "output_len": output_len, "num_prompts": num_prompts,
-               "held_out_tokens": sum(len(t) - 1 for t in texts), "precisions": {}}
+    forced = {p: _teacher_forced(llm, texts) for p, llm in llms.items()}  # (greedy choices, mean NLL)
+    results = {
+        "engine": str(engine),
+        "device": str(llms["fp32"].engine.runner.device),
+        "kv_cache_dtype": kv_cache_dtype,
+        "threads": torch.get_num_threads(),
+        "output_len": output_len,
+        "num_prompts": num_prompts,
+        "held_out_tokens": sum(len(t) - 1 for t in texts),
+        "precisions": {},
+    }
     for p, llm in llms.items():
         dt, outs = _timed(llm, prompts[:num_prompts], params)
         argmax, nll = forced[p]
@@ -71,15 +94,17 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
             "agreement_vs_fp32": round(float((argmax == forced["fp32"][0]).float().mean()), 4),
             "perplexity": round(math.exp(nll), 3),
             "engine_mb": round((Path(llm.engine.engine_dir) / WEIGHTS_FILE).stat().st_size / 2**20, 1),
-            "resident_weight_mb": round(resident_weight_bytes(llm.engine.runner.model) / 2**20, 1)}
+            "resident_weight_mb": round(resident_weight_bytes(llm.engine.runner.model) / 2**20, 1),
+        }
     base = results["precisions"]["fp32"]
     for r in results["precisions"].values():
         r["batch1_decode_vs_fp32"] = round(r["batch1_decode_tok_s"] / base["batch1_decode_tok_s"], 2)
     if theirs:
         ours = max(r["batch1_decode_tok_s"] for r in results["precisions"].values())
         results["llama.cpp"] = theirs
-        results["fastest_vs_llama_cpp_fastest"] = round(ours / max(r["batch1_decode_tok_s"]
-                                                                   for r in theirs.values()), 2)
+        results["fastest_vs_llama_cpp_fastest"] = round(
+            ours / max(r["batch1_decode_tok_s"] for r in theirs.values()), 2
+        )
     _write(results, report)
     return results
 
@@ -87,11 +112,18 @@ def run_precision_bench(engine, device, precisions, num_prompts, output_len, bat
 def _llama_cpp(bin_dir: str, reference: Path, prefill_len: int, output_len: int) -> dict:
     """llama.cpp's rows on the GGUF the fp32 engine was built from (conversions kept in ENGINE-llama.cpp)."""
     from sedac.cli.llama_cpp_baseline import llama_cpp_rows
+
     source = json.loads((reference / "build_report.json").read_text())["source"]
     if not source.startswith("gguf:"):
         raise ValueError(f"--llama-cpp needs an engine built from a GGUF file; {reference} is from {source}")
-    return llama_cpp_rows(bin_dir, Path(source.split(":", 1)[1]), reference.with_name(f"{reference.name}-llama.cpp"),
-                          torch.get_num_threads(), prefill_len, output_len)
+    return llama_cpp_rows(
+        bin_dir,
+        Path(source.split(":", 1)[1]),
+        reference.with_name(f"{reference.name}-llama.cpp"),
+        torch.get_num_threads(),
+        prefill_len,
+        output_len,
+    )
 
 
 def precision_engines(reference: Path, precisions: list[str]) -> dict[str, Path]:
@@ -107,6 +139,7 @@ def precision_engines(reference: Path, precisions: list[str]) -> dict[str, Path]
         engines[p] = reference.with_name(f"{reference.name}-{p}")
         if not (engines[p] / "config.json").is_file() or EngineConfig.load(engines[p]).build.precision != p:
             from sedac.builder import build_engine
+
             source = json.loads((reference / "build_report.json").read_text())["source"].split(":", 1)[1]
             click.echo(f"building {engines[p]} from {source}", err=True)
             build_engine(source, engines[p], BuildConfig(**{**vars(config.build), "precision": p}))
@@ -117,8 +150,12 @@ def resident_weight_bytes(model) -> int:
     """Bytes of every weight tensor the model keeps (packed panels, int8 copies, block codes and scales,
     the greedy screen's bounds), each counted once; KV caches and rotary tables excluded."""
     tensors = [t for m in model.modules() for t in m._parameters.values()]
-    tensors += [t for m in model.modules() if isinstance(m, Linear)
-                for t in (m.packed, *(m.int8 or ()), *(m.blocks.tensors() if m.blocks else ()))]
+    tensors += [
+        t
+        for m in model.modules()
+        if isinstance(m, Linear)
+        for t in (m.packed, *(m.int8 or ()), *(m.blocks.tensors() if m.blocks else ()))
+    ]
     if model.embed_blocks is not None:
         tensors += model.embed_blocks.tensors()
     if model.greedy_screen is not None:
@@ -139,7 +176,7 @@ def _teacher_forced(llm, texts: list[list[int]]) -> tuple[torch.Tensor, float]:
     model, choices, nll, count = llm.engine.runner.model, [], 0.0, 0
     for ids in texts:
         _, final = teacher_pass(model, ids, [])
-        logp = model.logits(final[:-1]).float().log_softmax(-1)           # [T-1, V]
+        logp = model.logits(final[:-1]).float().log_softmax(-1)  # [T-1, V]
         target = torch.tensor(ids[1:], device=logp.device)
         choices.append(logp.argmax(-1).cpu())
         nll -= logp[torch.arange(len(target)), target].sum().item()
@@ -149,18 +186,25 @@ def _teacher_forced(llm, texts: list[list[int]]) -> tuple[torch.Tensor, float]:
 
 def _write(results: dict, report) -> None:
     keys = list(next(iter(results["precisions"].values())))
-    title = (f"sedac-run bench --precisions: {results['engine']} on {results['device']} ({results['threads']} "
-             f"threads, KV cache {results['kv_cache_dtype']}, {results['output_len']} greedy tokens; agreement and "
-             f"perplexity teacher-forced on {results['held_out_tokens']} held-out tokens)")
+    title = (
+        f"sedac-run bench --precisions: {results['engine']} on {results['device']} ({results['threads']} "
+        f"threads, KV cache {results['kv_cache_dtype']}, {results['output_len']} greedy tokens; agreement and "
+        f"perplexity teacher-forced on {results['held_out_tokens']} held-out tokens)"
+    )
     lines = ["| precision | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for p, r in results["precisions"].items():
         lines.append(f"| {p} | " + " | ".join(str(r[k]) for k in keys) + " |")
     if "llama.cpp" in results:
         theirs = results["llama.cpp"]
         columns = list(next(iter(theirs.values())))
-        lines += ["", f"llama.cpp's llama-bench on the same GGUF (same threads, same run): our fastest batch-1 decode "
-                      f"is {results['fastest_vs_llama_cpp_fastest']}x llama.cpp's fastest.", "",
-                  "| llama.cpp format | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+        lines += [
+            "",
+            f"llama.cpp's llama-bench on the same GGUF (same threads, same run): our fastest batch-1 decode "
+            f"is {results['fastest_vs_llama_cpp_fastest']}x llama.cpp's fastest.",
+            "",
+            "| llama.cpp format | " + " | ".join(columns) + " |",
+            "|---" * (len(columns) + 1) + "|",
+        ]
         lines += [f"| {name} | " + " | ".join(str(r[k]) for k in columns) + " |" for name, r in theirs.items()]
     write_report(report, title, results, "\n".join(lines), figures(results))
 
@@ -170,12 +214,20 @@ def figures(results: dict) -> dict:
     and batch-1 speed against agreement with fp32."""
     rows, concurrent = results["precisions"], f"concurrent{results['num_prompts']}_tok_s"
     everyone = {**rows, **results.get("llama.cpp", {})}
-    throughput = grouped_bars("Decode throughput per precision", "precision (weight format)", "output tokens/s",
-                              list(everyone),
-                              {"batch 1 (decode)": [r["batch1_decode_tok_s"] for r in everyone.values()],
-                               f"{results['num_prompts']} concurrent": [r.get(concurrent) for r in everyone.values()]})
-    tradeoff = labelled_scatter("Speed vs quality per precision", "teacher-forced agreement with fp32 (fraction)",
-                                "batch-1 output tokens/s",
-                                {"precision": [(p, r["agreement_vs_fp32"], r["batch1_tok_s"])
-                                               for p, r in rows.items()]})
+    throughput = grouped_bars(
+        "Decode throughput per precision",
+        "precision (weight format)",
+        "output tokens/s",
+        list(everyone),
+        {
+            "batch 1 (decode)": [r["batch1_decode_tok_s"] for r in everyone.values()],
+            f"{results['num_prompts']} concurrent": [r.get(concurrent) for r in everyone.values()],
+        },
+    )
+    tradeoff = labelled_scatter(
+        "Speed vs quality per precision",
+        "teacher-forced agreement with fp32 (fraction)",
+        "batch-1 output tokens/s",
+        {"precision": [(p, r["agreement_vs_fp32"], r["batch1_tok_s"]) for p, r in rows.items()]},
+    )
     return {"throughput": throughput, "speed_vs_quality": tradeoff}

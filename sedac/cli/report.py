@@ -3,6 +3,7 @@
 Every bench builds its results dict, its markdown tables and its figures; this module writes them and holds the
 plot helpers they share, so all plots look alike (size, fonts, labelled axes, a legend when several series).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -14,7 +15,7 @@ from pathlib import Path
 import click
 import matplotlib
 
-matplotlib.use("Agg")          # files only: bench hosts have no display, and pyplot must not pick a GUI backend
+matplotlib.use("Agg")  # files only: bench hosts have no display, and pyplot must not pick a GUI backend
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
@@ -26,10 +27,16 @@ matplotlib.rcParams.update({"font.size": 11, "axes.titlesize": 12, "legend.fonts
 def machine() -> dict:
     """Where the numbers come from: a report is only comparable with another from the same machine and commit."""
     from sedac import __version__
-    return {"cpu": _cpu_model(), "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "sedac": __version__, "commit": _git_commit(),
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
+
+    return {
+        "cpu": _cpu_model(),
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "sedac": __version__,
+        "commit": _git_commit(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+    }
 
 
 def _cpu_model() -> str:
@@ -47,8 +54,10 @@ def _git_commit() -> str:
     installed wheel (no repository around it)."""
     package_dir = Path(__file__).resolve().parents[2]
     try:
-        head, status = (subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True, timeout=10)
-                        for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"]))
+        head, status = (
+            subprocess.run(["git", *args], cwd=package_dir, capture_output=True, text=True, timeout=10)
+            for args in (["rev-parse", "--short", "HEAD"], ["status", "--porcelain", "-uno"])
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if head.returncode != 0 or not head.stdout.strip():
@@ -58,8 +67,10 @@ def _git_commit() -> str:
 
 def _machine_line(m: dict) -> str:
     gpu = f"GPU {m['gpu']}" if m["gpu"] else "no GPU"
-    return (f"Machine: {m['cpu']}, {m['threads']} torch threads, {gpu}; torch {m['torch']}, sedac {m['sedac']}, "
-            f"commit {m['commit']}, {m['date']}")
+    return (
+        f"Machine: {m['cpu']}, {m['threads']} torch threads, {gpu}; torch {m['torch']}, sedac {m['sedac']}, "
+        f"commit {m['commit']}, {m['date']}"
+    )
 
 
 def write_report(directory, title: str, results: dict, markdown_body: str, figures: dict) -> Path:
@@ -102,11 +113,12 @@ def grouped_bars(title: str, xlabel: str, ylabel: str, groups: list[str], series
     width = 0.8 / len(series)
     for i, (name, values) in enumerate(series.items()):
         xs = [g + (i - (len(series) - 1) / 2) * width for g in range(len(groups))]
-        bars = ax.bar([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
-                      width, label=name)
+        bars = ax.bar(
+            [x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None], width, label=name
+        )
         ax.bar_label(bars, fmt="%.4g", fontsize=9, padding=2)
     ax.set_xticks(range(len(groups)), groups)
-    ax.margins(y=0.12)                        # room for the value labels above the tallest bar
+    ax.margins(y=0.12)  # room for the value labels above the tallest bar
     _rotate_long_ticks(ax, groups)
     if len(series) > 1:
         ax.legend()
@@ -119,7 +131,7 @@ def labelled_scatter(title: str, xlabel: str, ylabel: str, series: dict[str, lis
     ax.grid(alpha=0.3)
     for name, points in series.items():
         ax.scatter([x for _, x, _ in points], [y for _, _, y in points], label=name, s=40, zorder=3)
-    ax.margins(x=0.15, y=0.12)                # room for the annotations at the edges
+    ax.margins(x=0.15, y=0.12)  # room for the annotations at the edges
     _annotate(ax, [point for points in series.values() for point in points])
     if len(series) > 1:
         ax.legend()
@@ -132,10 +144,16 @@ def _annotate(ax, points: list[tuple[str, float, float]]) -> None:
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
     placed = []
     for label, x, y in sorted(points, key=lambda p: p[2]):
-        u, v = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)         # axes fractions: closeness as it looks
+        u, v = (x - x0) / (x1 - x0), (y - y0) / (y1 - y0)  # axes fractions: closeness as it looks
         crowded = any(abs(u - pu) < 0.15 and abs(v - pv) < 0.06 for pu, pv in placed)
-        ax.annotate(label, (x, y), textcoords="offset points", xytext=(-6 if crowded else 6, 4), fontsize=9,
-                    ha="right" if crowded else "left")
+        ax.annotate(
+            label,
+            (x, y),
+            textcoords="offset points",
+            xytext=(-6 if crowded else 6, 4),
+            fontsize=9,
+            ha="right" if crowded else "left",
+        )
         placed.append((u, v))
 
 

@@ -6,6 +6,7 @@ with the full model (each generated token vs the full model's argmax on the same
 one teacher-forced pass over the mode's own output); exact match with `off`'s output; perplexity on
 held-out assistant text; skip ratio, layers per token, draft acceptance.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,21 +21,44 @@ from sedac.builder.exit_training import teacher_pass
 from sedac.cli.report import labelled_scatter, write_report
 
 
-def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_size, max_prompt_len, agreement, report,
-                    kv_fill="deferred", lossy_exit=None):
+def run_sedac_bench(
+    engine,
+    device,
+    modes,
+    output_len,
+    batch1_prompts,
+    batch_size,
+    max_prompt_len,
+    agreement,
+    report,
+    kv_fill="deferred",
+    lossy_exit=None,
+):
     from sedac import LLM, SamplingParams
+
     llm = LLM(engine, device=device, sedac_kv_fill=kv_fill, sedac_lossy_exit=lossy_exit)
     if any(m != "off" for m in modes) and llm.engine.config.sedac is None:
         raise ValueError(f"{engine} was built without --sedac; rebuild it with sedac-build --sedac")
     prompts = sharegpt_prompts(llm.tokenizer, "bench", max(batch1_prompts, batch_size), max_prompt_len)
-    params = {m: SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=m,
-                                sedac_agreement=agreement) for m in modes}
-    for mode in modes:      # warm-up: a mode's first call at a batch size pays one-off costs (the custom
-        for batch in (prompts[:1], prompts[:batch_size]):      # ops' first dispatch, per-shape allocations)
+    params = {
+        m: SamplingParams(
+            max_tokens=output_len, temperature=0.0, ignore_eos=True, sedac_mode=m, sedac_agreement=agreement
+        )
+        for m in modes
+    }
+    for mode in modes:  # warm-up: a mode's first call at a batch size pays one-off costs (the custom
+        for batch in (prompts[:1], prompts[:batch_size]):  # ops' first dispatch, per-shape allocations)
             llm.generate(batch, SamplingParams(max_tokens=4, temperature=0.0, sedac_mode=mode))
-    results = {"engine": str(engine), "device": str(llm.engine.runner.device), "threads": torch.get_num_threads(),
-               "output_len": output_len, "agreement_target": agreement, "kv_fill": kv_fill,
-               "lossy_exit": llm.engine.sedac.lossy_exit, "modes": {}}
+    results = {
+        "engine": str(engine),
+        "device": str(llm.engine.runner.device),
+        "threads": torch.get_num_threads(),
+        "output_len": output_len,
+        "agreement_target": agreement,
+        "kv_fill": kv_fill,
+        "lossy_exit": llm.engine.sedac.lossy_exit,
+        "modes": {},
+    }
     # Interleaved, prompt by prompt, so the modes share the machine's drifts in speed (a noisy VM).
     b1 = {m: [] for m in modes}
     for p in prompts[:batch1_prompts]:
@@ -52,7 +76,8 @@ def run_sedac_bench(engine, device, modes, output_len, batch1_prompts, batch_siz
             "skip_ratio": round(statistics.mean(o.metrics.skip_ratio for o in outs), 4),
             "layers_per_token": round(statistics.mean(o.metrics.layers_per_token for o in outs), 2),
             "acceptance_rate": _mean([o.metrics.acceptance_rate for o in outs]),
-            "perplexity": _perplexity(llm, mode, agreement)}
+            "perplexity": _perplexity(llm, mode, agreement),
+        }
     for mode, r in results["modes"].items():
         base = results["modes"].get("off")
         if base:
@@ -82,7 +107,7 @@ def _agreement(llm, prompts, generated) -> float:
     for prompt, tokens in zip(prompts, generated):
         ids = list(prompt) + list(tokens)
         _, final = teacher_pass(model, ids, [])
-        best = model.logits(final[len(prompt) - 1:-1]).argmax(-1)
+        best = model.logits(final[len(prompt) - 1 : -1]).argmax(-1)
         agree += int((best == torch.tensor(tokens)).sum())
         total += len(tokens)
     return round(agree / total, 4)
@@ -150,10 +175,12 @@ def held_out_answers(count):
 
 def _write(results: dict, report) -> None:
     keys = [k for k in next(iter(results["modes"].values())) if k != "perplexity"]
-    title = (f"sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
-             f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
-             f"{results['agreement_target']}, lossy exit {results['lossy_exit']}"
-             + (f", KV fill {results['kv_fill']})" if results["lossy_exit"] == "depth" else ")"))
+    title = (
+        f"sedac-run bench --sedac-modes: {results['engine']} on {results['device']} "
+        f"({results['threads']} threads, {results['output_len']} greedy tokens, agreement target "
+        f"{results['agreement_target']}, lossy exit {results['lossy_exit']}"
+        + (f", KV fill {results['kv_fill']})" if results["lossy_exit"] == "depth" else ")")
+    )
     lines = ["| mode | " + " | ".join(keys) + " | perplexity |", "|---" * (len(keys) + 2) + "|"]
     for mode, r in results["modes"].items():
         lines.append(f"| {mode} | " + " | ".join(str(r.get(k)) for k in keys) + f" | {r['perplexity']['ppl']} |")
@@ -164,8 +191,15 @@ def figures(results: dict) -> dict:
     """Per mode, decode tok/s against agreement with the full model; one series per workload (batch 1, batch N)."""
     modes = results["modes"]
     workloads = [k for k in next(iter(modes.values())) if re.fullmatch(r"batch\d+_tok_s", k)]
-    series = {k.removesuffix("_tok_s").replace("batch", "batch "): [(m, r["agreement"], r[k]) for m, r in modes.items()]
-              for k in workloads}
-    return {"speed_vs_agreement": labelled_scatter("SEDAC modes: speed vs agreement",
-                                                   "agreement with the full model's greedy token (fraction)",
-                                                   "output tokens/s", series)}
+    series = {
+        k.removesuffix("_tok_s").replace("batch", "batch "): [(m, r["agreement"], r[k]) for m, r in modes.items()]
+        for k in workloads
+    }
+    return {
+        "speed_vs_agreement": labelled_scatter(
+            "SEDAC modes: speed vs agreement",
+            "agreement with the full model's greedy token (fraction)",
+            "output tokens/s",
+            series,
+        )
+    }

@@ -4,6 +4,7 @@ The runner builds one AttentionContext per step (nano-vllm style) instead of thr
 through every layer. A step's tokens are laid out decodes first (one token each), then prefill
 chunks (a run of a sequence's tokens, possibly after cached context).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -16,11 +17,11 @@ from sedac.models import cpu_kernels
 
 @dataclass
 class PrefillChunk:
-    start: int                 # first row of this chunk in the step's token batch
-    end: int                   # one past the last row
-    blocks: torch.Tensor       # [num_blocks] the sequence's block table
-    context_lengths: torch.Tensor | None = None   # [q_len] positions each row attends (cached + i + 1);
-                                                  # None when there is no cached context
+    start: int  # first row of this chunk in the step's token batch
+    end: int  # one past the last row
+    blocks: torch.Tensor  # [num_blocks] the sequence's block table
+    context_lengths: torch.Tensor | None = None  # [q_len] positions each row attends (cached + i + 1);
+    # None when there is no cached context
     _mask: torch.Tensor | None = None
 
     def mask(self, block_size: int) -> torch.Tensor:
@@ -33,10 +34,10 @@ class PrefillChunk:
 
 @dataclass
 class AttentionContext:
-    slot_mapping: torch.Tensor                  # [T] slot each new token's K/V is written to
+    slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     block_size: int
     num_decodes: int = 0
-    decode_blocks: torch.Tensor | None = None   # [B, nb] block tables of the decodes (padded)
+    decode_blocks: torch.Tensor | None = None  # [B, nb] block tables of the decodes (padded)
     decode_lengths: torch.Tensor | None = None  # [B] context length of each decode (its position + 1)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_mask: torch.Tensor | None = None
@@ -65,20 +66,21 @@ def get_context() -> AttentionContext:
     return _CONTEXT
 
 
-def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+) -> torch.Tensor:
     """q [T, H, D], k/v [T, KV, D], caches [num_slots, KV, D] -> [T, H, D]."""
     ctx = get_context()
-    k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))      # a half pool (kv_cache_dtype) rounds here
+    k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))  # a half pool (kv_cache_dtype) rounds here
     v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     nd = ctx.num_decodes
-    if not ctx.prefills:                     # a pure decode step: no output buffer to assemble
+    if not ctx.prefills:  # a pure decode step: no output buffer to assemble
         return _decode_attention(q, k_cache, v_cache, ctx)
     out = torch.empty_like(q)
     if nd:
         out[:nd] = _decode_attention(q[:nd], k_cache, v_cache, ctx)
     for chunk in ctx.prefills:
-        out[chunk.start:chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, ctx.block_size)
+        out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, ctx.block_size)
     return out
 
 
@@ -93,12 +95,13 @@ def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) ->
 def _decode_attention(q, k_cache, v_cache, ctx):
     b, h, d = q.shape
     if cpu_kernels.usable(q):
-        return torch.ops.sedac_cpu.paged_decode_attention(q, k_cache, v_cache, ctx.decode_blocks,
-                                                          ctx.decode_lengths, ctx.block_size, d ** -0.5)
+        return torch.ops.sedac_cpu.paged_decode_attention(
+            q, k_cache, v_cache, ctx.decode_blocks, ctx.decode_lengths, ctx.block_size, d**-0.5
+        )
     # Grouped-query trick: a decode has one query per head, so the G query heads that share a KV
     # head become G "query positions" of that KV head; no KV expansion, no copy of q.
     kv = k_cache.shape[1]
-    keys = gather_blocks(k_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2).to(q.dtype)    # [B, KV, L, D]
+    keys = gather_blocks(k_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2).to(q.dtype)  # [B, KV, L, D]
     values = gather_blocks(v_cache, ctx.decode_blocks, ctx.block_size).transpose(1, 2).to(q.dtype)
     o = F.scaled_dot_product_attention(q.reshape(b, kv, h // kv, d), keys, values, attn_mask=ctx.decode_mask(q.dtype))
     return o.reshape(b, h, d)
@@ -113,17 +116,18 @@ def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
     n = chunk.end - chunk.start
     if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and cpu_kernels.usable(q):
         tables = chunk.blocks.expand(n, -1).contiguous()
-        return torch.ops.sedac_cpu.paged_decode_attention(q[chunk.start:chunk.end], k_cache, v_cache, tables,
-                                                          chunk.context_lengths, block_size, q.shape[-1] ** -0.5)
+        return torch.ops.sedac_cpu.paged_decode_attention(
+            q[chunk.start : chunk.end], k_cache, v_cache, tables, chunk.context_lengths, block_size, q.shape[-1] ** -0.5
+        )
     # 4-D [1, heads, T, D] as HF passes them: 3-D inputs took SDPA's math kernel on CPU (a full T x T
     # score matrix; 59 vs 14 ms per layer for a 1,024-token SmolLM2 prompt).
-    qc = q[chunk.start:chunk.end].transpose(0, 1)[None]     # [1, H, Tq, D]
-    if chunk.context_lengths is None:                        # no cached prefix: attend to the chunk itself
-        keys = k[chunk.start:chunk.end].transpose(0, 1)[None]
-        values = v[chunk.start:chunk.end].transpose(0, 1)[None]
+    qc = q[chunk.start : chunk.end].transpose(0, 1)[None]  # [1, H, Tq, D]
+    if chunk.context_lengths is None:  # no cached prefix: attend to the chunk itself
+        keys = k[chunk.start : chunk.end].transpose(0, 1)[None]
+        values = v[chunk.start : chunk.end].transpose(0, 1)[None]
         o = F.scaled_dot_product_attention(qc, keys, values, is_causal=True, enable_gqa=True)
     else:
-        keys = gather_blocks(k_cache, chunk.blocks, block_size).transpose(0, 1)[None].to(q.dtype)   # [1, KV, L, D]
+        keys = gather_blocks(k_cache, chunk.blocks, block_size).transpose(0, 1)[None].to(q.dtype)  # [1, KV, L, D]
         values = gather_blocks(v_cache, chunk.blocks, block_size).transpose(0, 1)[None].to(q.dtype)
         o = F.scaled_dot_product_attention(qc, keys, values, attn_mask=chunk.mask(block_size), enable_gqa=True)
     return o[0].transpose(0, 1)

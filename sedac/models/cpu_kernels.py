@@ -7,6 +7,7 @@ supports is loaded. Without a library (a source tree never installed, a torch it
 runs take the PyTorch path, with one warning that says how to build them.
 SEDAC_CPU_KERNELS=0 turns them off (A/B measurements, debugging).
 """
+
 from __future__ import annotations
 
 import functools
@@ -27,7 +28,7 @@ REBUILD = "reinstall the package to build them (make install, or pip install --n
 @dataclass(frozen=True)
 class KernelStatus:
     loaded: bool
-    detail: str       # the library's build info and path, or why the kernels are off
+    detail: str  # the library's build info and path, or why the kernels are off
 
     def line(self) -> str:
         return f"SEDAC C++ CPU kernels: {'loaded, ' if self.loaded else 'off: '}{self.detail}"
@@ -56,7 +57,7 @@ def status() -> KernelStatus:
         return _off(f"not built for this CPU; {REBUILD}")
     try:
         torch.ops.load_library(str(path))
-    except OSError as e:      # built against another torch (undefined symbols), a foreign architecture
+    except OSError as e:  # built against another torch (undefined symbols), a foreign architecture
         return _off(f"{path.name} does not load ({str(e).splitlines()[0]}); {REBUILD}")
     info = torch.ops.sedac_cpu.build_info()
     built_for = info.rsplit("torch=", 1)[1]

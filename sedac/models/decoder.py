@@ -1,4 +1,5 @@
 """Llama-family and Qwen2 decoder, run layer by layer so SEDAC can exit tokens between layers."""
+
 from __future__ import annotations
 
 import torch
@@ -25,28 +26,29 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_slots, KV, D], set by the runner
-        self._kernel_args: dict[bool, tuple] = {}      # int8 -> decode_layer's weight arguments, once packed
+        self._kernel_args: dict[bool, tuple] = {}  # int8 -> decode_layer's weight arguments, once packed
 
     def kv_projection(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (already normed) -> this layer's K and V before rotary, [T, 2 * KV * D]."""
-        return self.qkv_proj(x)[:, self.split[0]:]
+        return self.qkv_proj(x)[:, self.split[0] :]
 
     def write_kv(self, kv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, slots: torch.Tensor) -> None:
         """Store K/V [T, 2 * KV * D] (before rotary) of tokens that exited before this layer, predicted
         from their exit state, so later tokens can attend to them."""
         kv = kv.view(kv.shape[0], 2 * self.num_kv_heads, self.head_dim)
-        self.k_cache.index_copy_(0, slots,
-                                 apply_rotary(kv[:, :self.num_kv_heads], cos, signed_sin).to(self.k_cache.dtype))
-        self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads:].to(self.v_cache.dtype))
+        self.k_cache.index_copy_(
+            0, slots, apply_rotary(kv[:, : self.num_kv_heads], cos, signed_sin).to(self.k_cache.dtype)
+        )
+        self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads :].to(self.v_cache.dtype))
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; int8: on the int8 weight copies (a
         draft pass). DecoderModel.run_layers takes _fused_decode instead on CPU decode steps."""
         t, heads = h.shape[0], self.num_heads
         qkv = _project(self.qkv_proj, self.input_norm(h), int8)
-        q_and_k = qkv[:, :self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
-        q_and_k = apply_rotary(q_and_k, cos, signed_sin)            # one pass for q and k
-        v = qkv[:, -self.split[2]:].view(t, self.num_kv_heads, self.head_dim)
+        q_and_k = qkv[:, : self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
+        q_and_k = apply_rotary(q_and_k, cos, signed_sin)  # one pass for q and k
+        v = qkv[:, -self.split[2] :].view(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
         h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), int8))
         return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, int8)), int8)
@@ -58,10 +60,22 @@ class DecoderLayer(nn.Module):
         """The same layer as one C++ call (bit-identical): a CPU decode step on the packed weights
         (fp32, fp16, bf16, int8 or blocks), or on the int8 copies."""
         return torch.ops.sedac_cpu.decode_layer(
-            h, cos, signed_sin, self.input_norm.weight, self.post_norm.weight, self.input_norm.eps,
-            *self._weight_args(int8), self.qkv_proj.bias,
-            self.k_cache, self.v_cache, ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths,
-            self.num_heads, ctx.block_size)
+            h,
+            cos,
+            signed_sin,
+            self.input_norm.weight,
+            self.post_norm.weight,
+            self.input_norm.eps,
+            *self._weight_args(int8),
+            self.qkv_proj.bias,
+            self.k_cache,
+            self.v_cache,
+            ctx.slot_mapping,
+            ctx.decode_blocks,
+            ctx.decode_lengths,
+            self.num_heads,
+            ctx.block_size,
+        )
 
     def _weight_args(self, int8: bool) -> tuple:
         """(panels, scales, mins, out_features) of the four projections, gathered once: rebuilding them
@@ -86,9 +100,9 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, max_positions, cfg.rope_scaling)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)   # [hidden, vocab]
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)  # [hidden, vocab]
         self.greedy_screen: GreedyScreen | None = None
-        self.embed_blocks: BlockWeight | None = None     # a block-quantized table (gguf engines)
+        self.embed_blocks: BlockWeight | None = None  # a block-quantized table (gguf engines)
 
     def tie_lm_head(self) -> None:
         """Tied models keep one copy on disk; in memory the head is a contiguous [hidden, vocab]
@@ -132,13 +146,14 @@ class DecoderModel(nn.Module):
         """An int8 engine: every projection is weight-only int8, so each layer pass is an int8 pass."""
         return self.layers[0].qkv_proj.weight_only_int8
 
-    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None,
-                   int8: bool = False):
+    def run_layers(
+        self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None, int8: bool = False
+    ):
         int8 = int8 or self.int8_weights
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
         layers = [self.layers[i] for i in range(*slice(start, end).indices(len(self.layers)))]
         ctx = get_context()
-        if layers and layers[0]._fusable(h, ctx, int8):   # decided once per step: ~1 ms/token less Python at batch 1
+        if layers and layers[0]._fusable(h, ctx, int8):  # decided once per step: ~1 ms/token less Python at batch 1
             for layer in layers:
                 h = layer._fused_decode(h, cos, signed_sin, ctx, int8)
             return h

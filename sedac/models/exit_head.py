@@ -4,6 +4,7 @@ Trained by self-distillation against the full model with the backbone frozen (se
 Initialised as the training-free exit (identity adapter, the final norm, the shared head's columns for
 the kept vocabulary), so training only ever starts from the plain early exit and improves on it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,8 @@ class ExitHead(nn.Module):
         self.up = Linear(hidden_size, adapter_rank)
         self.down = Linear(adapter_rank, hidden_size)
         self.norm_out = RMSNorm(hidden_size, eps)
-        self.head = Linear(hidden_size, len(vocab_ids))       # [hidden, kept vocab]
-        self.register_buffer("vocab_ids", vocab_ids.long())   # kept vocab index -> token id
+        self.head = Linear(hidden_size, len(vocab_ids))  # [hidden, kept vocab]
+        self.register_buffer("vocab_ids", vocab_ids.long())  # kept vocab index -> token id
 
     def init_from_model(self, final_norm: torch.Tensor, lm_head: torch.Tensor) -> None:
         """final_norm [hidden], lm_head [hidden, vocab]: start as the training-free exit."""

@@ -8,6 +8,7 @@ Every token whose int8 logit plus its bound reaches the best lower bound may be 
 those (a handful per token on SmolLM2: tools/greedy_screen_probe.py) get their exact fp32 logit. The
 true argmax is always among them, so the choice is the full head's, not an approximation of it.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,18 +24,18 @@ class GreedyScreen:
         """head: the LM head Linear, with its int8 copy (quantize_int8); the screen reads its rows in
         place, so no second copy of the head is kept."""
         self.head = head
-        rows = head.dense_rows().double()                                   # [V, H], at start-up only
+        rows = head.dense_rows().double()  # [V, H], at start-up only
         error = (rows - head.int8_rows().double()).norm(dim=1)
         # fp32 rounding of the two dot products, each within hidden * eps of |x| |w| (with room to spare)
         rounding = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * rows.norm(dim=1)
-        self.row_bound = (error + rounding).float()         # [V]
+        self.row_bound = (error + rounding).float()  # [V]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,
         -inf elsewhere."""
-        approx = self.head.draft(x)                                         # [R, V] on the int8 copy
-        bound = x.norm(dim=1, keepdim=True) * self.row_bound                # [R, V]
-        best_lower = (approx - bound).amax(dim=1, keepdim=True)             # [R, 1]
+        approx = self.head.draft(x)  # [R, V] on the int8 copy
+        bound = x.norm(dim=1, keepdim=True) * self.row_bound  # [R, V]
+        best_lower = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = torch.nonzero(approx + bound >= best_lower, as_tuple=True)
         out = torch.full_like(approx, float("-inf"))
         out[rows, cols] = (x[rows] * self.head.output_rows(cols)).sum(dim=1)

@@ -1,4 +1,5 @@
 """Building blocks with HF-identical arithmetic order (parity at fp32 depends on it)."""
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,7 @@ class Linear(nn.Module):
         self.packed: torch.Tensor | None = None
         # (weight int8, row scales [out]): the weight [out, in], or int8 panels like `packed` when packed
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.blocks: BlockWeight | None = None     # block-quantized weight (int4 and gguf engines)
+        self.blocks: BlockWeight | None = None  # block-quantized weight (int4 and gguf engines)
 
     def pack_for_cpu(self, int8_activations: bool = False) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
@@ -39,7 +40,7 @@ class Linear(nn.Module):
             self.int8 = (to_panels(self.int8[0]), self.int8[1])
         else:
             self.packed = to_panels(self.weight.t())
-            self.weight = None      # the packed copy replaces it: one copy of the weights in memory
+            self.weight = None  # the packed copy replaces it: one copy of the weights in memory
 
     def quantize_int8(self) -> None:
         """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
@@ -97,7 +98,7 @@ class Linear(nn.Module):
         weight, scale = self.int8
         if weight.dim() == 3:
             return torch.ops.sedac_cpu.int8_panel_linear(x, weight, scale, self.bias, self.out_features)
-        return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)   # Triton on CUDA
+        return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)  # Triton on CUDA
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
@@ -148,12 +149,18 @@ def rope_inv_freq(head_dim: int, theta: float, rope_scaling: dict | None, max_po
     """Inverse frequencies and attention scaling; scaled variants come from transformers itself."""
     if not rope_scaling or rope_scaling.get("rope_type", "default") == "default":
         exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
-        return 1.0 / (theta ** exponent), 1.0
+        return 1.0 / (theta**exponent), 1.0
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     params = {"rope_theta": theta, **rope_scaling}
-    cfg = LlamaConfig(head_dim=head_dim, hidden_size=head_dim, num_attention_heads=1,
-                      max_position_embeddings=max_pos, rope_parameters=params)
+    cfg = LlamaConfig(
+        head_dim=head_dim,
+        hidden_size=head_dim,
+        num_attention_heads=1,
+        max_position_embeddings=max_pos,
+        rope_parameters=params,
+    )
     return ROPE_INIT_FUNCTIONS[params["rope_type"]](cfg, "cpu")
 
 
@@ -168,7 +175,7 @@ class RotaryEmbedding(nn.Module):
         sin = emb.sin() * scale
         half = head_dim // 2
         # rotate_half(x) * sin == roll(x, half) * signed_sin, exactly (a sign flip is exact in IEEE).
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)            # [max_pos, D]
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)  # [max_pos, D]
         self.register_buffer("signed_sin", torch.cat((-sin[:, :half], sin[:, half:]), dim=-1), persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype):

@@ -4,6 +4,7 @@ codes a minimum, per group of inputs: int4 engines and GGUF's Q4_0, Q4_1 and Q8_
 A block weight is stored by rows ([out, ...], what engines keep on disk) and packed into panels for
 the CPU kernel (csrc/block_linear.cpp); `dense` is the reference both must match.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from sedac.config import MIN_SUFFIX, SCALE_SUFFIX
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.block_linear)
 from sedac.plugins.reference import dequantize_blocks, unpack_nibbles
 
-PANEL = 16      # outputs per panel (csrc/panel_schedule.h)
+PANEL = 16  # outputs per panel (csrc/panel_schedule.h)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +48,7 @@ class BlockWeight:
     fp16; minimum like scale for 4-bit codes (w = q * scale + minimum), None for 8-bit (w = q * scale).
     Packed (`panels`): codes [P, in / 2 or in, 16], scale and minimum [P, groups, 16]; with int8
     activations (csrc/block_linear_a8.cpp) 4-bit codes [P, in / 8, 64], four inputs per output lane."""
+
     codes: torch.Tensor
     scale: torch.Tensor
     minimum: torch.Tensor | None
@@ -79,11 +81,16 @@ class BlockWeight:
         if self.packed:
             return self
         codes = to_panels(self.codes)
-        if int8_activations and self.bits == 4:      # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
+        if int8_activations and self.bits == 4:  # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
             quads = to_panels(unpack_nibbles(self.codes)).unflatten(1, (-1, 2, 4)).permute(0, 1, 4, 2, 3)
             codes = (quads[..., 0, :] | (quads[..., 1, :] << 4)).flatten(2).contiguous()
-        return BlockWeight(codes, to_panels(self.scale), None if self.minimum is None else to_panels(self.minimum),
-                           self.out_features, packed=True)
+        return BlockWeight(
+            codes,
+            to_panels(self.scale),
+            None if self.minimum is None else to_panels(self.minimum),
+            self.out_features,
+            packed=True,
+        )
 
     def rows(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(codes, scale, minimum) of the given output rows (all by default), by rows; 4-bit codes unpacked."""
@@ -93,7 +100,7 @@ class BlockWeight:
             return (unpack_nibbles(codes) if self.bits == 4 else codes), pick(self.scale), pick(self.minimum)
         index = torch.arange(self.out_features, device=self.codes.device) if index is None else index
         pick = lambda t: None if t is None else t[index // PANEL, :, index % PANEL]  # noqa: E731
-        if self.int8_activations:                   # [rows, in/8, 4 inputs] bytes -> [rows, in/8, 2, 4] codes
+        if self.int8_activations:  # [rows, in/8, 4 inputs] bytes -> [rows, in/8, 2, 4] codes
             lanes = self.codes.unflatten(2, (PANEL, 4))[index // PANEL, :, index % PANEL]
             codes = torch.stack((lanes & 15, lanes >> 4), dim=2).flatten(1)
         else:
@@ -109,11 +116,10 @@ class BlockWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] -> [T, out] on the CPU kernels (packed), else the sedac op (Triton on CUDA)."""
         if self.int8_activations:
-            return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias,
-                                                       self.out_features)
+            return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias, self.out_features)
         if self.packed:
             return torch.ops.sedac_cpu.block_linear(x, self.codes, self.scale, self.minimum, bias, self.out_features)
-        return torch.ops.sedac.block_linear(x, self.codes, self.scale, self.minimum, bias)   # Triton on CUDA
+        return torch.ops.sedac.block_linear(x, self.codes, self.scale, self.minimum, bias)  # Triton on CUDA
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.codes, self.scale, self.minimum) if t is not None]
@@ -133,12 +139,11 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> BlockWeight:
     are chosen against the values the kernel uses. w [out, in] -> BlockWeight."""
     out, inp = w.shape
     if group_size <= 0 or group_size % 2 or inp % group_size:
-        raise ValueError(f"--group-size {group_size} must be even and divide every projection's inputs "
-                         f"({inp} here)")
+        raise ValueError(f"--group-size {group_size} must be even and divide every projection's inputs ({inp} here)")
     g = w.float().reshape(out, inp // group_size, group_size)
     low, high = g.amin(-1), g.amax(-1)
-    scale, minimum = ((high - low) / 15).half(), low.half()           # [out, groups]
-    step = scale.float().clamp(min=torch.finfo(torch.float16).tiny)[..., None]   # a constant group: codes 0
+    scale, minimum = ((high - low) / 15).half(), low.half()  # [out, groups]
+    step = scale.float().clamp(min=torch.finfo(torch.float16).tiny)[..., None]  # a constant group: codes 0
     codes = torch.round((g - minimum.float()[..., None]) / step).clamp(0, 15).to(torch.uint8)
     return BlockWeight(pack_nibbles(codes.reshape(out, inp)), scale.contiguous(), minimum.contiguous(), out)
 

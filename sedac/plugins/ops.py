@@ -3,6 +3,7 @@
 The default (CPU) kernel is the torch reference; CUDA tensors run the Triton kernels when triton is
 installed. Fake kernels make the ops traceable by torch.compile.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -77,32 +78,39 @@ def _(x, weight, scale, bias):
 
 
 if HAS_TRITON:
+
     @entropy.register_kernel("cuda")
     def _(logits):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.entropy(logits)
 
     @margin.register_kernel("cuda")
     def _(logits):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.margin(logits)
 
     @exit_decision.register_kernel("cuda")
     def _(logits, thresholds):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.exit_decision(logits, thresholds)
 
     @kv_predict.register_kernel("cuda")
     def _(hidden, weight, bias):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.kv_predict(hidden, weight, bias)
 
     @int8_linear.register_kernel("cuda")
     def _(x, weight, scale, bias):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.int8_linear(x, weight, scale, bias)
 
     @block_linear.register_kernel("cuda")
     def _(x, codes, scale, minimum, bias):
         from sedac.plugins import triton_kernels
+
         return triton_kernels.block_linear(x, codes, scale, minimum, bias)

@@ -1,4 +1,5 @@
 """Reference implementations of the SEDAC ops in plain torch (the spec the kernels are tested against)."""
+
 from __future__ import annotations
 
 import torch
@@ -49,8 +50,9 @@ def dequantize_blocks(codes: torch.Tensor, scale: torch.Tensor, minimum: torch.T
     return w if minimum is None else w + minimum.float().repeat_interleave(group, dim=1)
 
 
-def block_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None,
-                 bias: torch.Tensor | None) -> torch.Tensor:
+def block_linear(
+    x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor | None, bias: torch.Tensor | None
+) -> torch.Tensor:
     """x [N, K] against block weights by rows: 4-bit codes packed [O, K / 2] uint8 with minimums, or 8-bit
     codes [O, K] int8 without (sedac.models.quant.BlockWeight)."""
     w = dequantize_blocks(unpack_nibbles(codes) if codes.dtype == torch.uint8 else codes, scale, minimum)

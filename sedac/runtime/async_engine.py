@@ -4,6 +4,7 @@ The engine is only touched from its own thread; callers send commands through a 
 their outputs through per-request asyncio queues. A caller that stops iterating (a client that
 disconnected) aborts its request, which frees its blocks at once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,42 +30,46 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine, max_queue: int | None = None):
         self.engine, self.max_queue = engine, max_queue
         self._commands: queue.Queue = queue.Queue()
-        self._sinks: dict[str, Callable[[object], None]] = {}   # request id -> receives outputs / errors
+        self._sinks: dict[str, Callable[[object], None]] = {}  # request id -> receives outputs / errors
         self._ids = itertools.count()
         self._stop = threading.Event()
         self.error: BaseException | None = None
-        self.ready = threading.Event()      # set once the engine has run a warm-up request
+        self.ready = threading.Event()  # set once the engine has run a warm-up request
         self._thread = threading.Thread(target=self._loop, name="sedac-engine", daemon=True)
         self._thread.start()
 
     # ---- caller side (any asyncio loop) ---------------------------------------------------------
-    async def submit(self, prompt, params: SamplingParams, request_id: str | None = None,
-                     on_finish=None) -> "RequestStream":
+    async def submit(
+        self, prompt, params: SamplingParams, request_id: str | None = None, on_finish=None
+    ) -> "RequestStream":
         """Add a request now (ValueError / QueueFullError raise here) and return its output stream;
         on_finish(output) runs once with the finished output."""
         rid = request_id or f"req-{next(self._ids)}"
         stream = RequestStream(self, rid, on_finish)
         loop = asyncio.get_running_loop()
 
-        def sink(item):                       # called on the engine thread
+        def sink(item):  # called on the engine thread
             loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
         try:
             await self._call(self._add, rid, prompt, params, sink)
-        except asyncio.CancelledError:        # the caller left; if the add already ran, nobody would abort it
+        except asyncio.CancelledError:  # the caller left; if the add already ran, nobody would abort it
             self.abort(rid)
             raise
         return stream
 
-    def submit_nowait(self, prompt, params: SamplingParams, sink: Callable[[object], None],
-                      request_id: str | None = None) -> str:
+    def submit_nowait(
+        self, prompt, params: SamplingParams, sink: Callable[[object], None], request_id: str | None = None
+    ) -> str:
         """For plain threads (the Triton model): sink(output) is called from the engine thread for
         each output, or sink(exception) once if the request is refused or fails."""
         rid = request_id or f"req-{next(self._ids)}"
         self._commands.put((self._add_or_report, (rid, prompt, params, sink), None))
         return rid
 
-    async def generate(self, prompt, params: SamplingParams, request_id: str | None = None
-                       ) -> AsyncIterator[RequestOutput]:
+    async def generate(
+        self, prompt, params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they change; the last one has finished=True."""
         stream = await self.submit(prompt, params, request_id)
         try:
@@ -109,10 +114,10 @@ class AsyncLLM:
     def _run_command(self, command) -> None:
         fn, args, future = command
         if future is not None and not future.set_running_or_notify_cancel():
-            return                            # its caller was cancelled before it ran: nobody wants it
+            return  # its caller was cancelled before it ran: nobody wants it
         try:
             result = fn(*args)
-        except BaseException as e:            # the caller gets the exception; the loop goes on
+        except BaseException as e:  # the caller gets the exception; the loop goes on
             if future is not None:
                 future.set_exception(e)
             return
@@ -123,7 +128,7 @@ class AsyncLLM:
         """Warm the engine up before the server reports ready."""
         try:
             self.engine.warm_up()
-        except Exception as e:                # a broken engine: readiness reports it
+        except Exception as e:  # a broken engine: readiness reports it
             self.error = e
             return
         self.ready.set()
@@ -141,7 +146,7 @@ class AsyncLLM:
                 pass
             try:
                 outputs = self.engine.step()
-            except BaseException as e:        # a broken step fails the requests in flight, not the server
+            except BaseException as e:  # a broken step fails the requests in flight, not the server
                 self.error = e
                 self._fail_all(e)
                 continue
@@ -154,7 +159,7 @@ class AsyncLLM:
             return
         try:
             sink(out)
-        except Exception:                     # a broken receiver loses its request, not the engine loop
+        except Exception:  # a broken receiver loses its request, not the engine loop
             logger.exception("output delivery failed for request %s; aborting it", out.request_id)
             self._abort(out.request_id)
 

@@ -5,6 +5,7 @@ Blocks are registered in the prefix cache only once their KV is computed (never 
 can hit a block whose KV is still being written). Freed blocks keep their hash and stay hittable
 until they are reused, least recently freed first.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -17,10 +18,10 @@ class BlockManager:
         self.num_blocks, self.block_size = num_blocks, block_size
         self.ref_counts = [0] * num_blocks
         self.block_hash: list[int | None] = [None] * num_blocks
-        self.cached: dict[int, int] = {}                      # hash -> block id
+        self.cached: dict[int, int] = {}  # hash -> block id
         self.free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
-        self.pending_copies: list[tuple[int, int]] = []       # (src, dst) for the runner to apply
-        self.prefix_queries = self.prefix_hits = 0            # in blocks, for the hit-rate metric
+        self.pending_copies: list[tuple[int, int]] = []  # (src, dst) for the runner to apply
+        self.prefix_queries = self.prefix_hits = 0  # in blocks, for the hit-rate metric
 
     @property
     def num_free_blocks(self) -> int:
@@ -34,7 +35,7 @@ class BlockManager:
         assert not seq.block_table
         bs, parent = self.block_size, None
         for i in range((seq.num_tokens - 1) // bs):
-            h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             self.prefix_queries += 1
             block = self.cached.get(h)
             if block is None:
@@ -66,12 +67,15 @@ class BlockManager:
     def register_computed(self, seq: Sequence) -> None:
         """Publish seq's newly completed full blocks to the prefix cache (those with exact K/V only)."""
         bs = self.block_size
-        exact = seq.num_computed_tokens if seq.approximate_kv_from is None else min(seq.num_computed_tokens,
-                                                                                 seq.approximate_kv_from)
+        exact = (
+            seq.num_computed_tokens
+            if seq.approximate_kv_from is None
+            else min(seq.num_computed_tokens, seq.approximate_kv_from)
+        )
         while seq.num_hashed_blocks < exact // bs:
             i = seq.num_hashed_blocks
             parent = seq.block_hashes[i - 1] if i else None
-            h = hash((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
+            h = hash((parent, tuple(seq.token_ids[i * bs : (i + 1) * bs])))
             block = seq.block_table[i]
             if h not in self.cached and self.block_hash[block] is None:
                 self.cached[h], self.block_hash[block] = block, h

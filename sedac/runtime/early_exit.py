@@ -24,6 +24,7 @@ the token to the end anyway, the int8 exit checks it in the next full pass) and 
 thresholds when the audits show significantly more errors than the level allows among exits; it
 never loosens past calibration.
 """
+
 from __future__ import annotations
 
 import itertools
@@ -37,24 +38,26 @@ from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.speculative import pass_cost
 
-NEVER = -1.0     # entropy is >= 0: a threshold no token meets
+NEVER = -1.0  # entropy is >= 0: a threshold no token meets
 
 
 @dataclass
 class ExitResult:
     token: int
     logprob: dict | None
-    exit_layer: int          # layers the token ran (num_layers when it did not exit)
+    exit_layer: int  # layers the token ran (num_layers when it did not exit)
 
 
 def binomial_cdf(k: int, n: int, p: float) -> float:
     """P(Bin(n, p) <= k), summed in log space (n up to ~1e6 is fine)."""
     if k < 0:
-        return 0.0      # P(X <= -1): the p-value 1 - cdf(wrong - 1) of zero errors is 1
+        return 0.0  # P(X <= -1): the p-value 1 - cdf(wrong - 1) of zero errors is 1
     if k >= n:
         return 1.0
-    log_terms = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1)
-                 + i * math.log(p) + (n - i) * math.log1p(-p) for i in range(k + 1)]
+    log_terms = [
+        math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p) + (n - i) * math.log1p(-p)
+        for i in range(k + 1)
+    ]
     top = max(log_terms)
     return min(1.0, math.exp(top) * sum(math.exp(t - top) for t in log_terms))
 
@@ -64,14 +67,15 @@ class ExitController:
     exits only, so the error rate they may show is the level's budget spread over the exiting share:
     (1 - level) / exit fraction (the int8 exit lets most tokens out, a depth exit a third)."""
 
-    def __init__(self, thresholds: dict, default_agreement: float, audit_every: int = 16, window: int = 256,
-                 min_audits: int = 32):
+    def __init__(
+        self, thresholds: dict, default_agreement: float, audit_every: int = 16, window: int = 256, min_audits: int = 32
+    ):
         self.levels = sorted((float(a), t) for a, t in thresholds.items())
         self.default_agreement = float(default_agreement)
         self.audit_every, self.min_audits = audit_every, min_audits
         self.scale = {a: 1.0 for a, _ in self.levels}
         self.audits = {a: deque(maxlen=window) for a, _ in self.levels}
-        self.tally = {a: [0, 0] for a, _ in self.levels}      # level -> [decisions, exits]
+        self.tally = {a: [0, 0] for a, _ in self.levels}  # level -> [decisions, exits]
         self._exits = 0
 
     def level(self, agreement: float | None) -> float | None:
@@ -101,24 +105,30 @@ class ExitController:
         if len(audits) < self.min_audits:
             return
         decisions, exits = self.tally[level]
-        allowed = min(1.0, (1 - level) * decisions / max(1, exits))    # error rate among exits on target
+        allowed = min(1.0, (1 - level) * decisions / max(1, exits))  # error rate among exits on target
         misses = audits.count(False)
         if misses and allowed < 1 and 1 - binomial_cdf(misses - 1, len(audits), allowed) < 0.05:
-            self.scale[level] *= 0.8                # significantly off target: tighten, and judge afresh
+            self.scale[level] *= 0.8  # significantly off target: tighten, and judge afresh
             audits.clear()
-        elif misses <= allowed * len(audits) / 2:   # comfortably on target: relax back toward calibration
+        elif misses <= allowed * len(audits) / 2:  # comfortably on target: relax back toward calibration
             self.scale[level] = min(1.0, self.scale[level] * 1.05)
 
     def stats(self) -> dict:
-        return {str(a): {"scale": self.scale[a], "audits": len(self.audits[a]),
-                         "exit_fraction": self.tally[a][1] / self.tally[a][0] if self.tally[a][0] else None,
-                         "audited_agreement": sum(self.audits[a]) / len(self.audits[a]) if self.audits[a] else None}
-                for a, _ in self.levels}
+        return {
+            str(a): {
+                "scale": self.scale[a],
+                "audits": len(self.audits[a]),
+                "exit_fraction": self.tally[a][1] / self.tally[a][0] if self.tally[a][0] else None,
+                "audited_agreement": sum(self.audits[a]) / len(self.audits[a]) if self.audits[a] else None,
+            }
+            for a, _ in self.levels
+        }
 
 
 @torch.inference_mode()
-def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitController, layer: int,
-                    kv_fill: str = "deferred") -> list[ExitResult]:
+def early_exit_step(
+    runner, seqs, levels: list[float | None], controller: ExitController, layer: int, kv_fill: str = "deferred"
+) -> list[ExitResult]:
     """One decode step for sequences in lossy mode: each runs its last token; with deferred fill, the
     exit states it keeps (seq.exit_hidden) ride along when that token does not exit."""
     vocab = runner.config.model.vocab_size
@@ -127,8 +137,9 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
     head = runner.exit_heads[layer]
     reduced = head(h).float()
     _, go = torch.ops.sedac.exit_decision(reduced, _taus(controller, levels, h.device))
-    leaving, staying, audited = _triage(go.tolist(), levels, controller,
-                                        lambda i: int(head.vocab_ids[reduced[i].argmax()]))
+    leaving, staying, audited = _triage(
+        go.tolist(), levels, controller, lambda i: int(head.vocab_ids[reduced[i].argmax()])
+    )
     logits: list = [None] * len(seqs)
     for i, row in zip(leaving, head.full_vocab_logits(reduced[leaving], vocab)):
         logits[i] = row
@@ -150,8 +161,9 @@ def early_exit_step(runner, seqs, levels: list[float | None], controller: ExitCo
 
 
 @torch.inference_mode()
-def int8_exit_step(runner, seqs, levels: list[float | None], controller: ExitController,
-                   int8_pass: bool = True) -> list[ExitResult]:
+def int8_exit_step(
+    runner, seqs, levels: list[float | None], controller: ExitController, int8_pass: bool = True
+) -> list[ExitResult]:
     """One lossy decode step at the int8 exit; exit_layer counts full-precision layers at decision
     time (0 on exit). Each sequence keeps its exits since its last full pass (seq.int8_exits); the
     next full pass runs them again as extra rows, each a decode at its own position, which rewrites
@@ -171,7 +183,7 @@ def int8_exit_step(runner, seqs, levels: list[float | None], controller: ExitCon
     tokens, lps = sample(logits, seqs)
     greedy = logits.argmax(-1).tolist()
     for i, exits in enumerate(go):
-        audit = controller.should_audit(levels[i], exits)      # checked against the exit's greedy choice
+        audit = controller.should_audit(levels[i], exits)  # checked against the exit's greedy choice
         if exits:
             seqs[i].int8_exits.append((seqs[i].num_tokens - 1, greedy[i] if audit else None, levels[i]))
             seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
@@ -192,11 +204,11 @@ def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
     h = runner.run(ids, None, positions, ctx)
     wanted = [row for row, _, _ in audits] + list(range(len(rows) - len(seqs), len(rows)))
     logits = runner.model.logits(h[wanted], argmax_only=argmax_only(seqs)).float()
-    for (_, predicted, level), choice in zip(audits, logits[:len(audits)].argmax(-1).tolist()):
+    for (_, predicted, level), choice in zip(audits, logits[: len(audits)].argmax(-1).tolist()):
         controller.record(level, predicted == choice)
     for s in seqs:
         s.int8_exits, s.approximate_kv_from = [], None
-    return logits[len(audits):]
+    return logits[len(audits) :]
 
 
 def int8_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
@@ -204,15 +216,16 @@ def int8_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
     either way (at once when it stays, with the next stay when it exits), so the int8 pass buys only
     the fixed cost of the full passes that no longer run: it pays while it costs less than that,
     int8(rows) < P(all exit) * fixed. On a compute-bound batch it costs nearly a full pass, and does not."""
-    return pass_cost(costs, "int8", rows) < exit_fraction ** rows * costs["full"][0]
+    return pass_cost(costs, "int8", rows) < exit_fraction**rows * costs["full"][0]
 
 
 def _taus(controller: ExitController, levels: list[float | None], device) -> torch.Tensor:
     return torch.tensor([controller.thresholds(lv, 1)[0] for lv in levels], device=device)
 
 
-def _triage(go: list[bool], levels: list[float | None], controller: ExitController,
-            predicted) -> tuple[list[int], list[int], dict]:
+def _triage(
+    go: list[bool], levels: list[float | None], controller: ExitController, predicted
+) -> tuple[list[int], list[int], dict]:
     """-> (leaving, staying, audited {row: its exit's token}): rows that may exit leave, except every
     audit_every-th, which stays so the controller can check the exit against the full model."""
     leaving, staying, audited = [], [], {}
@@ -232,10 +245,10 @@ def ghost_input(model, h: torch.Tensor) -> torch.Tensor:
 def predicted_kv(model, h: torch.Tensor, layer: int, kv_fill: str, ghost: tuple | None = None) -> list[torch.Tensor]:
     """K/V [T, 2 * KV * D] (before rotary) of layers [E, L), predicted from exit states h [T, hidden]."""
     deeper = model.layers[layer:]
-    if kv_fill == "ghost":      # one GEMV for all deeper layers (see sedac.builder.ghost_kv)
+    if kv_fill == "ghost":  # one GEMV for all deeper layers (see sedac.builder.ghost_kv)
         predicted = torch.ops.sedac.kv_predict(ghost_input(model, h), *ghost)
         return list(predicted.view(len(h), len(deeper), -1).unbind(1))
-    return [block.kv_projection(block.input_norm(h)) for block in deeper]   # CALM state propagation
+    return [block.kv_projection(block.input_norm(h)) for block in deeper]  # CALM state propagation
 
 
 def _predict_kv(runner, h, positions, slots, layer, kv_fill) -> None:
@@ -257,4 +270,3 @@ def _finish_layers(runner, seqs, h, layer) -> torch.Tensor:
     for s in seqs:
         s.exit_hidden = []
     return runner.model.logits(out[last], argmax_only=argmax_only(seqs)).float()
-

@@ -1,8 +1,8 @@
 """LLMEngine: add requests, step the batch, abort; the loop that LLM and the servers drive."""
+
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from sedac.config import EngineConfig
@@ -10,8 +10,9 @@ from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
-from sedac.runtime.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from sedac.runtime.outputs import RequestMetrics, RequestOutput
 from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
+from sedac.runtime.request import Request, RequestOutputs
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.sampling_params import SamplingParams, check_o1, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
@@ -20,57 +21,70 @@ from sedac.runtime.sequence import Sequence, Status
 from sedac.runtime.structured_outputs import StructuredOutputs
 
 
-@dataclass
-class Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    seqs: list[Sequence]
-    metrics: RequestMetrics
-    aborted: bool = False
-    cost: float = 0.0            # passes spent on generated tokens, batch-1 full-pass units (sedac_steps)
-    off_cost: float = 0.0        # what sedac_mode off would spend on the same tokens
-    drafted: int = 0
-    accepted: int = 0
-    grammar: object = None       # the compiled grammar of a structured-outputs request
-
-
 class LLMEngine:
-    def __init__(self, engine_dir: str | Path, device: str = "auto", kv_cache_memory: int | None = None,
-                 max_num_seqs: int | None = None, max_num_batched_tokens: int | None = None,
-                 sedac_mode: str = "off", sedac_kv_fill: str = "deferred", sedac_lossy_exit: str | None = None,
-                 speculative_disable_by_batch_size: int | None = None, kv_cache_dtype: str = "auto",
-                 o1_mode: str = "off"):
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        device: str = "auto",
+        kv_cache_memory: int | None = None,
+        max_num_seqs: int | None = None,
+        max_num_batched_tokens: int | None = None,
+        sedac_mode: str = "off",
+        sedac_kv_fill: str = "deferred",
+        sedac_lossy_exit: str | None = None,
+        speculative_disable_by_batch_size: int | None = None,
+        kv_cache_dtype: str = "auto",
+        o1_mode: str = "off",
+    ):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
         self.config = EngineConfig.load(self.engine_dir)
         if self.config.sedac and "int8" not in self.config.sedac.get("costs", {}):
-            raise ValueError(f"{engine_dir} has SEDAC components from an older sedac-build (exit-head drafts); "
-                             "rebuild it with sedac-build --sedac")
+            raise ValueError(
+                f"{engine_dir} has SEDAC components from an older sedac-build (exit-head drafts); "
+                "rebuild it with sedac-build --sedac"
+            )
         self.tokenizer = detokenizer.load_tokenizer(self.engine_dir)
         b = self.config.build
-        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory,
-                                  kv_cache_dtype)
+        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory, kv_cache_dtype)
         self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
-        self.scheduler = Scheduler(self.blocks, max_num_seqs or b.max_batch_size,
-                                   max_num_batched_tokens or b.max_num_tokens, lookahead=self._draft_len)
+        self.scheduler = Scheduler(
+            self.blocks,
+            max_num_seqs or b.max_batch_size,
+            max_num_batched_tokens or b.max_num_tokens,
+            lookahead=self._draft_len,
+        )
         self.sedac_mode = self._check_mode(sedac_mode)
         check_o1(o1_mode, 1, None, None)
         if o1_mode == "adaptive" and self.sedac_mode not in (None, "off"):
             raise ValueError("o1_mode adaptive runs with sedac_mode off: give one of them as the engine default")
         self.o1_mode, self.o1 = o1_mode, AdaptiveCompute(DEFAULT_ENTROPY_THRESHOLD)
-        self.sedac = SedacSteps(self.runner, self.scheduler.max_num_seqs, sedac_kv_fill, sedac_lossy_exit,
-                                speculative_disable_by_batch_size, engine_dir)
+        self.sedac = SedacSteps(
+            self.runner,
+            self.scheduler.max_num_seqs,
+            sedac_kv_fill,
+            sedac_lossy_exit,
+            speculative_disable_by_batch_size,
+            engine_dir,
+        )
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.structured = StructuredOutputs(self.tokenizer, self.config.model.vocab_size, sorted(self.eos_ids))
         markers = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
         self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
-        self.counters = {"prompt_tokens": 0, "generation_tokens": 0, "requests_finished": 0,
-                         "sedac_drafted_tokens": 0, "sedac_accepted_tokens": 0, "sedac_lossy_tokens": 0,
-                         "structured_output_requests": 0, "sedac_cost": 0.0, "sedac_off_cost": 0.0}
+        self.outputs = RequestOutputs(self.reasoning, self.o1, self.config.model.num_layers)
+        self.counters = {
+            "prompt_tokens": 0,
+            "generation_tokens": 0,
+            "requests_finished": 0,
+            "sedac_drafted_tokens": 0,
+            "sedac_accepted_tokens": 0,
+            "sedac_lossy_tokens": 0,
+            "structured_output_requests": 0,
+            "sedac_cost": 0.0,
+            "sedac_off_cost": 0.0,
+        }
         self.last_finished: RequestOutput | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -87,12 +101,18 @@ class LLMEngine:
             raise ValueError("prompt is empty")
         max_len = self.config.build.max_seq_len
         if len(ids) >= max_len:
-            raise ValueError(f"prompt has {len(ids)} tokens but max_seq_len is {max_len} "
-                             "(at least one token must fit after it)")
+            raise ValueError(
+                f"prompt has {len(ids)} tokens but max_seq_len is {max_len} (at least one token must fit after it)"
+            )
         return ids
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None,
-                    arrival_time: float | None = None) -> None:
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
@@ -105,13 +125,21 @@ class LLMEngine:
         grammar = self._grammar(params)
         self.reasoning.check(params.thinking_token_budget)
         self._check_token_ids(params)
-        seq = Sequence(request_id, ids, params, arrival=arrival_time, bad_words_ids=self._bad_words_ids(params),
-                       stop_ids=sorted(self.eos_ids | set(params.stop_token_ids)) if params.min_tokens else None)
+        seq = Sequence(
+            request_id,
+            ids,
+            params,
+            arrival=arrival_time,
+            bad_words_ids=self._bad_words_ids(params),
+            stop_ids=sorted(self.eos_ids | set(params.stop_token_ids)) if params.min_tokens else None,
+        )
         seq.detok_state = detokenizer.start(len(ids))
-        metrics = RequestMetrics(seq.arrival, num_prompt_tokens=len(ids),
-                                 layers_per_token=float(self.config.model.num_layers))   # the full model
-        self.requests[request_id] = Request(request_id, prompt if isinstance(prompt, str) else None, ids,
-                                            params, [seq], metrics, grammar=grammar)
+        metrics = RequestMetrics(
+            seq.arrival, num_prompt_tokens=len(ids), layers_per_token=float(self.config.model.num_layers)
+        )  # the full model
+        self.requests[request_id] = Request(
+            request_id, prompt if isinstance(prompt, str) else None, ids, params, [seq], metrics, grammar=grammar
+        )
         if grammar is not None:
             self.structured.start(seq, grammar)
             self.counters["structured_output_requests"] += 1
@@ -131,8 +159,9 @@ class LLMEngine:
     def _sedac_capable(params: SamplingParams) -> None:
         blocker = params.sedac_blocker(params.sedac_mode)
         if blocker:
-            raise ValueError(f"sedac_mode {params.sedac_mode} does not take {blocker} yet; drop sedac_mode "
-                             "or choose another")
+            raise ValueError(
+                f"sedac_mode {params.sedac_mode} does not take {blocker} yet; drop sedac_mode or choose another"
+            )
 
     def _check_mode(self, mode: str | None) -> str | None:
         check_sedac_mode(mode)
@@ -159,8 +188,11 @@ class LLMEngine:
 
     def _bad_words_ids(self, params: SamplingParams) -> list[list[int]]:
         """Each bad word as token ids, with and without a leading space (as vLLM does)."""
-        variants = {tuple(self.tokenizer.encode(form, add_special_tokens=False))
-                    for word in params.bad_words for form in (word, " " + word.lstrip())}
+        variants = {
+            tuple(self.tokenizer.encode(form, add_special_tokens=False))
+            for word in params.bad_words
+            for form in (word, " " + word.lstrip())
+        }
         return [list(v) for v in variants if v]
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -170,9 +202,9 @@ class LLMEngine:
         for seq in req.seqs:
             if not seq.is_finished:
                 self._finish(seq, "abort")
-        req.aborted = True                  # unforked siblings will never exist
+        req.aborted = True  # unforked siblings will never exist
         req.metrics.finish_time = time.perf_counter()
-        output = self._output(req)
+        output = self.outputs.build(req)
         self.o1.release(request_id, output.metrics.o1_tokens)
         return output
 
@@ -197,12 +229,12 @@ class LLMEngine:
         now = time.perf_counter()
         for seq, tokens, logprobs in new_tokens:
             for token, lp in zip(tokens, logprobs):
-                if not seq.is_finished:          # a stop inside an accepted draft ends it there
+                if not seq.is_finished:  # a stop inside an accepted draft ends it there
                     self._append_token(seq, token, lp, now)
         touched = {seq.request_id for seq in batch.seqs}
         self._o1_early_stop(touched)
-        finished = self._collect_finished(touched)          # pops them: one output per request per step
-        return [self._output(self.requests[rid]) for rid in touched if rid in self.requests] + finished
+        finished = self._collect_finished(touched)  # pops them: one output per request per step
+        return [self.outputs.build(self.requests[rid]) for rid in touched if rid in self.requests] + finished
 
     def _full_step(self, batch: ScheduledBatch):
         samplers, rows = self._sampling_rows(batch)
@@ -213,7 +245,8 @@ class LLMEngine:
         self._full_costs(samplers, sum(batch.num_new_tokens))
         forks = self.o1.branch_points(samplers, logits[logit_rows], tokens, lambda rid: len(self.requests[rid].seqs))
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)] + [
-            (self._branch(f), [f.token], [f.logprobs]) for f in forks]
+            (self._branch(f), [f.token], [f.logprobs]) for f in forks
+        ]
 
     def _full_costs(self, samplers: list[Sequence], rows: int) -> None:
         """A full pass's token costs what off's does; a SEDAC request's count in the engine-wide ratio too."""
@@ -297,9 +330,9 @@ class LLMEngine:
 
     def _append_token(self, seq: Sequence, token: int, logprob, now: float) -> None:
         req = self.requests[seq.request_id]
-        token = self.reasoning.override(seq, token)     # a spent thinking budget emits the end marker
+        token = self.reasoning.override(seq, token)  # a spent thinking budget emits the end marker
         grammar = self.structured.accept(seq, token)
-        if grammar == "dead end":        # no token could continue its grammar (a pattern nothing matches)
+        if grammar == "dead end":  # no token could continue its grammar (a pattern nothing matches)
             self._finish(seq, "abort", "structured_outputs: no token of this vocabulary continues the grammar")
             return
         seq.token_ids.append(token)
@@ -311,21 +344,22 @@ class LLMEngine:
             req.metrics.first_token_time = req.metrics.first_token_time or now
         self.counters["generation_tokens"] += 1
         previous_len = len(seq.output_text)
-        seq.output_text += detokenizer.decode_new_text(self.tokenizer, seq.token_ids, seq.detok_state,
-                                                       seq.params.skip_special_tokens)
+        seq.output_text += detokenizer.decode_new_text(
+            self.tokenizer, seq.token_ids, seq.detok_state, seq.params.skip_special_tokens
+        )
         reason = ("stop", None) if grammar == "end" else self._stop_reason(seq, token, previous_len)
         if reason:
             self._finish(seq, *reason)
 
     def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
         p = seq.params
-        if seq.num_output_tokens < p.min_tokens:      # vLLM: no stop of any kind before min_tokens
+        if seq.num_output_tokens < p.min_tokens:  # vLLM: no stop of any kind before min_tokens
             return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
         if token in self.eos_ids and not p.ignore_eos:
             return ("stop", None)
         if token in p.stop_token_ids:
             return ("stop", token)
-        for stop in p.stop:    # only where the new text could complete it
+        for stop in p.stop:  # only where the new text could complete it
             at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
             if at != -1:
                 seq.output_text = seq.output_text[:at]
@@ -342,63 +376,27 @@ class LLMEngine:
         self.scheduler.finish(seq)
 
     def _collect_finished(self, touched: set[str]) -> list[RequestOutput]:
-        done = [rid for rid in touched if rid in self.requests and self._is_done(self.requests[rid])]
+        done = [rid for rid in touched if rid in self.requests and self.requests[rid].is_done()]
         outputs = []
         for rid in done:
             req = self.requests.pop(rid)
             req.metrics.finish_time = max(s.finish_time for s in req.seqs)
             self.counters["prompt_tokens"] += len(req.prompt_token_ids)
             self.counters["requests_finished"] += 1
-            outputs.append(self._output(req))
+            outputs.append(self.outputs.build(req))
             self.o1.release(rid, req.metrics.o1_tokens)
             self.last_finished = outputs[-1]
         return outputs
-
-    @staticmethod
-    def _is_done(req: Request) -> bool:
-        return (req.aborted or len(req.seqs) >= req.params.n) and all(s.is_finished for s in req.seqs)
-
-    def _output(self, req: Request) -> RequestOutput:
-        done = self._is_done(req)
-        hold = max((len(s) for s in req.params.stop), default=1) - 1   # never stream a partial stop string
-        outs, opened = [], self.reasoning.opened_by(req.prompt_token_ids)
-        for seq, confidence in self._returned(req, done):
-            text = (seq.output_text if seq.is_finished or not hold
-                    else seq.output_text[:max(0, len(seq.output_text) - hold)])
-            reasoning, content = self.reasoning.split(text, opened)
-            outs.append(CompletionOutput(0 if confidence is not None else seq.index, text, seq.output_token_ids,
-                                         seq.finish_reason,
-                                         list(seq.logprobs) if seq.params.logprobs is not None else None,
-                                         seq.stop_reason, reasoning, content, confidence))
-        if not outs:           # an adaptive request shows its voted completion only once it is done
-            outs.append(CompletionOutput(0, "", []))
-        req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
-        if req.request_id in self.o1.trees:        # the returned completion's tokens; o1_tokens: all branches'
-            req.metrics.o1_branches, req.metrics.o1_tokens = len(req.seqs) - 1, req.metrics.num_generated_tokens
-            req.metrics.num_generated_tokens = len(outs[0].token_ids)
-        self._sedac_metrics(req)
-        req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)
-
-    def _returned(self, req: Request, done: bool) -> list[tuple[Sequence, float | None]]:
-        """(sequence, confidence) per completion to return: every sample, or an adaptive request's vote."""
-        if req.request_id in self.o1.trees:
-            return self.o1.returned(req.request_id, req.seqs, done)
-        return [(seq, None) for seq in sorted(req.seqs, key=lambda s: s.index)]
-
-    def _sedac_metrics(self, req: Request) -> None:
-        num_layers, m = self.config.model.num_layers, req.metrics
-        if m.num_generated_tokens and req.off_cost:     # negative when SEDAC spent more than off would
-            m.skip_ratio = 1.0 - req.cost / req.off_cost
-            m.layers_per_token = num_layers * req.cost / req.off_cost
-        m.acceptance_rate = req.accepted / req.drafted if req.drafted else None
 
     def warm_up(self) -> None:
         """One short greedy request through prefill, decode and sampling (first-call costs: op dispatch
         setup, allocator growth), its output and its counts discarded."""
         counters, queries, hits = dict(self.counters), self.blocks.prefix_queries, self.blocks.prefix_hits
-        self.add_request("warm-up", [self.config.model.bos_token_id or 0] * 4,
-                         SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, o1_mode="off"))
+        self.add_request(
+            "warm-up",
+            [self.config.model.bos_token_id or 0] * 4,
+            SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True, o1_mode="off"),
+        )
         while self.has_unfinished_requests():
             self.step()
         self.counters, self.blocks.prefix_queries, self.blocks.prefix_hits = counters, queries, hits
@@ -407,12 +405,20 @@ class LLMEngine:
     # ---- introspection ----------------------------------------------------------------------------
     def stats(self) -> dict:
         b = self.blocks
-        return {"num_requests_running": len(self.scheduler.running),
-                "num_requests_waiting": len(self.scheduler.waiting),
-                "kv_cache_usage": b.usage(), "kv_blocks_total": b.num_blocks, "kv_blocks_free": b.num_free_blocks,
-                "kv_cache_bytes": self.runner.kv_cache_bytes,
-                "prefix_cache_queries": b.prefix_queries, "prefix_cache_hits": b.prefix_hits,
-                "num_preemptions": self.scheduler.num_preemptions, **self.counters,
-                "thinking_budgets_exhausted": self.reasoning.exhausted, **self.o1.counters,
-                "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram), **self.sedac.rates(self.counters),
-                "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None}
+        return {
+            "num_requests_running": len(self.scheduler.running),
+            "num_requests_waiting": len(self.scheduler.waiting),
+            "kv_cache_usage": b.usage(),
+            "kv_blocks_total": b.num_blocks,
+            "kv_blocks_free": b.num_free_blocks,
+            "kv_cache_bytes": self.runner.kv_cache_bytes,
+            "prefix_cache_queries": b.prefix_queries,
+            "prefix_cache_hits": b.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.counters,
+            "thinking_budgets_exhausted": self.reasoning.exhausted,
+            **self.o1.counters,
+            "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram),
+            **self.sedac.rates(self.counters),
+            "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None,
+        }

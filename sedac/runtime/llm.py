@@ -1,4 +1,5 @@
 """The offline Python API: `LLM(engine_dir).generate(prompts, params)`, chat and stream."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,8 +21,12 @@ class LLM:
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 
-    def generate(self, prompts: Prompt | Seq[Prompt], params: SamplingParams | Seq[SamplingParams] | None = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+    def generate(
+        self,
+        prompts: Prompt | Seq[Prompt],
+        params: SamplingParams | Seq[SamplingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[RequestOutput]:
         """One output per prompt, in order. A single bad prompt raises ValueError; in a list, a bad
         prompt yields an output with finish_reason "error" and `.error` while the others complete."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int))
@@ -47,8 +52,9 @@ class LLM:
         bar.close()
         return [results[rid] for rid in order]
 
-    def chat(self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+    def chat(
+        self, messages: list[dict] | list[list[dict]], params: SamplingParams | None = None, use_tqdm: bool = False
+    ) -> list[RequestOutput]:
         """Apply the engine's chat template; one conversation or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c) for c in conversations]
@@ -91,5 +97,12 @@ def _broadcast(params, count: int) -> list[SamplingParams]:
 
 
 def _error_output(rid: str, prompt, message: str) -> RequestOutput:
-    return RequestOutput(rid, prompt if isinstance(prompt, str) else None, [], [CompletionOutput(0, "", [], "error")],
-                         True, RequestMetrics(0.0), error=message)
+    return RequestOutput(
+        rid,
+        prompt if isinstance(prompt, str) else None,
+        [],
+        [CompletionOutput(0, "", [], "error")],
+        True,
+        RequestMetrics(0.0),
+        error=message,
+    )

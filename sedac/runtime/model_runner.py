@@ -1,4 +1,5 @@
 """Loads the engine's weights, owns the KV pool, and turns a scheduled batch into logits."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -29,7 +30,7 @@ def _load_quantized(model: DecoderModel, weights: dict[str, torch.Tensor]) -> No
     """Weight-only layers take their codes and scales out of `weights`: int8 rows (one scale per output,
     int8 engines) or blocks (2-D scales: int4 and gguf engines, whose embedding table may be blocks too)."""
     for name in [k for k in weights if k.endswith(SCALE_SUFFIX)]:
-        prefix = name[:-len(SCALE_SUFFIX)]
+        prefix = name[: -len(SCALE_SUFFIX)]
         try:
             module = model.get_submodule(prefix)
             weight = weights.pop(prefix + ".weight")
@@ -63,8 +64,14 @@ def _kv_dtype(name: str, compute_dtype: torch.dtype) -> torch.dtype:
 
 
 class ModelRunner:
-    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, kv_cache_bytes: int | None,
-                 kv_cache_dtype: str = "auto"):
+    def __init__(
+        self,
+        engine_dir: Path,
+        config: EngineConfig,
+        device: torch.device,
+        kv_cache_bytes: int | None,
+        kv_cache_dtype: str = "auto",
+    ):
         self.config, self.device = config, device
         # The engine's float weights are stored at its precision; on CPU every step computes in fp32
         # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
@@ -100,21 +107,23 @@ class ModelRunner:
         block_kernels = self._cpu_kernels() if self.device.type == "cpu" else ops.HAS_TRITON
         if self.config.build.precision in ("int4", "gguf") and not block_kernels:
             self._dequantize_blocks(model)
-        model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)   # packed panels keep their dtype
-        model.embed_tokens.to(self.weight_dtype)          # gathered rows are widened (DecoderModel.embed)
-        if self.config.sedac:      # lossless mode drafts on int8 copies of the weights
+        model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)  # packed panels keep their dtype
+        model.embed_tokens.to(self.weight_dtype)  # gathered rows are widened (DecoderModel.embed)
+        if self.config.sedac:  # lossless mode drafts on int8 copies of the weights
             model.quantize_int8()
         if self._cpu_kernels():
-            model.screen_greedy_head()    # measured on CPU only (sedac.models.greedy_head)
+            model.screen_greedy_head()  # measured on CPU only (sedac.models.greedy_head)
         return model
 
     def _dequantize_blocks(self, model: DecoderModel) -> None:
         """Block weights need the C++ kernels on CPU, Triton on CUDA: without them they are dequantized
         once, at load."""
-        logger.warning(f"{self.config.build.precision} weights have no kernel on {self.device.type} here "
-                       f"({'no C++ CPU kernels' if self.device.type == 'cpu' else 'no Triton'}): dequantized to "
-                       f"{self.weight_dtype} at load (the memory and speed of a {self.weight_dtype} engine)")
-        if model.embed_tokens.weight is None:     # before the head: a tied table reads the head's blocks
+        logger.warning(
+            f"{self.config.build.precision} weights have no kernel on {self.device.type} here "
+            f"({'no C++ CPU kernels' if self.device.type == 'cpu' else 'no Triton'}): dequantized to "
+            f"{self.weight_dtype} at load (the memory and speed of a {self.weight_dtype} engine)"
+        )
+        if model.embed_tokens.weight is None:  # before the head: a tied table reads the head's blocks
             table = model.embed(torch.arange(self.config.model.vocab_size, device=self.device))
             model.embed_tokens.weight = nn.Parameter(table.to(self.weight_dtype), requires_grad=False)
         for linear in model.modules():
@@ -128,13 +137,16 @@ class ModelRunner:
             raise ValueError(f"engine config has SEDAC exits but {path} is missing")
         weights = load_file(str(path), device=str(self.device))
         m, heads, sedac = self.config.model, {}, self.config.sedac
-        for layer in sedac["lossy_layers"]:    # the heads lossy mode uses
+        for layer in sedac["lossy_layers"]:  # the heads lossy mode uses
             state = {k.split(".", 2)[2]: v for k, v in weights.items() if k.startswith(f"exit.{layer}.")}
             head = ExitHead(m.hidden_size, sedac["adapter_rank"], state["vocab_ids"], m.rms_norm_eps)
             head.load_state_dict(state, assign=True)
             heads[layer] = self._pack_for_cpu(head.to(device=self.device, dtype=self.dtype).eval())
-        ghost = tuple(weights[f"ghost_kv.{n}"].to(self.dtype) for n in ("weight", "bias")) \
-            if "ghost_kv.weight" in weights else None
+        ghost = (
+            tuple(weights[f"ghost_kv.{n}"].to(self.dtype) for n in ("weight", "bias"))
+            if "ghost_kv.weight" in weights
+            else None
+        )
         # A torch.library op's first dispatch imports torch._dynamo (~3 s on CPU): pay it at load,
         # not in the first SEDAC request's latency.
         torch.ops.sedac.entropy(torch.zeros(1, 2, device=self.device))
@@ -164,8 +176,10 @@ class ModelRunner:
         wanted = b.max_batch_size * -(-b.max_seq_len // self.block_size)
         num_blocks = wanted if budget is None else min(wanted, budget // per_block)
         if num_blocks * self.block_size < b.max_seq_len:
-            raise ValueError(f"KV cache budget holds {num_blocks * self.block_size} tokens, "
-                             f"less than one max_seq_len={b.max_seq_len} sequence")
+            raise ValueError(
+                f"KV cache budget holds {num_blocks * self.block_size} tokens, "
+                f"less than one max_seq_len={b.max_seq_len} sequence"
+            )
         m = self.config.model
         # Zeroed, not empty: attention reads whole blocks and masks the unused slots, and a masked
         # NaN left in uninitialized memory would still poison the weighted sum (0 * NaN = NaN).
@@ -200,7 +214,7 @@ class ModelRunner:
         ids, decodes, chunks = [], [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             start = seq.num_computed_tokens
-            ids += seq.token_ids[start:start + n]
+            ids += seq.token_ids[start : start + n]
             if n == 1:
                 decodes.append((seq.block_table, start))
             else:
@@ -217,13 +231,13 @@ class ModelRunner:
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
         ctx = AttentionContext(torch.tensor(slots, device=dev), bs, num_decodes=len(decodes))
         if decodes:
-            blocks = [t[:p // bs + 1] for t, p in decodes]
+            blocks = [t[: p // bs + 1] for t, p in decodes]
             width = max(len(b) for b in blocks)
             ctx.decode_blocks = torch.tensor([b + [0] * (width - len(b)) for b in blocks], device=dev)
             ctx.decode_lengths = torch.tensor([p + 1 for _, p in decodes], device=dev)
         row = len(decodes)
         for table, start, n in chunks:
-            ctx.prefills.append(_prefill_chunk(row, row + n, table[:-(-(start + n) // bs)], start, dev))
+            ctx.prefills.append(_prefill_chunk(row, row + n, table[: -(-(start + n) // bs)], start, dev))
             row += n
         return torch.tensor(pos, device=dev), ctx
 
@@ -234,8 +248,16 @@ class ModelRunner:
         runs them too. -> (positions [T], context)."""
         return self.context([(table, start + j) for table, start, n in spans for j in range(n)])
 
-    def run(self, ids: torch.Tensor | None, hidden: torch.Tensor | None, positions: torch.Tensor, ctx,
-            start: int = 0, end: int | None = None, int8: bool = False) -> torch.Tensor:
+    def run(
+        self,
+        ids: torch.Tensor | None,
+        hidden: torch.Tensor | None,
+        positions: torch.Tensor,
+        ctx,
+        start: int = 0,
+        end: int | None = None,
+        int8: bool = False,
+    ) -> torch.Tensor:
         """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H];
         int8: on the int8 weight copies (a draft pass)."""
         set_context(ctx)
@@ -249,5 +271,6 @@ class ModelRunner:
 def _prefill_chunk(start, end, blocks, cached, dev) -> PrefillChunk:
     if cached == 0:
         return PrefillChunk(start, end, torch.empty(0, dtype=torch.long))
-    return PrefillChunk(start, end, torch.tensor(blocks, device=dev),
-                        torch.arange(cached + 1, cached + 1 + end - start, device=dev))
+    return PrefillChunk(
+        start, end, torch.tensor(blocks, device=dev), torch.arange(cached + 1, cached + 1 + end - start, device=dev)
+    )

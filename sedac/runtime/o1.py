@@ -10,6 +10,7 @@ normalized text) weighted by each branch's confidence (its geometric-mean token 
 DeepConf weights traces), and the vote stops early (ESC-style) once it is decided: either no branch
 still running or still to come could change it, or the first ESC_WINDOW finished branches agree.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,14 +27,18 @@ from sedac.runtime.sampler import draw, filtered_probs, process, token_logprobs
 # 1.0-3.0 branched nearly every reply and up to 8 branches lost accuracy (0.60 greedy -> 0.43-0.57: the
 # runner-up token mostly starts a worse reply); 4.0 branched 1.5 times per question and kept 0.62.
 DEFAULT_ENTROPY_THRESHOLD = 4.0
-ESC_WINDOW = 3          # finished branches that, all agreeing, end the vote (ESC's window)
+ESC_WINDOW = 3  # finished branches that, all agreeing, end the vote (ESC's window)
 
 
 def with_engine_o1_mode(params, engine_mode: str):
     """params with the engine's o1 mode when they set none; requests it cannot serve adaptively (n > 1, a
     grammar, a SEDAC mode) run off, as they would on an engine without the default."""
-    if (params.o1_mode is not None or engine_mode == "off" or params.o1_blocker
-            or params.sedac_mode not in (None, "off")):
+    if (
+        params.o1_mode is not None
+        or engine_mode == "off"
+        or params.o1_blocker
+        or params.sedac_mode not in (None, "off")
+    ):
         return params
     return dataclasses.replace(params, o1_mode=engine_mode)
 
@@ -58,11 +63,12 @@ def extract_answer(text: str, pattern: str | None) -> str:
 class _Tree:
     """One adaptive request: its budget and threshold, how a branch's answer is read (answer_text(seq): the
     text after any reasoning block), and each branch's log-probability sum."""
+
     max_branches: int
     threshold: float
     answer_regex: str | None
     answer_text: object
-    logprob_sums: dict = field(default_factory=dict)   # seq -> (sum of chosen-token logprobs, count)
+    logprob_sums: dict = field(default_factory=dict)  # seq -> (sum of chosen-token logprobs, count)
     decided: bool = False
 
     def confidence(self, seq) -> float:
@@ -76,16 +82,16 @@ class _Tree:
 @dataclass
 class Fork:
     parent: object
-    token: int              # the branch's first token, at the parent's newest position
-    logprobs: dict | None   # its logprobs entry (the request's top-k), None when the request asks none
-    history: tuple          # the branch's (logprob sum, count) including its token
+    token: int  # the branch's first token, at the parent's newest position
+    logprobs: dict | None  # its logprobs entry (the request's top-k), None when the request asks none
+    history: tuple  # the branch's (logprob sum, count) including its token
 
 
 @dataclass
 class Vote:
-    chosen: object          # the sequence whose completion is returned
-    confidence: float       # the confidence of the branches agreeing with it, per branch
-    weights: dict           # answer -> summed branch confidence
+    chosen: object  # the sequence whose completion is returned
+    confidence: float  # the confidence of the branches agreeing with it, per branch
+    weights: dict  # answer -> summed branch confidence
 
 
 class AdaptiveCompute:
@@ -93,14 +99,17 @@ class AdaptiveCompute:
 
     def __init__(self, default_threshold: float):
         self.default_threshold = default_threshold
-        self.trees: dict = {}                  # request id -> _Tree
+        self.trees: dict = {}  # request id -> _Tree
         self.counters = {"o1_requests": 0, "o1_branches": 0, "o1_early_stops": 0, "o1_tokens": 0}
 
     def start(self, request_id: str, params, answer_text) -> None:
         threshold = params.o1_entropy_threshold
-        self.trees[request_id] = _Tree(params.o1_max_branches,
-                                       self.default_threshold if threshold is None else threshold,
-                                       params.answer_regex, answer_text)
+        self.trees[request_id] = _Tree(
+            params.o1_max_branches,
+            self.default_threshold if threshold is None else threshold,
+            params.answer_regex,
+            answer_text,
+        )
         self.counters["o1_requests"] += 1
 
     def release(self, request_id: str, tokens: int) -> None:
@@ -116,18 +125,27 @@ class AdaptiveCompute:
         if not rows:
             return []
         raw = logits[rows].float()
-        logprobs, entropies = torch.log_softmax(raw, dim=-1), torch.ops.sedac.entropy(raw).tolist()   # [r, V], [r]
+        logprobs, entropies = torch.log_softmax(raw, dim=-1), torch.ops.sedac.entropy(raw).tolist()  # [r, V], [r]
         forks = []
         for n, (entropy, i) in enumerate(zip(entropies, rows)):
             seq, tree, logp = seqs[i], self.trees[seqs[i].request_id], logprobs[n]
             total, count = tree.logprob_sums.get(seq, (0.0, 0))
             tree.logprob_sums[seq] = (total + float(logp[tokens[i]]), count + 1)
             siblings = sum(f.parent.request_id == seq.request_id for f in forks)
-            if (entropy > tree.threshold and not tree.decided
-                    and num_branches(seq.request_id) + siblings < tree.max_branches):
-                token = _alternative(raw[n:n + 1], tokens[i], seq)
-                forks.append(Fork(seq, token, token_logprobs(logp[None], [token], [seq])[0],
-                                  (total + float(logp[token]), count + 1)))
+            if (
+                entropy > tree.threshold
+                and not tree.decided
+                and num_branches(seq.request_id) + siblings < tree.max_branches
+            ):
+                token = _alternative(raw[n : n + 1], tokens[i], seq)
+                forks.append(
+                    Fork(
+                        seq,
+                        token,
+                        token_logprobs(logp[None], [token], [seq])[0],
+                        (total + float(logp[token]), count + 1),
+                    )
+                )
         self.counters["o1_branches"] += len(forks)
         return forks
 
@@ -174,7 +192,7 @@ class AdaptiveCompute:
         if len(done) >= ESC_WINDOW and len({answers[s] for s in done}) == 1:
             return True
         weights = sorted(self.vote(request_id, done).weights.values(), reverse=True) + [0.0]
-        future = running + tree.max_branches - len(seqs)       # branches that may still vote, at most 1 each
+        future = running + tree.max_branches - len(seqs)  # branches that may still vote, at most 1 each
         return weights[0] > weights[1] + future
 
 

@@ -1,4 +1,5 @@
 """What generate/step return, with vLLM's field names."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,12 +13,12 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_generated_tokens: int = 0
     num_cached_tokens: int = 0
-    layers_per_token: float = 0.0        # mean decoder layers run per generated token
-    skip_ratio: float = 0.0              # fraction of layers SEDAC skipped (0 with sedac_mode off)
+    layers_per_token: float = 0.0  # mean decoder layers run per generated token
+    skip_ratio: float = 0.0  # fraction of layers SEDAC skipped (0 with sedac_mode off)
     acceptance_rate: float | None = None  # lossless mode's draft acceptance (None when no drafts ran)
-    o1_branches: int = 0                 # o1 adaptive: branches forked (beyond the first sequence)
-    o1_tokens: int = 0                   # o1 adaptive: tokens generated over all branches
-    o1_early_stopped: bool = False       # o1 adaptive: the vote ended before every branch finished
+    o1_branches: int = 0  # o1 adaptive: branches forked (beyond the first sequence)
+    o1_tokens: int = 0  # o1 adaptive: tokens generated over all branches
+    o1_early_stopped: bool = False  # o1 adaptive: the vote ended before every branch finished
 
     @property
     def ttft(self) -> float | None:
@@ -34,11 +35,20 @@ class RequestMetrics:
         return (self.finish_time - self.first_token_time) / (self.num_generated_tokens - 1)
 
     def as_dict(self) -> dict:
-        return {"ttft": self.ttft, "tpot": self.tpot, "e2e": self.e2e, "prompt_tokens": self.num_prompt_tokens,
-                "generated_tokens": self.num_generated_tokens, "cached_tokens": self.num_cached_tokens,
-                "layers_per_token": self.layers_per_token, "skip_ratio": self.skip_ratio,
-                "acceptance_rate": self.acceptance_rate, "o1_branches": self.o1_branches, "o1_tokens": self.o1_tokens,
-                "o1_early_stopped": self.o1_early_stopped}
+        return {
+            "ttft": self.ttft,
+            "tpot": self.tpot,
+            "e2e": self.e2e,
+            "prompt_tokens": self.num_prompt_tokens,
+            "generated_tokens": self.num_generated_tokens,
+            "cached_tokens": self.num_cached_tokens,
+            "layers_per_token": self.layers_per_token,
+            "skip_ratio": self.skip_ratio,
+            "acceptance_rate": self.acceptance_rate,
+            "o1_branches": self.o1_branches,
+            "o1_tokens": self.o1_tokens,
+            "o1_early_stopped": self.o1_early_stopped,
+        }
 
 
 @dataclass
@@ -46,12 +56,12 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None          # "stop", "length", "abort", "error" or None while running
+    finish_reason: str | None = None  # "stop", "length", "abort", "error" or None while running
     logprobs: list[dict[int, float]] | None = None
     stop_reason: str | int | None = None
-    reasoning: str | None = None              # the reasoning block's text (models with reasoning markers)
-    content: str | None = None                # the answer: text without the reasoning block and its markers
-    confidence: float | None = None           # o1 adaptive: confidence-weighted share of branches agreeing
+    reasoning: str | None = None  # the reasoning block's text (models with reasoning markers)
+    content: str | None = None  # the answer: text without the reasoning block and its markers
+    confidence: float | None = None  # o1 adaptive: confidence-weighted share of branches agreeing
 
     @property
     def answer(self) -> str:

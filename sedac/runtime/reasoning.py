@@ -8,11 +8,12 @@ budget is spent, the engine emits the end marker's tokens in place of what it wo
 the answer continues after it. The engine step calls this strategy (override before a token is taken,
 observe after); outputs carry `reasoning` apart from the answer `text`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-REASONING_EFFORT = {"low": 128, "medium": 512, "high": 2048}     # OpenAI's reasoning_effort -> budget
+REASONING_EFFORT = {"low": 128, "medium": 512, "high": 2048}  # OpenAI's reasoning_effort -> budget
 
 
 @dataclass(frozen=True)
@@ -35,10 +36,10 @@ class ReasoningMarkers:
 @dataclass
 class _Budget:
     limit: int
-    inside: bool                 # generating reasoning now
+    inside: bool  # generating reasoning now
     spent: int = 0
-    done: bool = False           # the reasoning block has closed
-    forced: list[int] = field(default_factory=list)   # end-marker tokens still to emit
+    done: bool = False  # the reasoning block has closed
+    forced: list[int] = field(default_factory=list)  # end-marker tokens still to emit
 
 
 class ThinkingBudgets:
@@ -47,17 +48,19 @@ class ThinkingBudgets:
         encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
         self.start_ids = encode(markers.start) if markers else []
         self.end_ids = encode(markers.end) if markers else []
-        self.budgets: dict[object, _Budget] = {}       # Sequence -> its budget state
-        self.exhausted = 0                             # budgets that forced the end marker (a running total)
+        self.budgets: dict[object, _Budget] = {}  # Sequence -> its budget state
+        self.exhausted = 0  # budgets that forced the end marker (a running total)
 
     def check(self, budget: int | None) -> None:
         if budget is not None and self.markers is None:
-            raise ValueError("thinking_token_budget needs a model with reasoning markers; this engine has none "
-                             "(rebuild it with sedac-build --reasoning-start TEXT --reasoning-end TEXT)")
+            raise ValueError(
+                "thinking_token_budget needs a model with reasoning markers; this engine has none "
+                "(rebuild it with sedac-build --reasoning-start TEXT --reasoning-end TEXT)"
+            )
 
     def opened_by(self, prompt_ids: list[int]) -> bool:
         """Whether the prompt ends with the start marker (a template that opens the reasoning block)."""
-        return bool(self.start_ids) and prompt_ids[-len(self.start_ids):] == self.start_ids
+        return bool(self.start_ids) and prompt_ids[-len(self.start_ids) :] == self.start_ids
 
     def start(self, seq, budget: int, prompt_ids: list[int]) -> None:
         self.budgets[seq] = _Budget(budget, inside=self.opened_by(prompt_ids))
@@ -79,11 +82,11 @@ class ThinkingBudgets:
         if b is None or b.done:
             return
         if not b.inside:
-            if self.start_ids and output_ids[-len(self.start_ids):] == self.start_ids:
+            if self.start_ids and output_ids[-len(self.start_ids) :] == self.start_ids:
                 b.inside = True
                 self._close_if_spent(b)
             return
-        if output_ids[-len(self.end_ids):] == self.end_ids:
+        if output_ids[-len(self.end_ids) :] == self.end_ids:
             b.inside, b.done, b.forced = False, True, []
             return
         if not b.forced:
@@ -110,7 +113,7 @@ class ThinkingBudgets:
         else:
             before = ""
         if end not in text:
-            return _held(text, end), before     # still reasoning (or cut off by max_tokens)
+            return _held(text, end), before  # still reasoning (or cut off by max_tokens)
         reasoning, after = text.split(end, 1)
         return reasoning, before + after.lstrip("\n")
 

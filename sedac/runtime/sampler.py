@@ -1,4 +1,5 @@
 """Batched sampling: penalties, temperature, top-k, top-p, min-p, per-request seeded generators."""
+
 from __future__ import annotations
 
 import torch
@@ -6,8 +7,9 @@ import torch
 from sedac.runtime.sequence import Sequence
 
 
-def sample(logits: torch.Tensor, seqs: list[Sequence],
-           constrain=None) -> tuple[list[int], list[dict[int, float] | None]]:
+def sample(
+    logits: torch.Tensor, seqs: list[Sequence], constrain=None
+) -> tuple[list[int], list[dict[int, float] | None]]:
     """logits [R, V] (fp32), one row per sequence -> chosen token ids and optional logprobs (of the
     model's raw distribution). constrain(logits, seqs): masks rows in place (structured outputs)."""
     raw_logprobs = torch.log_softmax(logits, dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
@@ -27,11 +29,19 @@ def sample(logits: torch.Tensor, seqs: list[Sequence],
 def argmax_only(seqs: list[Sequence]) -> bool:
     """Whether every sequence's choice is the plain argmax of its logits: greedy, no logprobs, no
     penalties, banned words, grammar or o1 branching (those read or change logits beyond the argmax)."""
-    return all(s.params.greedy and s.params.logprobs is None and not s.bad_words_ids
-               and s.params.structured_outputs is None and s.params.o1_mode != "adaptive"
-               and not s.params.logit_bias and not s.params.min_tokens
-               and s.params.repetition_penalty == 1.0 and not s.params.presence_penalty
-               and not s.params.frequency_penalty for s in seqs)
+    return all(
+        s.params.greedy
+        and s.params.logprobs is None
+        and not s.bad_words_ids
+        and s.params.structured_outputs is None
+        and s.params.o1_mode != "adaptive"
+        and not s.params.logit_bias
+        and not s.params.min_tokens
+        and s.params.repetition_penalty == 1.0
+        and not s.params.presence_penalty
+        and not s.params.frequency_penalty
+        for s in seqs
+    )
 
 
 def process(logits: torch.Tensor, seqs) -> torch.Tensor:
@@ -46,14 +56,17 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-            or s.params.presence_penalty or s.params.frequency_penalty]
+    rows = [
+        i
+        for i, s in enumerate(seqs)
+        if s.params.repetition_penalty != 1.0 or s.params.presence_penalty or s.params.frequency_penalty
+    ]
     if not rows:
         return logits
     logits = logits.clone()
     for i in rows:
         p, seq = seqs[i].params, seqs[i]
-        if p.repetition_penalty != 1.0:   # HF/vLLM: over prompt and output tokens
+        if p.repetition_penalty != 1.0:  # HF/vLLM: over prompt and output tokens
             seen = torch.tensor(sorted(set(seq.token_ids)), device=logits.device)
             vals = logits[i, seen]
             logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
@@ -87,8 +100,12 @@ def _hold_stops(logits: torch.Tensor, seqs) -> torch.Tensor:
 
 
 def _ban_bad_words(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-    banned = [(i, ids[-1]) for i, s in enumerate(seqs) for ids in s.bad_words_ids
-              if len(ids) == 1 or s.token_ids[-(len(ids) - 1):] == ids[:-1]]
+    banned = [
+        (i, ids[-1])
+        for i, s in enumerate(seqs)
+        for ids in s.bad_words_ids
+        if len(ids) == 1 or s.token_ids[-(len(ids) - 1) :] == ids[:-1]
+    ]
     if not banned:
         return logits
     logits = logits.clone()

@@ -1,4 +1,5 @@
 """SamplingParams with vLLM / TensorRT-LLM field names; invalid values raise ValueError at once."""
+
 from __future__ import annotations
 
 import re
@@ -7,10 +8,10 @@ from dataclasses import dataclass, field
 from sedac.runtime.structured_outputs import StructuredOutputsParams
 
 SEDAC_MODES = ("off", "lossless", "lossy")
-SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")   # engine-wide: how depth exits fill deeper KV
-SEDAC_LOSSY_EXITS = ("int8", "depth")                 # engine-wide: where lossy mode's tokens exit
-O1_MODES = ("off", "adaptive")                        # adaptive: branch at uncertain tokens, answer by vote (o1.py)
-O1_BRANCHES, O1_MAX_BRANCHES = 8, 64                  # o1_max_branches: its default and its largest value
+SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")  # engine-wide: how depth exits fill deeper KV
+SEDAC_LOSSY_EXITS = ("int8", "depth")  # engine-wide: where lossy mode's tokens exit
+O1_MODES = ("off", "adaptive")  # adaptive: branch at uncertain tokens, answer by vote (o1.py)
+O1_BRANCHES, O1_MAX_BRANCHES = 8, 64  # o1_max_branches: its default and its largest value
 
 
 def check_sedac_mode(mode: str | None) -> None:
@@ -24,8 +25,9 @@ def check_o1(mode: str | None, max_branches: int, threshold: float | None, answe
         raise ValueError(f"o1_mode must be off or adaptive, got {mode!r}")
     if isinstance(max_branches, bool) or not isinstance(max_branches, int) or not 1 <= max_branches <= O1_MAX_BRANCHES:
         raise ValueError(f"o1_max_branches must be an integer in [1, {O1_MAX_BRANCHES}], got {max_branches!r}")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
-                                  or not threshold >= 0):
+    if threshold is not None and (
+        isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0
+    ):
         raise ValueError(f"o1_entropy_threshold must be a number >= 0 (nats), got {threshold!r}")
     if answer_regex is not None:
         try:
@@ -37,8 +39,8 @@ def check_o1(mode: str | None, max_branches: int, threshold: float | None, answe
 @dataclass
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 1.0          # 0 = greedy
-    top_k: int = 0                    # 0 or -1 = off
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 or -1 = off
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
@@ -47,22 +49,22 @@ class SamplingParams:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
-    bad_words: list[str] = field(default_factory=list)   # never generated (as in vLLM / TRT-LLM bad_words)
-    logit_bias: dict[int, float] | None = None   # token id -> added to its logit (OpenAI: [-100, 100])
-    min_tokens: int = 0               # EOS, stop_token_ids and stop strings wait until this many outputs (vLLM)
+    bad_words: list[str] = field(default_factory=list)  # never generated (as in vLLM / TRT-LLM bad_words)
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (OpenAI: [-100, 100])
+    min_tokens: int = 0  # EOS, stop_token_ids and stop strings wait until this many outputs (vLLM)
     ignore_eos: bool = False
     n: int = 1
-    logprobs: int | None = None       # number of top logprobs per token (the sampled one is always included)
-    priority: int = 0                 # lower runs first (vLLM convention); FCFS among equals
+    logprobs: int | None = None  # number of top logprobs per token (the sampled one is always included)
+    priority: int = 0  # lower runs first (vLLM convention); FCFS among equals
     skip_special_tokens: bool = True
-    sedac_mode: str | None = None     # "off", "lossless" or "lossy"; None = the engine's default
+    sedac_mode: str | None = None  # "off", "lossless" or "lossy"; None = the engine's default
     sedac_agreement: float | None = None  # lossy mode's target token agreement with the full model
-    structured_outputs: StructuredOutputsParams | dict | None = None   # vLLM's name: json, regex, choice, grammar
-    thinking_token_budget: int | None = None   # vLLM's name: reasoning tokens before the end marker is forced
-    o1_mode: str | None = None        # "off" or "adaptive" (branch at uncertain tokens, vote); None = the engine's
-    o1_max_branches: int = O1_BRANCHES   # adaptive: sequences per request, the first one included
-    o1_entropy_threshold: float | None = None   # adaptive: entropy (nats) above which a token branches
-    answer_regex: str | None = None   # adaptive: what a branch answers (last match, its first group if any)
+    structured_outputs: StructuredOutputsParams | dict | None = None  # vLLM's name: json, regex, choice, grammar
+    thinking_token_budget: int | None = None  # vLLM's name: reasoning tokens before the end marker is forced
+    o1_mode: str | None = None  # "off" or "adaptive" (branch at uncertain tokens, vote); None = the engine's
+    o1_max_branches: int = O1_BRANCHES  # adaptive: sequences per request, the first one included
+    o1_entropy_threshold: float | None = None  # adaptive: entropy (nats) above which a token branches
+    answer_regex: str | None = None  # adaptive: what a branch answers (last match, its first group if any)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -111,8 +113,11 @@ class SamplingParams:
         check_o1(self.o1_mode, self.o1_max_branches, self.o1_entropy_threshold, self.answer_regex)
         if self.o1_mode == "adaptive" and self.o1_blocker:
             raise ValueError(f"o1_mode adaptive does not take {self.o1_blocker}")
-        if self.o1_mode == "off" and (self.answer_regex is not None or self.o1_entropy_threshold is not None
-                                      or self.o1_max_branches != O1_BRANCHES):
+        if self.o1_mode == "off" and (
+            self.answer_regex is not None
+            or self.o1_entropy_threshold is not None
+            or self.o1_max_branches != O1_BRANCHES
+        ):
             raise ValueError("o1_max_branches, o1_entropy_threshold and answer_regex apply to o1_mode adaptive only")
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
@@ -153,6 +158,9 @@ def _check_num(name, value, low, high, open_low=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
         raise ValueError(f"{name} must be a number, got {value!r}")
     if (value <= low if open_low else value < low) or (high is not None and value > high):
-        bound = f"in ({low}, {high}]" if open_low and high is not None else (
-            f"in [{low}, {high}]" if high is not None else f"> {low}" if open_low else f">= {low}")
+        bound = (
+            f"in ({low}, {high}]"
+            if open_low and high is not None
+            else (f"in [{low}, {high}]" if high is not None else f"> {low}" if open_low else f">= {low}")
+        )
         raise ValueError(f"{name} must be {bound}, got {value}")

@@ -4,6 +4,7 @@ Running sequences go first (each wants one token, or the next chunk of its promp
 join while the budget, max_num_seqs and free blocks allow. When blocks run out, the running
 sequence with the lowest priority (latest arrival among equals) is preempted and recomputed later.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -33,10 +34,11 @@ def _order(seq: Sequence):
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 lookahead=lambda seq: 0):
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int, lookahead=lambda seq: 0
+    ):
         self.blocks = block_manager
-        self.lookahead = lookahead     # seq -> extra KV slots its step may write (lossless drafts)
+        self.lookahead = lookahead  # seq -> extra KV slots its step may write (lossless drafts)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
@@ -59,7 +61,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0:
                 break
-            if seq.status is not Status.RUNNING:   # preempted earlier in this loop
+            if seq.status is not Status.RUNNING:  # preempted earlier in this loop
                 continue
             n = min(seq.num_tokens - seq.num_computed_tokens, budget)
             slots = self._slots(seq, n)

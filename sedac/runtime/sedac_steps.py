@@ -5,6 +5,7 @@ Each path also reports what it spent per sequence, in batch-1 full-pass units by
 pass costs (fixed + per_row * rows; every pass's cost shared among its rows): draft passes, verify rows,
 int8 passes, and the rows a later full pass reruns for exited tokens, beside what `off` would spend on
 the same tokens in a batch of the same size. The skip ratio is the share of that saved."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,18 +19,26 @@ from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
 @dataclass
 class SedacTokens:
     """What a SEDAC path produced for one sequence this step."""
+
     tokens: list[int]
     logprobs: list
-    computed: int            # tokens whose K/V this step completed
-    cost: float              # passes spent on the sequence (batch-1 full-pass units)
-    off_cost: float          # what `off` would spend on the same tokens
+    computed: int  # tokens whose K/V this step completed
+    cost: float  # passes spent on the sequence (batch-1 full-pass units)
+    off_cost: float  # what `off` would spend on the same tokens
     drafted: int = 0
     accepted: int = 0
 
 
 class SedacSteps:
-    def __init__(self, runner, max_num_seqs: int, kv_fill: str, lossy_exit: str | None,
-                 speculative_disable_by_batch_size: int | None, engine_dir):
+    def __init__(
+        self,
+        runner,
+        max_num_seqs: int,
+        kv_fill: str,
+        lossy_exit: str | None,
+        speculative_disable_by_batch_size: int | None,
+        engine_dir,
+    ):
         if kv_fill not in SEDAC_KV_FILLS:
             raise ValueError(f"sedac_kv_fill must be one of {', '.join(SEDAC_KV_FILLS)}, got {kv_fill!r}")
         if kv_fill == "ghost" and runner.ghost_kv is None:
@@ -40,13 +49,20 @@ class SedacSteps:
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.sedac = sedac = runner.config.sedac or {}
         self.lossy_exit = _check_lossy_exit(sedac, lossy_exit, engine_dir)
-        self.exit_controller = ExitController(sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"],
-                                              sedac["default_agreement"]) if sedac else None
-        self.drafts_by_batch = draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"],
-                                          max_num_seqs) if sedac else []
+        self.exit_controller = (
+            ExitController(
+                sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"], sedac["default_agreement"]
+            )
+            if sedac
+            else None
+        )
+        self.drafts_by_batch = (
+            draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"], max_num_seqs) if sedac else []
+        )
         # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
-        self.exit_histogram = {layer: 0 for layer in ([0] if self.lossy_exit == "int8"
-                                                      else sedac.get("lossy_layers", []))}
+        self.exit_histogram = {
+            layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))
+        }
 
     def split(self, batch: ScheduledBatch, mode_of):
         """-> (full batch, lossless seqs, lossy seqs). Decodes in lossless or lossy mode take SEDAC's
@@ -58,14 +74,17 @@ class SedacSteps:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             mode = mode_of(seq)
             # lossy: the last token plus the exited ones whose deeper layers are still pending
-            decoding = (n == len(seq.exit_hidden) + 1 and not seq.pending_forks
-                        and seq.num_computed_tokens + n == seq.num_tokens)
+            decoding = (
+                n == len(seq.exit_hidden) + 1
+                and not seq.pending_forks
+                and seq.num_computed_tokens + n == seq.num_tokens
+            )
             if decoding and mode == "lossless":
                 lossless.append(seq)
             elif decoding and mode == "lossy":
                 lossy.append(seq)
             else:
-                seq.exit_hidden = []        # the full path recomputes those tokens through every layer
+                seq.exit_hidden = []  # the full path recomputes those tokens through every layer
                 full.add(seq, n)
         limit = self.speculative_disable_by_batch_size
         if lossless and (self.batch_drafts(len(lossless)) == 0 or limit is not None and len(batch.seqs) > limit):
@@ -80,27 +99,46 @@ class SedacSteps:
 
     def draft_len(self, seq) -> int:
         """Drafts for a lossless decode step of seq; never past max_tokens or max_seq_len."""
-        room = min(seq.params.max_tokens - seq.num_output_tokens,
-                   self.runner.config.build.max_seq_len - seq.num_tokens) - 1
+        room = (
+            min(seq.params.max_tokens - seq.num_output_tokens, self.runner.config.build.max_seq_len - seq.num_tokens)
+            - 1
+        )
         return max(0, min(self.sedac["draft_len"], room))
 
     def lossless(self, seqs, grammar) -> list[SedacTokens]:
         """A draft-and-verify cycle; grammar: the engine's StructuredOutputs (constrained drafts and targets)."""
         k = self.batch_drafts(len(seqs))
-        results = speculative_step(self.runner, seqs, [min(k, self.draft_len(s)) for s in seqs],
-                                   self.sedac["draft_max_entropy"], self._min_drafting(len(seqs)), grammar)
+        results = speculative_step(
+            self.runner,
+            seqs,
+            [min(k, self.draft_len(s)) for s in seqs],
+            self.sedac["draft_max_entropy"],
+            self._min_drafting(len(seqs)),
+            grammar,
+        )
         verify_rows = sum(r.drafted + 1 for r in results)
-        return [SedacTokens(r.tokens, r.logprobs, len(r.tokens),                  # every draft pass it ran in
-                            sum(self._share("int8", rows, 1) for rows in r.draft_passes)
-                            + self._share("full", verify_rows, r.drafted + 1),
-                            self.off_cost(len(seqs)) * len(r.tokens), r.drafted, r.accepted) for r in results]
+        return [
+            SedacTokens(
+                r.tokens,
+                r.logprobs,
+                len(r.tokens),  # every draft pass it ran in
+                sum(self._share("int8", rows, 1) for rows in r.draft_passes)
+                + self._share("full", verify_rows, r.drafted + 1),
+                self.off_cost(len(seqs)) * len(r.tokens),
+                r.drafted,
+                r.accepted,
+            )
+            for r in results
+        ]
 
     @staticmethod
     def rates(counters: dict) -> dict:
         """Engine-wide draft acceptance and skip ratio (the share of off's cost the SEDAC paths saved)."""
         saved = 1.0 - counters["sedac_cost"] / counters["sedac_off_cost"] if counters["sedac_off_cost"] else 0.0
-        return {"sedac_acceptance_rate": counters["sedac_accepted_tokens"] / max(1, counters["sedac_drafted_tokens"]),
-                "sedac_skip_ratio": saved}
+        return {
+            "sedac_acceptance_rate": counters["sedac_accepted_tokens"] / max(1, counters["sedac_drafted_tokens"]),
+            "sedac_skip_ratio": saved,
+        }
 
     def off_cost(self, num_seqs: int) -> float:
         """A token's share of a full decode pass of num_seqs rows: what `off` spends per token (1 at batch 1)."""
@@ -139,8 +177,12 @@ class SedacSteps:
         for r in results:
             if r.exit_layer in self.exit_histogram:
                 self.exit_histogram[r.exit_layer] += 1
-        return [SedacTokens([r.token], [r.logprob], c, first + (1 - depth) * self._share("full", sum(rows), n),
-                            self.off_cost(b)) for r, c, first, n in zip(results, computed, first_part, rows)]
+        return [
+            SedacTokens(
+                [r.token], [r.logprob], c, first + (1 - depth) * self._share("full", sum(rows), n), self.off_cost(b)
+            )
+            for r, c, first, n in zip(results, computed, first_part, rows)
+        ]
 
 
 def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None:

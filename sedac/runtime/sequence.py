@@ -1,4 +1,5 @@
 """One sampled continuation: its tokens, how many of them have KV, its blocks and its output state."""
+
 from __future__ import annotations
 
 import copy
@@ -20,17 +21,24 @@ class Status(Enum):
 
 
 class Sequence:
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 index: int = 0, arrival: float | None = None, bad_words_ids: list[list[int]] | None = None,
-                 stop_ids: list[int] | None = None):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        index: int = 0,
+        arrival: float | None = None,
+        bad_words_ids: list[list[int]] | None = None,
+        stop_ids: list[int] | None = None,
+    ):
         self.seq_id = next(_ids)
         self.request_id, self.index, self.params = request_id, index, params
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
-        self.num_computed_tokens = 0       # tokens whose KV is in the cache
-        self.num_cached_tokens = 0         # of those, found in the prefix cache at admission
+        self.num_computed_tokens = 0  # tokens whose KV is in the cache
+        self.num_cached_tokens = 0  # of those, found in the prefix cache at admission
         self.block_table: list[int] = []
-        self.num_hashed_blocks = 0         # leading full blocks registered in the prefix cache
+        self.num_hashed_blocks = 0  # leading full blocks registered in the prefix cache
         self.block_hashes: list[int] = []
         self.status = Status.WAITING
         self.finish_reason: str | None = None
@@ -43,12 +51,12 @@ class Sequence:
         self.generator = _generator(params.seed, index)
         self.pending_forks = params.n - 1 if index == 0 else 0  # children forked after the prompt
         self.detok_state: object = None
-        self.bad_words_ids = bad_words_ids or []   # token sequences whose last token is banned after the rest
-        self.stop_ids = stop_ids or []     # EOS and stop_token_ids: held back until params.min_tokens outputs
-        self.exit_hidden: list = []        # lossy mode: exit states of exited tokens whose deeper layers are pending
+        self.bad_words_ids = bad_words_ids or []  # token sequences whose last token is banned after the rest
+        self.stop_ids = stop_ids or []  # EOS and stop_token_ids: held back until params.min_tokens outputs
+        self.exit_hidden: list = []  # lossy mode: exit states of exited tokens whose deeper layers are pending
         # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
         self.int8_exits: list = []
-        self.approximate_kv_from: int | None = None   # first position whose K/V is not the full model's
+        self.approximate_kv_from: int | None = None  # first position whose K/V is not the full model's
 
     @property
     def num_tokens(self) -> int:
@@ -56,7 +64,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -68,8 +76,9 @@ class Sequence:
 
     def fork(self, index: int) -> "Sequence":
         """A sibling sample sharing this sequence's prompt and blocks (the caller bumps block refs)."""
-        child = Sequence(self.request_id, self.token_ids, self.params, index, self.arrival, self.bad_words_ids,
-                         self.stop_ids)
+        child = Sequence(
+            self.request_id, self.token_ids, self.params, index, self.arrival, self.bad_words_ids, self.stop_ids
+        )
         child.num_prompt_tokens = self.num_prompt_tokens
         child.num_computed_tokens = self.num_computed_tokens
         child.block_table = list(self.block_table)
@@ -80,8 +89,11 @@ class Sequence:
     def branch(self, index: int) -> "Sequence":
         """A fork mid-generation (o1 branching): it also takes the text, logprobs and detokenizer state so far."""
         child = self.fork(index)
-        child.output_text, child.logprobs, child.first_token_time = (self.output_text, list(self.logprobs),
-                                                                     self.first_token_time)
+        child.output_text, child.logprobs, child.first_token_time = (
+            self.output_text,
+            list(self.logprobs),
+            self.first_token_time,
+        )
         child.detok_state = copy.copy(self.detok_state)
         return child
 

@@ -8,6 +8,7 @@ with, plus the full model's own next token, so output is token-identical to `off
 use standard speculative acceptance (accept d with min(1, p(d)/q(d)), else draw from the residual
 max(p - q, 0)), which leaves the output distribution exactly the full model's.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,14 +26,14 @@ class CycleResult:
     logprobs: list
     drafted: int
     accepted: int
-    draft_passes: tuple      # rows of each int8 draft pass the sequence ran in (its cost share)
+    draft_passes: tuple  # rows of each int8 draft pass the sequence ran in (its cost share)
 
 
 class _Extended(Sequence):
     """A sequence seen as if `extra` tokens were already appended: what the sampler sees at a draft.
     Only what the sampler reads is set; the token-count properties come from Sequence."""
 
-    def __init__(self, seq: Sequence, extra: list[int]):   # not super().__init__: it would start a new sequence
+    def __init__(self, seq: Sequence, extra: list[int]):  # not super().__init__: it would start a new sequence
         self.params, self.generator, self.bad_words_ids = seq.params, seq.generator, seq.bad_words_ids
         self.stop_ids = seq.stop_ids
         self.num_prompt_tokens = seq.num_prompt_tokens
@@ -56,7 +57,7 @@ def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) ->
     for b in range(1, max_batch + 1):
         best, best_k = b / pass_cost(costs, "full", b), 0
         for k in range(1, max_draft_len + 1):
-            tokens = b * sum(alpha ** j for j in range(k + 1))
+            tokens = b * sum(alpha**j for j in range(k + 1))
             rate = tokens / (k * pass_cost(costs, "int8", b) + pass_cost(costs, "full", b * (k + 1)))
             if rate > best:
                 best, best_k = rate, k
@@ -65,23 +66,24 @@ def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) ->
 
 
 @torch.inference_mode()
-def speculative_step(runner, seqs, draft_lens: list[int], max_entropy: float,
-                     min_drafting: float = 0.0, grammar=None) -> list[CycleResult]:
+def speculative_step(
+    runner, seqs, draft_lens: list[int], max_entropy: float, min_drafting: float = 0.0, grammar=None
+) -> list[CycleResult]:
     """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved). A draft
     round is one int8 pass for all rows that draft; it runs only while at least min_drafting of the
     batch drafts, the share whose saved full passes pay for it. grammar: the engine's StructuredOutputs
     (drafts and targets of constrained sequences are masked by it)."""
-    starts = [s.num_tokens - 1 for s in seqs]             # position of each one's unprocessed last token
+    starts = [s.num_tokens - 1 for s in seqs]  # position of each one's unprocessed last token
     drafts, qs, passes = _draft(runner, seqs, starts, draft_lens, max_entropy, min_drafting * len(seqs), grammar)
     ids = torch.tensor([t for s, d in zip(seqs, drafts) for t in [s.token_ids[-1], *d]], device=runner.device)
     positions, ctx = runner.span_context([(s.block_table, p, len(d) + 1) for s, p, d in zip(seqs, starts, drafts)])
-    hidden = runner.run(ids, None, positions, ctx)                        # verify: writes the true KV
+    hidden = runner.run(ids, None, positions, ctx)  # verify: writes the true KV
     logits = runner.model.logits(hidden, argmax_only=argmax_only(seqs)).float()
     results, row = [], 0
     for i, (seq, d, q) in enumerate(zip(seqs, drafts, qs)):
         k = len(d)
         views = [_Extended(seq, d[:j]) for j in range(k + 1)]
-        rows = logits[row:row + k + 1]
+        rows = logits[row : row + k + 1]
         row += k + 1
         constrain = (lambda lg, _views: grammar.mask_after_drafts(lg, seq, d)) if grammar else _unconstrained
         tokens, lps = (_accept_greedy if seq.params.greedy else _accept_sampled)(rows, views, d, q, constrain)
@@ -111,7 +113,7 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
             break
         logits = process(raw, [_Extended(seqs[i], drafts[i]) for i in active])
         if grammar:
-            grammar.mask(logits, [seqs[i] for i in active])     # their matchers stand after their drafts
+            grammar.mask(logits, [seqs[i] for i in active])  # their matchers stand after their drafts
         greedy = logits.argmax(-1).tolist()
         still = []
         for n, i in enumerate(active):
@@ -120,7 +122,7 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
             if seqs[i].params.greedy:
                 token = greedy[n]
             else:
-                q = filtered_probs(logits[n:n + 1], [seqs[i].params])[0]
+                q = filtered_probs(logits[n : n + 1], [seqs[i].params])[0]
                 token = draw(q, seqs[i].generator)
                 qs[i].append(q)
             state = grammar.accept(seqs[i], token) if grammar else None
@@ -142,11 +144,11 @@ def _unconstrained(logits, _views):
 
 
 def _accept_greedy(logits, views, drafts, _qs, constrain):
-    targets, lps = sample(logits, views, constrain)   # exactly what `off` would pick after each draft prefix
+    targets, lps = sample(logits, views, constrain)  # exactly what `off` would pick after each draft prefix
     m = 0
     while m < len(drafts) and drafts[m] == targets[m]:
         m += 1
-    return drafts[:m] + [targets[m]], lps[:m + 1]
+    return drafts[:m] + [targets[m]], lps[: m + 1]
 
 
 def _accept_sampled(logits, views, drafts, qs, constrain):
@@ -155,7 +157,7 @@ def _accept_sampled(logits, views, drafts, qs, constrain):
     gen, tokens = views[0].generator, []
     for j, (d, q) in enumerate(zip(drafts, qs)):
         p = probs[j]
-        if torch.rand((), generator=gen) * q[d] <= p[d]:     # accept with probability min(1, p/q)
+        if torch.rand((), generator=gen) * q[d] <= p[d]:  # accept with probability min(1, p/q)
             tokens.append(d)
             continue
         residual = (p - q).clamp(min=0)
@@ -163,4 +165,4 @@ def _accept_sampled(logits, views, drafts, qs, constrain):
         break
     else:
         tokens.append(draw(probs[len(drafts)], gen))
-    return tokens, token_logprobs(raw, tokens, views[:len(tokens)])
+    return tokens, token_logprobs(raw, tokens, views[: len(tokens)])

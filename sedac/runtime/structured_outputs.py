@@ -13,6 +13,7 @@ SEDAC lossless drafts are masked too (the matcher advances by each draft and rol
 and each verify row is masked by the grammar's state after its draft prefix, so the target tokens are
 exactly the ones a constrained `off` step would pick.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,6 +27,7 @@ import torch
 class StructuredOutputsParams:
     """vLLM's StructuredOutputsParams: exactly one of json (a JSON schema, dict or string), regex,
     choice (a list of strings), grammar (EBNF, GBNF syntax), json_object (any JSON object)."""
+
     json: dict | str | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -36,15 +38,18 @@ class StructuredOutputsParams:
         given = [n for n in ("json", "regex", "choice", "grammar") if getattr(self, n) is not None]
         given += ["json_object"] if self.json_object is True else []
         if len(given) != 1:
-            raise ValueError("structured_outputs needs exactly one of json, regex, choice, grammar, json_object"
-                             + (f" (got {', '.join(given)})" if given else ""))
+            raise ValueError(
+                "structured_outputs needs exactly one of json, regex, choice, grammar, json_object"
+                + (f" (got {', '.join(given)})" if given else "")
+            )
         if self.json is not None and not isinstance(self.json, (dict, str)):
             raise ValueError("structured_outputs.json must be a JSON schema (object or string)")
         for name in ("regex", "grammar"):
             if getattr(self, name) is not None and not (isinstance(getattr(self, name), str) and getattr(self, name)):
                 raise ValueError(f"structured_outputs.{name} must be a non-empty string")
-        if self.choice is not None and not (isinstance(self.choice, list) and self.choice
-                                            and all(isinstance(c, str) and c for c in self.choice)):
+        if self.choice is not None and not (
+            isinstance(self.choice, list) and self.choice and all(isinstance(c, str) and c for c in self.choice)
+        ):
             raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
         if not isinstance(self.json_object, bool):
             raise ValueError("structured_outputs.json_object must be a boolean")
@@ -69,7 +74,7 @@ class StructuredOutputs:
     def __init__(self, tokenizer, vocab_size: int, eos_ids: list[int]):
         self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, eos_ids
         self._compiler = None
-        self.matchers: dict[object, object] = {}     # Sequence -> xgrammar.GrammarMatcher
+        self.matchers: dict[object, object] = {}  # Sequence -> xgrammar.GrammarMatcher
 
     def compile(self, params: StructuredOutputsParams):
         """The compiled grammar; a bad schema, regex or grammar raises ValueError naming it."""
@@ -85,22 +90,28 @@ class StructuredOutputs:
             if params.choice is not None:
                 return compiler.compile_regex("|".join(_regex_escape(c) for c in params.choice))
             return compiler.compile_grammar(params.grammar)
-        except (RuntimeError, ValueError, TypeError) as e:     # xgrammar's parse errors
-            kind = next(n for n in ("json", "regex", "choice", "grammar") if getattr(params, n) is not None) \
-                if not params.json_object else "json_object"
-            detail = re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[0])   # xgrammar's log prefix
+        except (RuntimeError, ValueError, TypeError) as e:  # xgrammar's parse errors
+            kind = (
+                next(n for n in ("json", "regex", "choice", "grammar") if getattr(params, n) is not None)
+                if not params.json_object
+                else "json_object"
+            )
+            detail = re.sub(r"^\[[^\]]*\] \S+:\d+: ", "", str(e).strip().splitlines()[0])  # xgrammar's log prefix
             raise ValueError(f"structured_outputs.{kind} is invalid: {detail[:300]}") from None
 
     def _grammar_compiler(self):
         if self._compiler is None:
             import xgrammar
-            info = xgrammar.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                           stop_token_ids=self.eos_ids)
+
+            info = xgrammar.TokenizerInfo.from_huggingface(
+                self.tokenizer, vocab_size=self.vocab_size, stop_token_ids=self.eos_ids
+            )
             self._compiler = xgrammar.GrammarCompiler(info, max_threads=1)
         return self._compiler
 
     def start(self, seq, compiled) -> None:
         import xgrammar
+
         self.matchers[seq] = xgrammar.GrammarMatcher(compiled)
 
     def release(self, seq) -> None:
@@ -113,6 +124,7 @@ class StructuredOutputs:
         if not rows:
             return logits
         import xgrammar
+
         bitmask = xgrammar.allocate_token_bitmask(len(seqs), self.vocab_size)
         for i in rows:
             self.matchers[seqs[i]].fill_next_token_bitmask(bitmask, i)
@@ -120,8 +132,9 @@ class StructuredOutputs:
         # as it is: the sequence then ends as a dead end (accept), instead of sampling from nothing.
         live = [i for i in rows if bitmask[i].any()]
         if live:
-            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                                 indices=live)
+            xgrammar.apply_token_bitmask_inplace(
+                logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=live
+            )
         return logits
 
     def mask_after_drafts(self, logits: torch.Tensor, seq, drafts: list[int]) -> torch.Tensor:
@@ -132,10 +145,11 @@ class StructuredOutputs:
         if matcher is None:
             return logits
         import xgrammar
+
         bitmask = xgrammar.allocate_token_bitmask(len(logits), self.vocab_size)
         live, taken = [], 0
         for j in range(len(logits)):
-            if matcher.is_terminated():     # a draft ended the grammar: acceptance stops there
+            if matcher.is_terminated():  # a draft ended the grammar: acceptance stops there
                 break
             matcher.fill_next_token_bitmask(bitmask, j)
             if bitmask[j].any():
@@ -146,8 +160,9 @@ class StructuredOutputs:
         if taken:
             matcher.rollback(taken)
         if live:
-            xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), vocab_size=self.vocab_size,
-                                                 indices=live)
+            xgrammar.apply_token_bitmask_inplace(
+                logits, bitmask.to(logits.device), vocab_size=self.vocab_size, indices=live
+            )
         return logits
 
     def rollback(self, seq, num_tokens: int) -> None:

@@ -1,4 +1,5 @@
 """The HTTP server: OpenAI routes, the original SEDAC routes, health and metrics, all on one AsyncLLM."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,9 @@ from sedac.serving.protocol import (
 class RequestLimits:
     """What one request may ask for (`sedac-run serve --max-n/--max-tokens-cap/--max-body-bytes`): vLLM caps
     none but the context; one request here must not take the whole KV pool or the event loop."""
-    max_n: int = 64                    # choices per request
-    max_tokens: int | None = None      # tokens per choice; None: what fits in max_seq_len
+
+    max_n: int = 64  # choices per request
+    max_tokens: int | None = None  # tokens per choice; None: what fits in max_seq_len
     max_body_bytes: int = 1 << 20
 
     def __post_init__(self):
@@ -88,11 +90,13 @@ class Server:
             raise HTTPError(400, "request body nests too deeply") from None
         except ValidationError as e:
             first = e.errors()[0]
-            raise HTTPError(400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: "
-                                 f"{first['msg']}") from None
+            raise HTTPError(
+                400, f"invalid field {'.'.join(map(str, first['loc'])) or 'body'}: {first['msg']}"
+            ) from None
         if getattr(req, "model", None) not in (None, self.model_name):
-            raise HTTPError(404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}",
-                            "model_not_found")
+            raise HTTPError(
+                404, f"model {req.model!r} does not exist; this server serves {self.model_name!r}", "model_not_found"
+            )
         return req
 
     def params(self, req, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
@@ -103,8 +107,11 @@ class Server:
         if params.n > self.limits.max_n:
             raise HTTPError(400, f"n ({params.n}) is over this server's limit of {self.limits.max_n} (--max-n)")
         if params.max_tokens > self.max_tokens:
-            raise HTTPError(400, f"max_tokens ({params.max_tokens}) is over this server's limit of {self.max_tokens}"
-                                 + (" (--max-tokens-cap)" if self.max_tokens < self.max_seq_len else " (max_seq_len)"))
+            raise HTTPError(
+                400,
+                f"max_tokens ({params.max_tokens}) is over this server's limit of {self.max_tokens}"
+                + (" (--max-tokens-cap)" if self.max_tokens < self.max_seq_len else " (max_seq_len)"),
+            )
         return params
 
     def room_after(self, prompt_tokens: int) -> int:
@@ -122,8 +129,11 @@ class Server:
             except ValueError as e:
                 raise HTTPError(400, str(e)) from None
             if len(ids) + params.max_tokens > self.max_seq_len:
-                raise HTTPError(400, f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
-                                     f"max_seq_len {self.max_seq_len}")
+                raise HTTPError(
+                    400,
+                    f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                    f"max_seq_len {self.max_seq_len}",
+                )
             out.append(ids)
         return out
 
@@ -133,8 +143,9 @@ class Server:
 
     def render(self, messages: list[dict], tools: list[dict] | None, tokenize: bool = False):
         try:
-            return self.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True,
-                                                      tokenize=tokenize)
+            return self.tokenizer.apply_chat_template(
+                messages, tools=tools, add_generation_prompt=True, tokenize=tokenize
+            )
         except Exception as e:
             raise HTTPError(400, f"invalid chat messages: {e}") from None
 
@@ -156,12 +167,19 @@ class Server:
 def body(model: type[BaseModel], streams: bool = False) -> dict:
     """The route's JSON request body in /openapi.json: the routes parse bodies themselves (size, depth and
     non-finite checks before pydantic), so FastAPI cannot infer them. streams: 200 may be SSE."""
-    doc = {"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
+    doc = {
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+        }
+    }
     if streams:
-        doc["responses"] = {"200": {"description": "the completion, or with stream=true its chunks as server-sent "
-                                                   "events", "content": {"application/json": {},
-                                                                         "text/event-stream": {}}}}
+        doc["responses"] = {
+            "200": {
+                "description": "the completion, or with stream=true its chunks as server-sent events",
+                "content": {"application/json": {}, "text/event-stream": {}},
+            }
+        }
     return doc
 
 
@@ -179,17 +197,35 @@ def declare_bodies(app: FastAPI, models: list[type[BaseModel]]) -> None:
                 components[model.__name__] = spec
             app.openapi_schema = schema
         return app.openapi_schema
+
     app.openapi = openapi
 
 
-def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
-              limits: RequestLimits = RequestLimits()) -> FastAPI:
-    errors = {status: {"model": ErrorResponse, "description": text} for status, text in
-              ((400, "invalid request"), (401, "missing or wrong API key"), (404, "unknown model"),
-               (413, "request body too large"), (503, "busy, or the engine failed"))}
+def build_app(
+    llm: AsyncLLM, model_name: str, api_key: str | None = None, limits: RequestLimits = RequestLimits()
+) -> FastAPI:
+    errors = {
+        status: {"model": ErrorResponse, "description": text}
+        for status, text in (
+            (400, "invalid request"),
+            (401, "missing or wrong API key"),
+            (404, "unknown model"),
+            (413, "request body too large"),
+            (503, "busy, or the engine failed"),
+        )
+    }
     app = FastAPI(title="SEDAC server", version=__version__, responses=errors)
-    declare_bodies(app, [CompletionRequest, ChatCompletionRequest, GenerateRequest, BatchGenerateRequest,
-                         TokenizeRequest, DetokenizeRequest])
+    declare_bodies(
+        app,
+        [
+            CompletionRequest,
+            ChatCompletionRequest,
+            GenerateRequest,
+            BatchGenerateRequest,
+            TokenizeRequest,
+            DetokenizeRequest,
+        ],
+    )
     server = Server(llm, model_name, api_key, limits)
     max_body_bytes = limits.max_body_bytes
     app.state.server = server
@@ -203,8 +239,11 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     @app.middleware("http")
     async def guard(request: Request, call_next):
         open_paths = ("/health", "/ready", "/stats", "/metrics", "/metrics/prometheus")
-        if api_key and request.url.path not in open_paths and \
-                request.headers.get("authorization") != f"Bearer {api_key}":
+        if (
+            api_key
+            and request.url.path not in open_paths
+            and request.headers.get("authorization") != f"Bearer {api_key}"
+        ):
             return await http_error(request, HTTPError(401, "missing or wrong API key", "authentication_error"))
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > max_body_bytes:
@@ -213,8 +252,10 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "sedac",
-                                            "max_model_len": server.max_seq_len}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "owned_by": "sedac", "max_model_len": server.max_seq_len}],
+        }
 
     @app.post("/v1/completions", openapi_extra=body(CompletionRequest, streams=True))
     async def completions(request: Request):
@@ -247,7 +288,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
     async def detokenize(request: Request):
         req = await server.parse(request, DetokenizeRequest)
         try:
-            ids = llm.engine.tokenize(req.tokens)          # validates the ids against the vocabulary
+            ids = llm.engine.tokenize(req.tokens)  # validates the ids against the vocabulary
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
         return {"prompt": server.tokenizer.decode(ids)}
@@ -262,7 +303,7 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
             return JSONResponse({"status": "error", "detail": str(llm.error)}, status_code=503)
         return {"status": "ok", "model": model_name}
 
-    @app.get("/ready")                 # readiness: 503 until the engine has warmed up (health is liveness)
+    @app.get("/ready")  # readiness: 503 until the engine has warmed up (health is liveness)
     async def ready():
         if llm.error is not None or not llm.ready.is_set():
             status = "error" if llm.error is not None else "warming up"
@@ -275,8 +316,8 @@ def build_app(llm: AsyncLLM, model_name: str, api_key: str | None = None,
 
     prometheus_text = {200: {"description": "Prometheus text format", "content": {"text/plain": {}}}}
 
-    @app.get("/metrics", responses=prometheus_text)      # Prometheus text where vLLM and TensorRT-LLM serve it
-    @app.get("/metrics/prometheus", responses=prometheus_text)    # the original SEDAC path, kept as an alias
+    @app.get("/metrics", responses=prometheus_text)  # Prometheus text where vLLM and TensorRT-LLM serve it
+    @app.get("/metrics/prometheus", responses=prometheus_text)  # the original SEDAC path, kept as an alias
     async def metrics_prometheus():
         return Response(server.metrics.render(await llm.stats()), media_type="text/plain; version=0.0.4")
 
@@ -296,14 +337,27 @@ async def _native_generate(server: Server, req, prompts: list, fail_alone: bool 
                 return {"error": e.message}
             raise
         out = await stream.final()
-        return {"text": out.text, "token_ids": out.token_ids, "finish_reason": out.finish_reason,
-                "metrics": out.metrics.as_dict()}
+        return {
+            "text": out.text,
+            "token_ids": out.token_ids,
+            "finish_reason": out.finish_reason,
+            "metrics": out.metrics.as_dict(),
+        }
+
     return list(await asyncio.gather(*(one(p) for p in prompts)))
 
 
-def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue: int | None, device: str,
-          model_name: str | None = None, engine_options: dict | None = None,
-          limits: RequestLimits = RequestLimits()) -> None:
+def serve(
+    engine_dir: str,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int | None,
+    device: str,
+    model_name: str | None = None,
+    engine_options: dict | None = None,
+    limits: RequestLimits = RequestLimits(),
+) -> None:
     """Run the server until Ctrl-C / SIGTERM: uvicorn drains connections, the engine stops, exit 0.
     engine_options: LLMEngine keyword arguments (max_num_seqs, sedac_mode, sedac_kv_fill, ...)."""
     from pathlib import Path
@@ -326,7 +380,8 @@ def serve(engine_dir: str, host: str, port: int, api_key: str | None, max_queue:
     llm = AsyncLLM(LLMEngine(engine_dir, device=device, **(engine_options or {})), max_queue=max_queue)
     app = build_app(llm, model_name or Path(engine_dir).resolve().name, api_key, limits)
     try:
-        GracefulServer(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                      timeout_graceful_shutdown=5)).run()
+        GracefulServer(
+            uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+        ).run()
     finally:
         llm.shutdown()

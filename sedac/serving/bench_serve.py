@@ -7,6 +7,7 @@ mean rate --request-rate and shape --burstiness (1 = Poisson), as vLLM draws the
 requests in flight. Per request: TTFT (to the first token), ITL (between streamed chunks), TPOT ((E2EL -
 TTFT) / (output tokens - 1)), E2EL; goodput counts requests within every --goodput SLO.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-GOODPUT_METRICS = ("ttft", "tpot", "e2el")      # the SLOs vLLM's --goodput takes
+GOODPUT_METRICS = ("ttft", "tpot", "e2el")  # the SLOs vLLM's --goodput takes
 
 
 @dataclass
@@ -46,6 +47,7 @@ def sharegpt_requests(tokenizer, num: int, output_len: int | None, max_prompt_le
     """First user turns of the ShareGPT bench split; output length the recorded answer's (vLLM's default)
     unless output_len is given."""
     from sedac.builder.datasets import sharegpt_conversations
+
     out = []
     for messages in sharegpt_conversations("bench"):
         if len(messages) < 2:
@@ -72,8 +74,15 @@ def random_requests(tokenizer, num: int, input_len: int, output_len: int, seed: 
 
 
 async def _send(http, url: str, model: str, request: BenchRequest, api_key: str | None) -> Result:
-    body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_len, "temperature": 0.0,
-            "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": request.prompt,
+        "max_tokens": request.output_len,
+        "temperature": 0.0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     result, start = Result(), time.perf_counter()
     last, chunks = start, 0
@@ -95,7 +104,7 @@ async def _send(http, url: str, model: str, request: BenchRequest, api_key: str 
                     else:
                         result.itl.append(now - last)
                     last, chunks = now, chunks + 1
-    except Exception as e:                       # counted as a failed request; the run goes on
+    except Exception as e:  # counted as a failed request; the run goes on
         result.error = repr(e)
         return result
     result.e2el = time.perf_counter() - start
@@ -104,16 +113,25 @@ async def _send(http, url: str, model: str, request: BenchRequest, api_key: str 
     return result
 
 
-async def run_bench_serve(url: str, requests: list[BenchRequest], request_rate: float, burstiness: float,
-                          max_concurrency: int | None, goodput: dict[str, float], api_key: str | None,
-                          seed: int = 0) -> dict:
+async def run_bench_serve(
+    url: str,
+    requests: list[BenchRequest],
+    request_rate: float,
+    burstiness: float,
+    max_concurrency: int | None,
+    goodput: dict[str, float],
+    api_key: str | None,
+    seed: int = 0,
+) -> dict:
     import httpx
+
     url = url.rstrip("/")
     rng = random.Random(seed)
     async with httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(max_connections=None)) as http:
         try:
-            models = await http.get(url + "/v1/models",
-                                    headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+            models = await http.get(
+                url + "/v1/models", headers={"Authorization": f"Bearer {api_key}"} if api_key else {}
+            )
             models.raise_for_status()
             model = models.json()["data"][0]["id"]
         except (httpx.HTTPError, KeyError, IndexError, ValueError) as e:
@@ -123,28 +141,46 @@ async def run_bench_serve(url: str, requests: list[BenchRequest], request_rate: 
         async def limited(request):
             async with limit:
                 return await _send(http, url, model, request, api_key)
+
         started, tasks = time.perf_counter(), []
         for request in requests:
             tasks.append(asyncio.create_task(limited(request)))
-            if request_rate != float("inf"):       # gamma inter-arrival times: mean 1/rate, shape burstiness
+            if request_rate != float("inf"):  # gamma inter-arrival times: mean 1/rate, shape burstiness
                 await asyncio.sleep(rng.gammavariate(burstiness, 1.0 / (request_rate * burstiness)))
         results = await asyncio.gather(*tasks)
         duration = time.perf_counter() - started
-    return summarize(requests, results, duration, model, goodput,
-                     {"request_rate": request_rate, "burstiness": burstiness, "max_concurrency": max_concurrency})
+    return summarize(
+        requests,
+        results,
+        duration,
+        model,
+        goodput,
+        {"request_rate": request_rate, "burstiness": burstiness, "max_concurrency": max_concurrency},
+    )
 
 
 def summarize(requests, results: list[Result], duration: float, model: str, goodput: dict, settings: dict) -> dict:
     done = [(q, r) for q, r in zip(requests, results) if r.ok]
     inputs = sum(q.prompt_len for q, _ in done)
     outputs = sum(r.output_tokens for _, r in done)
-    out = {"model": model, **settings, "Successful requests": len(done), "Failed requests": len(results) - len(done),
-           "Benchmark duration (s)": round(duration, 2), "Total input tokens": inputs,
-           "Total generated tokens": outputs, "Request throughput (req/s)": round(len(done) / duration, 3),
-           "Output token throughput (tok/s)": round(outputs / duration, 2),
-           "Total Token throughput (tok/s)": round((inputs + outputs) / duration, 2)}
-    series = {"ttft": [r.ttft for _, r in done], "tpot": [r.tpot for _, r in done if r.tpot is not None],
-              "itl": [t for _, r in done for t in r.itl], "e2el": [r.e2el for _, r in done]}
+    out = {
+        "model": model,
+        **settings,
+        "Successful requests": len(done),
+        "Failed requests": len(results) - len(done),
+        "Benchmark duration (s)": round(duration, 2),
+        "Total input tokens": inputs,
+        "Total generated tokens": outputs,
+        "Request throughput (req/s)": round(len(done) / duration, 3),
+        "Output token throughput (tok/s)": round(outputs / duration, 2),
+        "Total Token throughput (tok/s)": round((inputs + outputs) / duration, 2),
+    }
+    series = {
+        "ttft": [r.ttft for _, r in done],
+        "tpot": [r.tpot for _, r in done if r.tpot is not None],
+        "itl": [t for _, r in done for t in r.itl],
+        "e2el": [r.e2el for _, r in done],
+    }
     names = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2EL"}
     for key, values in series.items():
         ms = [1000 * v for v in values] or [0.0]
@@ -152,8 +188,10 @@ def summarize(requests, results: list[Result], duration: float, model: str, good
         out[f"Median {names[key]} (ms)"] = round(statistics.median(ms), 2)
         out[f"P99 {names[key]} (ms)"] = round(float(np.percentile(ms, 99)), 2)
     if goodput:
-        good = sum(all(1000 * getattr(r, k) <= limit for k, limit in goodput.items() if getattr(r, k) is not None)
-                   for _, r in done)
+        good = sum(
+            all(1000 * getattr(r, k) <= limit for k, limit in goodput.items() if getattr(r, k) is not None)
+            for _, r in done
+        )
         out["Request goodput (req/s)"] = round(good / duration, 3)
     out["errors"] = [r.error for r in results if not r.ok][:3]
     # the raw per-request values behind the percentiles, for the report's distributions
@@ -188,15 +226,22 @@ def markdown(result: dict) -> str:
 def figures(result: dict) -> dict:
     """TTFT, TPOT and ITL distributions, and the run's token throughput (one run: one rate, one concurrency)."""
     from sedac.cli.report import grouped_bars, histograms
+
     per_request = result["per_request_ms"]
-    latency = histograms(f"Latency distributions ({result['Successful requests']} requests)",
-                         [("TTFT (ms)", "requests (count)", per_request["ttft"]),
-                          ("TPOT (ms)", "requests (count)", per_request["tpot"]),
-                          ("ITL (ms)", "token gaps (count)", [t for gaps in per_request["itl"] for t in gaps])])
+    latency = histograms(
+        f"Latency distributions ({result['Successful requests']} requests)",
+        [
+            ("TTFT (ms)", "requests (count)", per_request["ttft"]),
+            ("TPOT (ms)", "requests (count)", per_request["tpot"]),
+            ("ITL (ms)", "token gaps (count)", [t for gaps in per_request["itl"] for t in gaps]),
+        ],
+    )
     concurrency = result["max_concurrency"] or "unlimited"
-    throughput = grouped_bars(f"Token throughput at request rate {result['request_rate']} req/s, "
-                              f"max concurrency {concurrency}", "throughput (tokens counted)", "tokens/s",
-                              ["output tokens", "input + output tokens"],
-                              {"throughput": [result["Output token throughput (tok/s)"],
-                                              result["Total Token throughput (tok/s)"]]})
+    throughput = grouped_bars(
+        f"Token throughput at request rate {result['request_rate']} req/s, max concurrency {concurrency}",
+        "throughput (tokens counted)",
+        "tokens/s",
+        ["output tokens", "input + output tokens"],
+        {"throughput": [result["Output token throughput (tok/s)"], result["Total Token throughput (tok/s)"]]},
+    )
     return {"latency": latency, "throughput": throughput}

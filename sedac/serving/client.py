@@ -1,4 +1,5 @@
 """`sedac-run client`: one prompt to a sedac OpenAI server (openai client) or to Triton (tritonclient)."""
+
 from __future__ import annotations
 
 import queue
@@ -22,13 +23,21 @@ def run_client(url: str, prompt: str, stream: bool, model: str | None, api_key: 
 
 def _openai(url, prompt, stream, model, api_key, sampling) -> None:
     import openai
+
     client = openai.OpenAI(base_url=url.rstrip("/") + "/v1", api_key=api_key or "none", max_retries=0)
     try:
         model = model or client.models.list().data[0].id
         extra = {"top_k": sampling["top_k"], **_sedac_fields(sampling)}
-        kwargs = dict(model=model, messages=[{"role": "user", "content": prompt}], max_tokens=sampling["max_tokens"],
-                      temperature=sampling["temperature"], top_p=sampling["top_p"], seed=sampling["seed"],
-                      stop=list(sampling["stop"]) or None, extra_body=extra)
+        kwargs = dict(
+            model=model,
+            messages=[{"role": "user", "content": prompt}],
+            max_tokens=sampling["max_tokens"],
+            temperature=sampling["temperature"],
+            top_p=sampling["top_p"],
+            seed=sampling["seed"],
+            stop=list(sampling["stop"]) or None,
+            extra_body=extra,
+        )
         if not stream:
             click.echo(client.chat.completions.create(**kwargs).choices[0].message.content)
             return
@@ -52,12 +61,14 @@ def _sedac_fields(sampling: dict) -> dict:
 
 def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list:
     """tensorrtllm_backend-style request tensors."""
-    values = {"text_input": np.array([prompt.encode()], dtype=np.object_),
-              "max_tokens": np.array([sampling["max_tokens"]], dtype=np.int32),
-              "temperature": np.array([sampling["temperature"]], dtype=np.float32),
-              "top_k": np.array([sampling["top_k"]], dtype=np.int32),
-              "top_p": np.array([sampling["top_p"]], dtype=np.float32),
-              "stream": np.array([stream], dtype=bool)}
+    values = {
+        "text_input": np.array([prompt.encode()], dtype=np.object_),
+        "max_tokens": np.array([sampling["max_tokens"]], dtype=np.int32),
+        "temperature": np.array([sampling["temperature"]], dtype=np.float32),
+        "top_k": np.array([sampling["top_k"]], dtype=np.int32),
+        "top_p": np.array([sampling["top_p"]], dtype=np.float32),
+        "stream": np.array([stream], dtype=bool),
+    }
     if sampling.get("seed") is not None:
         values["random_seed"] = np.array([sampling["seed"]], dtype=np.uint64)
     if sampling.get("stop"):
@@ -68,7 +79,7 @@ def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list
     types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL", np.uint64: "UINT64"}
     inputs = []
     for name, value in values.items():
-        value = value[None]                     # [batch = 1, ...], as tensorrtllm_backend's clients send it
+        value = value[None]  # [batch = 1, ...], as tensorrtllm_backend's clients send it
         tensor = grpcclient.InferInput(name, list(value.shape), types[value.dtype.type])
         tensor.set_data_from_numpy(value)
         inputs.append(tensor)
@@ -78,6 +89,7 @@ def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list
 def _triton(address, prompt, stream, model, sampling) -> None:
     import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
+
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(address)
     try:
@@ -87,8 +99,9 @@ def _triton(address, prompt, stream, model, sampling) -> None:
         raise ValueError(f"cannot reach Triton at {address}: {e.message()}") from None
     client.start_stream(callback=partial(lambda q, result, error: q.put((result, error)), results))
     try:
-        client.async_stream_infer(model, triton_inputs(grpcclient, prompt, stream, sampling),
-                                  enable_empty_final_response=True)
+        client.async_stream_infer(
+            model, triton_inputs(grpcclient, prompt, stream, sampling), enable_empty_final_response=True
+        )
         while True:
             result, error = results.get(timeout=600)
             if error is not None:

@@ -1,4 +1,5 @@
 """OpenAI-compatible /v1/completions and /v1/chat/completions (streaming via SSE, n, logprobs, usage)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,37 +15,73 @@ from sedac.serving.protocol import ChatCompletionRequest, CompletionRequest
 
 class OpenAIHandlers:
     def __init__(self, server):
-        self.server = server          # sedac.serving.app.Server: engine access, validation, metrics
+        self.server = server  # sedac.serving.app.Server: engine access, validation, metrics
 
     # ---- completions ----------------------------------------------------------------------------
     async def completions(self, req: CompletionRequest):
-        prompts = [req.prompt] if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int)) \
+        prompts = (
+            [req.prompt]
+            if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
             else list(req.prompt)
+        )
         params = self.server.params(req, default_max_tokens=16, logprobs=req.logprobs)
         streams = [await self.server.submit(p, params) for p in self.server.tokenized(prompts, params)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:
             return _sse(self._completion_chunks(streams, rid, created, req))
         finals = await asyncio.gather(*(s.final() for s in streams))
-        choices = [{"index": i * params.n + c.index, "text": (f.prompt or "") * req.echo + c.text,
-                    "logprobs": self._completion_logprobs(c) if req.logprobs is not None else None,
-                    "finish_reason": c.finish_reason, **_confidence(c)}
-                   for i, f in enumerate(finals) for c in f.outputs]
-        return JSONResponse({"id": rid, "object": "text_completion", "created": created,
-                             "model": self.server.model_name, "choices": choices, "usage": _usage(finals)})
+        choices = [
+            {
+                "index": i * params.n + c.index,
+                "text": (f.prompt or "") * req.echo + c.text,
+                "logprobs": self._completion_logprobs(c) if req.logprobs is not None else None,
+                "finish_reason": c.finish_reason,
+                **_confidence(c),
+            }
+            for i, f in enumerate(finals)
+            for c in f.outputs
+        ]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.server.model_name,
+                "choices": choices,
+                "usage": _usage(finals),
+            }
+        )
 
     async def _completion_chunks(self, streams, rid, created, req) -> AsyncIterator[dict]:
         finals, sent = [], {}
         async for i, out in _merge(streams):
             for c, delta in _deltas(out, sent):
-                yield {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name,
-                       "choices": [{"index": i * req.n + c.index, "text": delta, "logprobs": None,
-                                    "finish_reason": c.finish_reason, **_confidence(c)}]}
+                yield {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.server.model_name,
+                    "choices": [
+                        {
+                            "index": i * req.n + c.index,
+                            "text": delta,
+                            "logprobs": None,
+                            "finish_reason": c.finish_reason,
+                            **_confidence(c),
+                        }
+                    ],
+                }
             if out.finished:
                 finals.append(out)
         if req.include_usage:
-            yield {"id": rid, "object": "text_completion", "created": created, "model": self.server.model_name,
-                   "choices": [], "usage": _usage(finals)}
+            yield {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.server.model_name,
+                "choices": [],
+                "usage": _usage(finals),
+            }
 
     def _completion_logprobs(self, c) -> dict:
         tok = self.server.tokenizer
@@ -53,9 +90,12 @@ class OpenAIHandlers:
         for t in tokens:
             offsets.append(pos)
             pos += len(t)
-        return {"tokens": tokens, "token_logprobs": [lp[t] for t, lp in zip(c.token_ids, c.logprobs)],
-                "top_logprobs": [{tok.decode([k]): v for k, v in lp.items()} for lp in c.logprobs],
-                "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp[t] for t, lp in zip(c.token_ids, c.logprobs)],
+            "top_logprobs": [{tok.decode([k]): v for k, v in lp.items()} for lp in c.logprobs],
+            "text_offset": offsets,
+        }
 
     # ---- chat -----------------------------------------------------------------------------------
     async def chat(self, req: ChatCompletionRequest):
@@ -71,34 +111,77 @@ class OpenAIHandlers:
         if req.stream:
             return _sse(self._chat_chunks(stream, rid, created, req, plan))
         final = await stream.final()
-        choices = [{"index": c.index, **_message(c, plan), "logprobs": self._chat_logprobs(c) if req.logprobs else None,
-                    **_confidence(c)} for c in final.outputs]
-        return JSONResponse({"id": rid, "object": "chat.completion", "created": created,
-                             "model": self.server.model_name, "choices": choices, "usage": _usage([final])})
+        choices = [
+            {
+                "index": c.index,
+                **_message(c, plan),
+                "logprobs": self._chat_logprobs(c) if req.logprobs else None,
+                **_confidence(c),
+            }
+            for c in final.outputs
+        ]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.server.model_name,
+                "choices": choices,
+                "usage": _usage([final]),
+            }
+        )
 
     async def _chat_chunks(self, stream, rid, created, req, plan) -> AsyncIterator[dict]:
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.server.model_name}
         for i in range(req.n):
-            yield {**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                        "logprobs": None, "finish_reason": None}]}
+            yield {
+                **head,
+                "choices": [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                ],
+            }
         final, sent, thought = None, {}, {}
         async for _, out in _merge([stream]):
-            for c, delta in _deltas(out, thought, lambda c: c.reasoning or ""):   # its own delta field (vLLM's)
+            for c, delta in _deltas(out, thought, lambda c: c.reasoning or ""):  # its own delta field (vLLM's)
                 if delta:
-                    yield {**head, "choices": [{"index": c.index, "delta": {"reasoning": delta}, "logprobs": None,
-                                                "finish_reason": None}]}
+                    yield {
+                        **head,
+                        "choices": [
+                            {"index": c.index, "delta": {"reasoning": delta}, "logprobs": None, "finish_reason": None}
+                        ],
+                    }
             for c, delta in _deltas(out, sent, lambda c: c.answer):
-                if plan is not None and plan.active:     # tool calls are parsed from the whole text: sent at the end
+                if plan is not None and plan.active:  # tool calls are parsed from the whole text: sent at the end
                     if c.finish_reason:
                         message = _message(c, plan)
-                        calls = [{"index": k, **call}
-                                 for k, call in enumerate(message["message"].get("tool_calls", []))]
+                        calls = [
+                            {"index": k, **call} for k, call in enumerate(message["message"].get("tool_calls", []))
+                        ]
                         delta = {"content": message["message"]["content"]} | ({"tool_calls": calls} if calls else {})
-                        yield {**head, "choices": [{"index": c.index, "delta": delta, "logprobs": None,
-                                                    "finish_reason": message["finish_reason"]}]}
+                        yield {
+                            **head,
+                            "choices": [
+                                {
+                                    "index": c.index,
+                                    "delta": delta,
+                                    "logprobs": None,
+                                    "finish_reason": message["finish_reason"],
+                                }
+                            ],
+                        }
                     continue
-                yield {**head, "choices": [{"index": c.index, "delta": {"content": delta} if delta else {},
-                                            "logprobs": None, "finish_reason": c.finish_reason, **_confidence(c)}]}
+                yield {
+                    **head,
+                    "choices": [
+                        {
+                            "index": c.index,
+                            "delta": {"content": delta} if delta else {},
+                            "logprobs": None,
+                            "finish_reason": c.finish_reason,
+                            **_confidence(c),
+                        }
+                    ],
+                }
             final = out
         if req.include_usage and final is not None:
             yield {**head, "choices": [], "usage": _usage([final])}
@@ -109,8 +192,13 @@ class OpenAIHandlers:
         def entry(token_id, logprob):
             text = tok.decode([token_id])
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
-        return {"content": [{**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in lp.items() if k != t]}
-                            for t, lp in zip(c.token_ids, c.logprobs)]}
+
+        return {
+            "content": [
+                {**entry(t, lp[t]), "top_logprobs": [entry(k, v) for k, v in lp.items() if k != t]}
+                for t, lp in zip(c.token_ids, c.logprobs)
+            ]
+        }
 
 
 def _message(c, plan) -> dict:
@@ -138,6 +226,7 @@ async def _merge(streams) -> AsyncIterator[tuple[int, object]]:
                 await queue.put((i, out))
         finally:
             await queue.put((i, None))
+
     tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
     try:
         remaining = len(streams)
@@ -160,7 +249,7 @@ def _deltas(out, sent: dict, text_of=lambda c: c.text):
     for c in out.outputs:
         key, text = (out.request_id, c.index), text_of(c)
         done = sent.get(key, 0)
-        if done is None:                      # this choice already sent its finish chunk
+        if done is None:  # this choice already sent its finish chunk
             continue
         if len(text) > done or c.finish_reason:
             yield c, text[done:]
@@ -172,6 +261,7 @@ def _sse(chunks: AsyncIterator[dict]) -> StreamingResponse:
         async for chunk in chunks:
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
+
     return StreamingResponse(body(), media_type="text/event-stream")
 
 

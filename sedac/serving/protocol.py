@@ -1,4 +1,5 @@
 """OpenAI request schemas (plus SEDAC extensions) and their mapping onto SamplingParams."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,12 @@ from sedac.serving.tools import Tool, ToolPlan
 # OpenAI / vLLM fields that would change the output but are not implemented yet: answered 400 naming the
 # field, never silently ignored. A value that asks for nothing (the benign ones) passes.
 UNSUPPORTED_FIELDS = {
-    "tools": lambda v: not v, "functions": lambda v: not v,     # tools: chat requests declare them (below)
-    "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
-    "best_of": lambda v: v == 1, "use_beam_search": lambda v: v is False,
+    "tools": lambda v: not v,
+    "functions": lambda v: not v,  # tools: chat requests declare them (below)
+    "tool_choice": lambda v: v == "none",
+    "function_call": lambda v: v == "none",
+    "best_of": lambda v: v == 1,
+    "use_beam_search": lambda v: v is False,
     "prompt_logprobs": lambda v: not v,
 }
 # vLLM's older names for structured_outputs' fields
@@ -44,12 +48,12 @@ Positive = Annotated[StrictInt, Field(ge=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]    # OpenAI's logit_bias keys: token ids as strings
+TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # OpenAI's logit_bias keys: token ids as strings
 TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
 
 
 class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="ignore")     # unknown fields that change nothing (user, metadata, ...)
+    model_config = ConfigDict(extra="ignore")  # unknown fields that change nothing (user, metadata, ...)
 
     @model_validator(mode="before")
     @classmethod
@@ -62,12 +66,12 @@ class _Sampling(BaseModel):
 
     model: str | None = None
     max_tokens: Positive | None = None
-    max_completion_tokens: Positive | None = None     # the OpenAI SDK's current name; wins over max_tokens
+    max_completion_tokens: Positive | None = None  # the OpenAI SDK's current name; wins over max_tokens
     temperature: Number = Field(1.0, ge=0)
     top_p: Number = Field(1.0, gt=0, le=1)
     top_k: StrictInt = Field(0, ge=-1)
     min_p: Number = Field(0.0, ge=0, le=1)
-    n: Positive = 1                          # at most the server's --max-n (checked by the server: 400)
+    n: Positive = 1  # at most the server's --max-n (checked by the server: 400)
     stop: Text | list[Text] | None = None
     stop_token_ids: list[TokenId] | None = None
     logit_bias: dict[TokenIdKey, Annotated[Number, Field(ge=-100, le=100)]] | None = None
@@ -82,48 +86,76 @@ class _Sampling(BaseModel):
     priority: StrictInt = 0
     sedac_mode: Literal["off", "lossless", "lossy"] | None = None
     sedac_agreement: Number | None = Field(None, gt=0, le=1)
-    response_format: dict | None = None          # OpenAI: {"type": "text" | "json_object" | "json_schema", ...}
-    structured_outputs: dict | None = None       # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    response_format: dict | None = None  # OpenAI: {"type": "text" | "json_object" | "json_schema", ...}
+    structured_outputs: dict | None = None  # vLLM: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
     guided_json: dict | str | None = None
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
-    thinking_token_budget: Positive | None = None      # vLLM: reasoning tokens before the end marker is forced
-    reasoning_effort: Literal["low", "medium", "high"] | None = None    # OpenAI: mapped to a budget
-    o1_mode: Literal["off", "adaptive"] | None = None   # adaptive: branch at uncertain tokens, answer by vote
+    thinking_token_budget: Positive | None = None  # vLLM: reasoning tokens before the end marker is forced
+    reasoning_effort: Literal["low", "medium", "high"] | None = None  # OpenAI: mapped to a budget
+    o1_mode: Literal["off", "adaptive"] | None = None  # adaptive: branch at uncertain tokens, answer by vote
     o1_max_branches: StrictInt = Field(O1_BRANCHES, ge=1, le=O1_MAX_BRANCHES)
     o1_entropy_threshold: Number | None = Field(None, ge=0)
     answer_regex: str | None = None
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (-> HTTP 400) for values SamplingParams rejects."""
-        extra = {k: v for k, v in (("sedac_mode", self.sedac_mode), ("sedac_agreement", self.sedac_agreement),
-                                   ("structured_outputs", self.structured()),
-                                   ("thinking_token_budget", self.budget()), ("o1_mode", self.o1_mode),
-                                   ("o1_entropy_threshold", self.o1_entropy_threshold),
-                                   ("answer_regex", self.answer_regex)) if v is not None}
+        extra = {
+            k: v
+            for k, v in (
+                ("sedac_mode", self.sedac_mode),
+                ("sedac_agreement", self.sedac_agreement),
+                ("structured_outputs", self.structured()),
+                ("thinking_token_budget", self.budget()),
+                ("o1_mode", self.o1_mode),
+                ("o1_entropy_threshold", self.o1_entropy_threshold),
+                ("answer_regex", self.answer_regex),
+            )
+            if v is not None
+        }
         return SamplingParams(
             max_tokens=self.requested_max_tokens if self.requested_max_tokens is not None else default_max_tokens,
-            temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, min_p=self.min_p, n=self.n,
-            stop=self.stop or [], stop_token_ids=self.stop_token_ids or [], seed=self.seed,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            min_p=self.min_p,
+            n=self.n,
+            stop=self.stop or [],
+            stop_token_ids=self.stop_token_ids or [],
+            seed=self.seed,
             logit_bias={int(t): b for t, b in self.logit_bias.items()} if self.logit_bias else None,
             min_tokens=self.min_tokens,
-            presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            repetition_penalty=self.repetition_penalty, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            priority=self.priority, o1_max_branches=self.o1_max_branches, **extra)
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            priority=self.priority,
+            o1_max_branches=self.o1_max_branches,
+            **extra,
+        )
 
     def budget(self) -> int | None:
         if self.thinking_token_budget is not None and self.reasoning_effort is not None:
             raise ValueError("give thinking_token_budget or reasoning_effort, not both")
-        return self.thinking_token_budget or (REASONING_EFFORT[self.reasoning_effort]
-                                              if self.reasoning_effort else None)
+        return self.thinking_token_budget or (
+            REASONING_EFFORT[self.reasoning_effort] if self.reasoning_effort else None
+        )
 
     def structured(self) -> dict | None:
         """The one structured-outputs request among response_format, structured_outputs and guided_*."""
-        given = {name: value for name, value in (("response_format", _response_format(self.response_format)),
-                                                 ("structured_outputs", self.structured_outputs)) if value}
-        guided = {field: getattr(self, name) for name, field in GUIDED_FIELDS.items()
-                  if getattr(self, name) is not None}
+        given = {
+            name: value
+            for name, value in (
+                ("response_format", _response_format(self.response_format)),
+                ("structured_outputs", self.structured_outputs),
+            )
+            if value
+        }
+        guided = {
+            field: getattr(self, name) for name, field in GUIDED_FIELDS.items() if getattr(self, name) is not None
+        }
         if guided:
             given["guided_*"] = guided
         if len(given) > 1:
@@ -166,9 +198,9 @@ class TextPart(BaseModel):
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None     # content parts: text only (no image or audio input)
-    tool_calls: list[dict] | None = None            # an assistant turn's calls
-    tool_call_id: str | None = None                 # a tool turn's answer to one
+    content: str | list[TextPart] | None = None  # content parts: text only (no image or audio input)
+    tool_calls: list[dict] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to one
 
     @model_validator(mode="after")
     def _has_content(self):
@@ -183,8 +215,10 @@ class ChatMessage(BaseModel):
         for call in self.tool_calls or []:
             function = call.get("function") or {}
             arguments = function.get("arguments") or "{}"
-            text += ('<tool_call>{"name": %s, "arguments": %s}</tool_call>'
-                     % (json.dumps(function.get("name")), arguments))
+            text += '<tool_call>{"name": %s, "arguments": %s}</tool_call>' % (
+                json.dumps(function.get("name")),
+                arguments,
+            )
         return {"role": self.role, "content": text}
 
 
@@ -206,13 +240,16 @@ class ChatCompletionRequest(_Sampling):
         plan = self.tool_plan()
         forced, asked = plan.structured_outputs() if plan else None, super().structured()
         if forced and asked:
-            raise ValueError("tool_choice required or a named tool constrains the output already; "
-                             "drop response_format / structured_outputs")
+            raise ValueError(
+                "tool_choice required or a named tool constrains the output already; "
+                "drop response_format / structured_outputs"
+            )
         return forced or asked
 
 
 class GenerateRequest(_Sampling):
     """The original SEDAC /generate body: a prompt and sampling fields (max_new_tokens accepted too)."""
+
     prompt: Text | TokenIds
     max_new_tokens: Positive | None = None
 
@@ -224,6 +261,7 @@ class BatchGenerateRequest(_Sampling):
 
 class TokenizeRequest(BaseModel):
     """vLLM's /tokenize: a prompt, or chat messages rendered with the chat template."""
+
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -249,4 +287,5 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     """Every 4xx/5xx body (OpenAI's error shape)."""
+
     error: ErrorDetail

@@ -9,6 +9,7 @@
   behaviour). "auto": the model decides; `<tool_call>` blocks in its text are parsed into tool_calls
   (vLLM's hermes parser). "none": tools are not offered.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,11 +36,14 @@ class Tool(BaseModel):
 @dataclass
 class ToolCall:
     name: str
-    arguments: str      # JSON text, as OpenAI sends it
+    arguments: str  # JSON text, as OpenAI sends it
 
     def openai(self) -> dict:
-        return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": self.name, "arguments": self.arguments}}
+        return {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
 
 
 class ToolPlan:
@@ -55,8 +59,10 @@ class ToolPlan:
         if isinstance(tool_choice, dict):
             self.named = (tool_choice.get("function") or {}).get("name")
             if tool_choice.get("type") != "function" or self.named not in self.tools:
-                raise ValueError(f"tool_choice names function {self.named!r}, not one of the tools "
-                                 f"({', '.join(self.tools) or 'none given'})")
+                raise ValueError(
+                    f"tool_choice names function {self.named!r}, not one of the tools "
+                    f"({', '.join(self.tools) or 'none given'})"
+                )
             self.choice = "named"
         elif tool_choice in ("none", "auto", "required"):
             self.choice = tool_choice
@@ -76,16 +82,21 @@ class ToolPlan:
         if not self.active or render(messages, self.template_tools()) != render(messages, None):
             return messages
         described = "\n".join(json.dumps(f.model_dump(exclude_none=True)) for f in self.tools.values())
-        note = ("You can call these functions:\n<tools>\n" + described + "\n</tools>\nTo call one, reply with "
-                '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>, one block '
-                'per call.')
+        note = (
+            "You can call these functions:\n<tools>\n" + described + "\n</tools>\nTo call one, reply with "
+            '<tool_call>{"name": <function name>, "arguments": <arguments object>}</tool_call>, one block '
+            "per call."
+        )
         if messages[0]["role"] == "system":
             return [{"role": "system", "content": messages[0]["content"] + "\n\n" + note}, *messages[1:]]
         return [{"role": "system", "content": note}, *messages]
 
     def template_tools(self) -> list[dict] | None:
-        return [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self.tools.values()] \
-            if self.active else None
+        return (
+            [{"type": "function", "function": f.model_dump(exclude_none=True)} for f in self.tools.values()]
+            if self.active
+            else None
+        )
 
     def structured_outputs(self) -> dict | None:
         """The grammar required and named choices decode under (none for auto and none)."""
@@ -93,11 +104,23 @@ class ToolPlan:
             return {"json": self.tools[self.named].parameters or {"type": "object"}}
         if self.choice != "required":
             return None
-        calls = [{"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                  "properties": {"name": {"const": name}, "arguments": f.parameters or {"type": "object"}}}
-                 for name, f in self.tools.items()]
-        return {"json": {"type": "array", "minItems": 1, **({} if self.parallel else {"maxItems": 1}),
-                         "items": {"anyOf": calls}}}
+        calls = [
+            {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["name", "arguments"],
+                "properties": {"name": {"const": name}, "arguments": f.parameters or {"type": "object"}},
+            }
+            for name, f in self.tools.items()
+        ]
+        return {
+            "json": {
+                "type": "array",
+                "minItems": 1,
+                **({} if self.parallel else {"maxItems": 1}),
+                "items": {"anyOf": calls},
+            }
+        }
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
         """(content, tool calls) of a finished output."""
@@ -106,7 +129,7 @@ class ToolPlan:
         if self.choice == "required":
             try:
                 return None, [ToolCall(c["name"], json.dumps(c["arguments"])) for c in json.loads(text)]
-            except (json.JSONDecodeError, KeyError, TypeError):     # cut off by max_tokens
+            except (json.JSONDecodeError, KeyError, TypeError):  # cut off by max_tokens
                 return text, []
         if self.choice == "auto":
             calls = []

@@ -4,6 +4,7 @@ Uses a tritonserver on PATH, else the one bundled in the nvidia-pytriton wheel. 
 stub is matched to this interpreter's version and runs with this environment's packages (sedac,
 torch, numpy<2) on its path, so the exported model imports the same code as the CLI.
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,9 @@ def _bundled_dist() -> Path:
     try:
         import pytriton
     except ImportError:
-        raise ValueError("no tritonserver on PATH and nvidia-pytriton is not installed "
-                         "(pip install nvidia-pytriton)") from None
+        raise ValueError(
+            "no tritonserver on PATH and nvidia-pytriton is not installed (pip install nvidia-pytriton)"
+        ) from None
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
@@ -29,8 +31,8 @@ def prepare_server(workspace: Path) -> tuple[list[str], dict]:
     """Return the tritonserver command prefix and environment."""
     env = dict(os.environ)
     site = sysconfig.get_paths()["purelib"]
-    source_root = str(Path(__file__).resolve().parents[2])      # where the sedac package lives
-    env["SEDAC_PYTHONPATH"] = os.pathsep.join(p for p in (source_root, site) if p)   # read by model.py
+    source_root = str(Path(__file__).resolve().parents[2])  # where the sedac package lives
+    env["SEDAC_PYTHONPATH"] = os.pathsep.join(p for p in (source_root, site) if p)  # read by model.py
     on_path = shutil.which("tritonserver")
     if on_path:
         return [on_path], env
@@ -48,19 +50,27 @@ def prepare_server(workspace: Path) -> tuple[list[str], dict]:
     shutil.copy(stub, backend / "triton_python_backend_stub")
     libs = [str(dist.parent.parent / "nvidia_pytriton.libs"), sysconfig.get_config_var("LIBDIR") or ""]
     env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in libs + [env.get("LD_LIBRARY_PATH", "")] if p)
-    env["PYTHONHOME"] = sys.base_prefix                  # the stub embeds this interpreter's libpython
+    env["PYTHONHOME"] = sys.base_prefix  # the stub embeds this interpreter's libpython
     return [str(dist / "bin" / "tritonserver"), f"--backend-directory={workspace / 'backends'}"], env
 
 
-def triton_command(repo: str | Path, http_port: int, grpc_port: int, metrics_port: int,
-                   workspace: Path) -> tuple[list[str], dict]:
+def triton_command(
+    repo: str | Path, http_port: int, grpc_port: int, metrics_port: int, workspace: Path
+) -> tuple[list[str], dict]:
     repo = Path(repo)
     if not repo.is_dir() or not any(repo.glob("*/config.pbtxt")):
         raise ValueError(f"not a Triton model repository (no */config.pbtxt): {repo}")
     prefix, env = prepare_server(workspace)
-    return prefix + [f"--model-repository={repo.resolve()}", f"--http-port={http_port}",
-                     f"--grpc-port={grpc_port}", f"--metrics-port={metrics_port}", "--http-address=127.0.0.1",
-                     "--grpc-address=127.0.0.1", "--exit-timeout-secs=10", "--log-verbose=0"], env
+    return prefix + [
+        f"--model-repository={repo.resolve()}",
+        f"--http-port={http_port}",
+        f"--grpc-port={grpc_port}",
+        f"--metrics-port={metrics_port}",
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--exit-timeout-secs=10",
+        "--log-verbose=0",
+    ], env
 
 
 def run_tritonserver(repo: str, http_port: int, grpc_port: int, metrics_port: int) -> int:

@@ -7,6 +7,7 @@ random_seed, repetition/presence/frequency penalties, stop_words, bad_words, end
 pad_id (accepted; outputs are not padded), return_log_probs, exclude_input_in_output, beam_width (1) ->
 text_output, cum_log_probs, output_log_probs; plus finish_reason, output_tokens and the SEDAC stats.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,24 +16,34 @@ from sedac.runtime.async_engine import AsyncLLM
 from sedac.runtime.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 64
-_SCALARS = {"max_tokens": ("max_tokens", int), "temperature": ("temperature", float), "top_k": ("top_k", int),
-            "top_p": ("top_p", float), "random_seed": ("seed", int),
-            "repetition_penalty": ("repetition_penalty", float),
-            "presence_penalty": ("presence_penalty", float), "frequency_penalty": ("frequency_penalty", float),
-            "sedac_agreement": ("sedac_agreement", float), "thinking_token_budget": ("thinking_token_budget", int),
-            "o1_max_branches": ("o1_max_branches", int), "o1_entropy_threshold": ("o1_entropy_threshold", float)}
+_SCALARS = {
+    "max_tokens": ("max_tokens", int),
+    "temperature": ("temperature", float),
+    "top_k": ("top_k", int),
+    "top_p": ("top_p", float),
+    "random_seed": ("seed", int),
+    "repetition_penalty": ("repetition_penalty", float),
+    "presence_penalty": ("presence_penalty", float),
+    "frequency_penalty": ("frequency_penalty", float),
+    "sedac_agreement": ("sedac_agreement", float),
+    "thinking_token_budget": ("thinking_token_budget", int),
+    "o1_max_branches": ("o1_max_branches", int),
+    "o1_entropy_threshold": ("o1_entropy_threshold", float),
+}
 _STRING_FIELDS = ("sedac_mode", "o1_mode", "answer_regex")
 
 
 class SedacTritonModel:
     def __init__(self, engine_dir: str, pb_utils):
         from sedac.runtime.engine import LLMEngine
+
         self.pb = pb_utils
         self.llm = AsyncLLM(LLMEngine(engine_dir, device="auto"))
         # Custom metrics on Triton's own /metrics endpoint, so the KV pool can be checked from outside.
         # The family must outlive its metrics (Triton refuses updates once it is collected).
-        self.kv_family = pb_utils.MetricFamily(name="sedac_kv_blocks", description="SEDAC KV cache blocks",
-                                               kind=pb_utils.MetricFamily.GAUGE)
+        self.kv_family = pb_utils.MetricFamily(
+            name="sedac_kv_blocks", description="SEDAC KV cache blocks", kind=pb_utils.MetricFamily.GAUGE
+        )
         self.kv_free = self.kv_family.Metric(labels={"state": "free"})
         self.kv_total = self.kv_family.Metric(labels={"state": "total"})
         self.kv_total.set(self.llm.engine.blocks.num_blocks)
@@ -64,29 +75,34 @@ class SedacTritonModel:
                 self._send_error(sender, str(item))
                 return
             text = item.outputs[0].text
-            if item.finished:                    # runs on the engine thread, between steps
+            if item.finished:  # runs on the engine thread, between steps
                 self.kv_free.set(self.llm.engine.blocks.num_free_blocks)
             if stream and (len(text) > sent or item.finished):
                 sender.send(self._response(text[sent:], item), flags=final if item.finished else 0)
                 sent = len(text)
-            elif item.finished:     # like TensorRT-LLM, the prompt leads a non-streamed output unless excluded
+            elif item.finished:  # like TensorRT-LLM, the prompt leads a non-streamed output unless excluded
                 sender.send(self._response(prefix + text, item), flags=final)
+
         return sink
 
     def _send_error(self, sender, message: str) -> None:
-        sender.send(self.pb.InferenceResponse(error=self.pb.TritonError(message)),
-                    flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender.send(
+            self.pb.InferenceResponse(error=self.pb.TritonError(message)),
+            flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL,
+        )
 
     def _response(self, text: str, out):
         m, c = out.metrics, out.outputs[0]
-        tensors = {"text_output": np.array([text.encode()], dtype=np.object_),
-                   "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
-                   "output_tokens": np.array([len(out.token_ids)], dtype=np.int32),
-                   "layers_per_token": np.array([m.layers_per_token], dtype=np.float32),
-                   "sedac_skip_ratio": np.array([m.skip_ratio], dtype=np.float32)}
-        if c.confidence is not None:                   # o1 adaptive: the voted completion's confidence
+        tensors = {
+            "text_output": np.array([text.encode()], dtype=np.object_),
+            "finish_reason": np.array([(out.finish_reason or "").encode()], dtype=np.object_),
+            "output_tokens": np.array([len(out.token_ids)], dtype=np.int32),
+            "layers_per_token": np.array([m.layers_per_token], dtype=np.float32),
+            "sedac_skip_ratio": np.array([m.skip_ratio], dtype=np.float32),
+        }
+        if c.confidence is not None:  # o1 adaptive: the voted completion's confidence
             tensors["confidence"] = np.array([c.confidence], dtype=np.float32)
-        if c.logprobs is not None:                     # return_log_probs: the sampled tokens' log-probabilities
+        if c.logprobs is not None:  # return_log_probs: the sampled tokens' log-probabilities
             token_logprobs = np.array([lp[t] for t, lp in zip(c.token_ids, c.logprobs)], dtype=np.float32)
             tensors["output_log_probs"] = token_logprobs
             tensors["cum_log_probs"] = np.array([token_logprobs.sum()], dtype=np.float32)
@@ -95,11 +111,15 @@ class SedacTritonModel:
     def _parse(self, request):
         prompt = _strings(self._input(request, "text_input"))
         if len(prompt) != 1:
-            raise ValueError("text_input must hold exactly one string: one prompt per request (batch size 1), "
-                             "as tensorrtllm_backend's decoupled models take them; send rows as separate requests")
+            raise ValueError(
+                "text_input must hold exactly one string: one prompt per request (batch size 1), "
+                "as tensorrtllm_backend's decoupled models take them; send rows as separate requests"
+            )
         if (beams := self._input(request, "beam_width")) is not None and int(beams.reshape(-1)[0]) != 1:
-            raise ValueError(f"beam_width {int(beams.reshape(-1)[0])} is not supported; beam search is not "
-                             "implemented, send beam_width 1 or leave it out")
+            raise ValueError(
+                f"beam_width {int(beams.reshape(-1)[0])} is not supported; beam search is not "
+                "implemented, send beam_width 1 or leave it out"
+            )
         fields = {"max_tokens": DEFAULT_MAX_TOKENS}
         for name, (field, kind) in _SCALARS.items():
             value = self._input(request, name)
@@ -118,7 +138,7 @@ class SedacTritonModel:
             fields["logprobs"] = 0
         stream = self._flag(request, "stream")
         exclude = self._input(request, "exclude_input_in_output")
-        echo = exclude is not None and not exclude.reshape(-1)[0]      # absent: the output only, as before
+        echo = exclude is not None and not exclude.reshape(-1)[0]  # absent: the output only, as before
         return prompt[0], SamplingParams(**fields), stream, echo
 
     def _flag(self, request, name: str) -> bool:
