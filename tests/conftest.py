@@ -16,6 +16,7 @@ if not torch.cuda.is_available():
 from sedac.builder import build_engine  # noqa: E402
 from sedac.builder.sources import smollm2_gguf_path  # noqa: E402
 from sedac.config import BuildConfig  # noqa: E402
+from sedac.runtime.reasoning import ReasoningMarkers
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -133,4 +134,20 @@ def real_sedac_engine() -> Path:
     path = ROOT / "engines" / "smollm2-sedac"
     if not (path / "sedac.safetensors").is_file():
         build_engine("smollm2-135m-instruct", path, BuildConfig(), SedacOptions())
+    return path
+
+
+MARKERS = ReasoningMarkers("<think>", "</think>")
+
+
+@pytest.fixture(scope="session")
+def thinking_engine(tiny_models, tmp_path_factory):
+    """The tiny Llama built with reasoning markers (<think> / </think>)."""
+    path = tmp_path_factory.mktemp("reasoning") / "tiny"
+    build_engine(
+        str(tiny_models["llama"]),
+        path,
+        BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4),
+        reasoning=MARKERS,
+    )
     return path

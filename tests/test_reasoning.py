@@ -11,25 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from sedac import LLM, SamplingParams
-from sedac.builder import build_engine
 from sedac.cli.build import main as build_main
-from sedac.config import BuildConfig, EngineConfig
+from sedac.config import EngineConfig
 from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
+from tests.conftest import MARKERS
 from tests.servers import sedac_server
-
-MARKERS = ReasoningMarkers("<think>", "</think>")
-
-
-@pytest.fixture(scope="module")
-def thinking_engine(tiny_models, tmp_path_factory):
-    path = tmp_path_factory.mktemp("reasoning") / "tiny"
-    build_engine(
-        str(tiny_models["llama"]),
-        path,
-        BuildConfig(max_batch_size=8, max_seq_len=256, max_num_tokens=256, kv_block_size=4),
-        reasoning=MARKERS,
-    )
-    return path
 
 
 def _opened(llm, text="Question: what is 2+2?"):

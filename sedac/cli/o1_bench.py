@@ -5,8 +5,10 @@ seeded apart from the questions the defaults were picked on (seed 0; this bench 
 SmolLM2-135M is neither near 0% nor near 100%. A reply's answer is its last integer. Rows: greedy;
 self-consistency@4 and @8 (temperature 0.8, majority vote); o1 adaptive at three settings. Plus how well
 token entropy predicts a wrong greedy answer (AUROC of the reply's highest token entropy, over the top-20
-probabilities the engine reports). Thinking budgets need an engine with reasoning markers (its chat template
-opens the reasoning block); on one without them the report says so.
+probabilities the engine reports). Reasoning rows ask the same questions to think inside <think> ... </think>
+first (the prompt opens the block; an engine without markers of its own is loaded with these, as vLLM's
+--reasoning-parser sets them) and read the answer after the block: no limit, thinking budgets, and certainty
+probes (o1_probe_interval) that close the block once the last probes agree.
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ ANSWER = r"(-?\d+)"
 EVAL_SEED = 1  # the defaults were picked on seed 0
 # (threshold nats, max branches): picked on the tuning seed's 60 questions (docs in the README)
 ADAPTIVE_SETTINGS = [(4.0, 4), (4.0, 8), (3.0, 2)]
-BUDGETS = (16, 64)  # thinking-budget rows, on engines with reasoning markers (the answer after the block)
+BUDGETS = (16, 64)  # thinking-budget rows (the answer after the block)
+PROBES = [(8, 2), (8, 3)]  # (probe every N reasoning tokens, probes that must agree)
+REASONING_TOKENS = 128  # the reasoning rows' room for thinking, beyond max_tokens for the answer
+THINK = ("<think>", "</think>")
 
 
 def arithmetic_questions(seed: int, count: int) -> list[tuple[str, int]]:
@@ -44,7 +49,7 @@ def answer_of(text: str) -> int | None:
 def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, report="reports/o1_bench") -> dict:
     from sedac import LLM, SamplingParams
 
-    llm = LLM(engine, device=device)
+    llm = LLM(engine, device=device, reasoning_markers=None if _has_markers(engine) else THINK)
     questions = arithmetic_questions(EVAL_SEED, num_questions)
     prompts = [llm.apply_chat_template([{"role": "user", "content": q}]) for q, _ in questions]
     truth = [a for _, a in questions]
@@ -55,27 +60,15 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
         outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.8, n=k, seed=0))
         rows[f"self-consistency@{k}"] = _row([[c.text for c in o.outputs] for o in outs], _tokens(outs), truth)
     for threshold, branches in ADAPTIVE_SETTINGS:
+        adaptive = dict(o1_mode="adaptive", o1_entropy_threshold=threshold, o1_max_branches=branches)
         outs = llm.generate(
-            prompts,
-            SamplingParams(
-                max_tokens=max_tokens,
-                temperature=0.0,
-                o1_mode="adaptive",
-                o1_entropy_threshold=threshold,
-                o1_max_branches=branches,
-                answer_regex=ANSWER,
-            ),
+            prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, answer_regex=ANSWER, **adaptive)
         )
         row = _row([[o.outputs[0].text] for o in outs], sum(o.metrics.o1_tokens for o in outs), truth)
         row["branches_per_question"] = round(sum(o.metrics.o1_branches for o in outs) / len(outs), 2)
         row["early_stopped"] = sum(o.metrics.o1_early_stopped for o in outs)
         rows[f"adaptive (entropy > {threshold}, {branches} branches)"] = row
-    if llm.engine.reasoning.markers is not None:
-        for budget in BUDGETS:
-            outs = llm.generate(
-                prompts, SamplingParams(max_tokens=max_tokens + budget, temperature=0.0, thinking_token_budget=budget)
-            )
-            rows[f"thinking budget {budget}"] = _row([[o.outputs[0].answer] for o in outs], _tokens(outs), truth)
+    rows.update(_reasoning_rows(llm, questions, truth, max_tokens))
     base = rows["greedy"]["tokens"]
     for row in rows.values():
         row["tokens_vs_greedy"] = round(row["tokens"] / base, 2)
@@ -88,12 +81,39 @@ def run_o1_bench(engine, device, num_questions: int, max_tokens: int = 48, repor
         "max_tokens": max_tokens,
         "rows": rows,
         "entropy_auroc_wrong_answer": _auroc([_max_entropy(o.outputs[0].logprobs) for o in greedy], wrong),
-        "thinking_budgets": "rows above"
-        if llm.engine.reasoning.markers
-        else "not run: this engine has no reasoning markers (sedac-build --reasoning-start/--reasoning-end)",
     }
     _write(results, report)
     return results
+
+
+def _has_markers(engine) -> bool:
+    from sedac.config import EngineConfig
+
+    return bool(EngineConfig.load(engine).reasoning)
+
+
+def _reasoning_rows(llm, questions, truth, max_tokens: int) -> dict:
+    """The questions asked to reason first, in a block the prompt opens: no limit, thinking budgets and
+    certainty probes; each reply's answer is what follows the block (none if it never closed)."""
+    from sedac import SamplingParams
+
+    markers = llm.engine.reasoning.markers
+    opened = llm.tokenizer.encode(markers.start, add_special_tokens=False)
+    ask = f"Think step by step inside {markers.start} {markers.end}, then reply with the number only."
+    prompts = [llm.apply_chat_template([{"role": "user", "content": f"{q} {ask}"}]) + opened for q, _ in questions]
+    settings = {"reasoning prompt (no limit)": {}}
+    settings.update({f"thinking budget {b}": {"thinking_token_budget": b} for b in BUDGETS})
+    for every, agree in PROBES:
+        probes = {"o1_probe_interval": every, "o1_probe_certainty": agree, "answer_regex": ANSWER}
+        settings[f"certainty probes (every {every}, {agree} agree)"] = probes
+    rows = {}
+    for name, extra in settings.items():
+        outs = llm.generate(prompts, SamplingParams(max_tokens=max_tokens + REASONING_TOKENS, temperature=0.0, **extra))
+        tokens = sum(o.metrics.o1_tokens or o.metrics.num_generated_tokens for o in outs)
+        rows[name] = _row([[o.outputs[0].content or ""] for o in outs], tokens, truth)
+        if "o1_probe_interval" in extra:
+            rows[name]["probes_per_question"] = round(sum(o.metrics.o1_probes for o in outs) / len(outs), 2)
+    return rows
 
 
 def _tokens(outs) -> int:
@@ -143,7 +163,8 @@ def _write(results: dict, report) -> None:
     lines += [
         "",
         f"Entropy as a predictor of a wrong greedy answer: AUROC {results['entropy_auroc_wrong_answer']}.",
-        f"Thinking budgets: {results['thinking_budgets']}.",
+        f"Reasoning rows: the question asked to think inside the reasoning block first (up to {REASONING_TOKENS} "
+        "tokens of it), answer read after the block; probes' tokens counted in theirs.",
     ]
     write_report(report, title, results, "\n".join(lines), figures(results))
 

@@ -36,6 +36,11 @@ def sampling_options(fn):
                 help="adaptive: branch at uncertain tokens and answer by a confidence-weighted vote of the branches",
             ),
             click.option("--o1-max-branches", type=int, default=O1_BRANCHES, show_default=True),
+            click.option(
+                "--o1-probe-interval",
+                type=int,
+                help="reasoning models: a certainty probe every N reasoning tokens; reasoning ends once 3 agree",
+            ),
         ]
     ):
         fn = opt(fn)

@@ -11,14 +11,28 @@ from sedac.runtime.block_manager import BlockManager
 from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
 from sedac.runtime.outputs import RequestMetrics, RequestOutput
-from sedac.runtime.reasoning import ReasoningMarkers, ThinkingBudgets
-from sedac.runtime.request import Request, RequestOutputs
+from sedac.runtime.probes import CertaintyProbes
+from sedac.runtime.reasoning import UNLIMITED, ReasoningMarkers, ThinkingBudgets
+from sedac.runtime.request import Request, RequestOutputs, stop_reason
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.sampling_params import SamplingParams, check_o1, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
 from sedac.runtime.sedac_steps import SedacSteps
 from sedac.runtime.sequence import Sequence, Status
 from sedac.runtime.structured_outputs import StructuredOutputs
+
+# running totals in stats() (sedac_cost and sedac_off_cost sum fractional pass costs)
+COUNTERS = (
+    "prompt_tokens",
+    "generation_tokens",
+    "requests_finished",
+    "sedac_drafted_tokens",
+    "sedac_accepted_tokens",
+    "sedac_lossy_tokens",
+    "structured_output_requests",
+    "sedac_cost",
+    "sedac_off_cost",
+)
 
 
 class LLMEngine:
@@ -35,6 +49,7 @@ class LLMEngine:
         speculative_disable_by_batch_size: int | None = None,
         kv_cache_dtype: str = "auto",
         o1_mode: str = "off",
+        reasoning_markers: tuple[str, str] | None = None,
     ):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
@@ -71,20 +86,13 @@ class LLMEngine:
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.config.model.eos_token_ids)
         self.structured = StructuredOutputs(self.tokenizer, self.config.model.vocab_size, sorted(self.eos_ids))
-        markers = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
+        # reasoning_markers (start, end) stand in for the engine's own, as vLLM's --reasoning-parser does
+        own = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
+        markers = ReasoningMarkers(*reasoning_markers) if reasoning_markers else own
         self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
-        self.outputs = RequestOutputs(self.reasoning, self.o1, self.config.model.num_layers)
-        self.counters = {
-            "prompt_tokens": 0,
-            "generation_tokens": 0,
-            "requests_finished": 0,
-            "sedac_drafted_tokens": 0,
-            "sedac_accepted_tokens": 0,
-            "sedac_lossy_tokens": 0,
-            "structured_output_requests": 0,
-            "sedac_cost": 0.0,
-            "sedac_off_cost": 0.0,
-        }
+        self.probes = CertaintyProbes(self.tokenizer, self.reasoning)
+        self.outputs = RequestOutputs(self.reasoning, self.o1, self.probes, self.config.model.num_layers)
+        self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_finished: RequestOutput | None = None
 
     # ---- requests -------------------------------------------------------------------------------
@@ -124,6 +132,7 @@ class LLMEngine:
         ids = self.tokenize(prompt)
         grammar = self._grammar(params)
         self.reasoning.check(params.thinking_token_budget)
+        self.probes.check(params)
         self._check_token_ids(params)
         seq = Sequence(
             request_id,
@@ -143,8 +152,11 @@ class LLMEngine:
         if grammar is not None:
             self.structured.start(seq, grammar)
             self.counters["structured_output_requests"] += 1
-        if params.thinking_token_budget is not None:
-            self.reasoning.start(seq, params.thinking_token_budget, ids)
+        if params.thinking_token_budget is not None or params.o1_probe_interval is not None:
+            budget = params.thinking_token_budget
+            self.reasoning.start(seq, UNLIMITED if budget is None else budget, ids)
+        if params.o1_probe_interval is not None:
+            self.probes.start(seq, params)
         if params.o1_mode == "adaptive":
             opened = self.reasoning.opened_by(ids)
             self.o1.start(request_id, params, answer_text=lambda s: self.reasoning.split(s.output_text, opened)[1])
@@ -205,7 +217,7 @@ class LLMEngine:
         req.aborted = True  # unforked siblings will never exist
         req.metrics.finish_time = time.perf_counter()
         output = self.outputs.build(req)
-        self.o1.release(request_id, output.metrics.o1_tokens)
+        self._release(request_id, output)
         return output
 
     def has_unfinished_requests(self) -> bool:
@@ -268,9 +280,13 @@ class LLMEngine:
     def _adopt(self, parent: Sequence, child: Sequence) -> None:
         """A fork joins its request and the running batch; its blocks gain an owner."""
         self.reasoning.fork(parent, child)
+        self._join(child)
+        self.requests[parent.request_id].seqs.append(child)
+
+    def _join(self, child: Sequence) -> None:
+        """A fork (a sample, branch or probe) owns its share of the blocks and runs from the next step."""
         self.blocks.share(child)
         self.scheduler.add_running(child)
-        self.requests[parent.request_id].seqs.append(child)
 
     def _o1_early_stop(self, request_ids: set[str]) -> None:
         """End an adaptive request's other branches once its vote is decided."""
@@ -347,26 +363,12 @@ class LLMEngine:
         seq.output_text += detokenizer.decode_new_text(
             self.tokenizer, seq.token_ids, seq.detok_state, seq.params.skip_special_tokens
         )
-        reason = ("stop", None) if grammar == "end" else self._stop_reason(seq, token, previous_len)
+        max_len = self.config.build.max_seq_len
+        reason = ("stop", None) if grammar == "end" else stop_reason(seq, token, previous_len, self.eos_ids, max_len)
         if reason:
             self._finish(seq, *reason)
-
-    def _stop_reason(self, seq: Sequence, token: int, previous_len: int):
-        p = seq.params
-        if seq.num_output_tokens < p.min_tokens:  # vLLM: no stop of any kind before min_tokens
-            return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
-        if token in self.eos_ids and not p.ignore_eos:
-            return ("stop", None)
-        if token in p.stop_token_ids:
-            return ("stop", token)
-        for stop in p.stop:  # only where the new text could complete it
-            at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
-            if at != -1:
-                seq.output_text = seq.output_text[:at]
-                return ("stop", stop)
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.build.max_seq_len:
-            return ("length", None)
-        return None
+        elif self.probes.due(seq):
+            self._join(self.probes.probe(seq, len(req.seqs)))
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
         seq.status, seq.finish_reason, seq.stop_reason = Status.FINISHED, reason, stop_reason
@@ -374,6 +376,8 @@ class LLMEngine:
         self.structured.release(seq)
         self.reasoning.release(seq)
         self.scheduler.finish(seq)
+        for probe in self.probes.finished(seq):  # a probe's answer is in; a finished sequence's probes stop
+            self._finish(probe, "abort")
 
     def _collect_finished(self, touched: set[str]) -> list[RequestOutput]:
         done = [rid for rid in touched if rid in self.requests and self.requests[rid].is_done()]
@@ -384,9 +388,14 @@ class LLMEngine:
             self.counters["prompt_tokens"] += len(req.prompt_token_ids)
             self.counters["requests_finished"] += 1
             outputs.append(self.outputs.build(req))
-            self.o1.release(rid, req.metrics.o1_tokens)
+            self._release(rid, outputs[-1])
             self.last_finished = outputs[-1]
         return outputs
+
+    def _release(self, request_id: str, output: RequestOutput) -> None:
+        """A request is over: its o1 strategies forget it."""
+        self.o1.release(request_id, output.metrics.o1_tokens)
+        self.probes.release(request_id)
 
     def warm_up(self) -> None:
         """One short greedy request through prefill, decode and sampling (first-call costs: op dispatch
@@ -418,6 +427,7 @@ class LLMEngine:
             **self.counters,
             "thinking_budgets_exhausted": self.reasoning.exhausted,
             **self.o1.counters,
+            **self.probes.counters,
             "sedac_exit_layer_tokens": dict(self.sedac.exit_histogram),
             **self.sedac.rates(self.counters),
             "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None,

@@ -17,7 +17,8 @@ class RequestMetrics:
     skip_ratio: float = 0.0  # fraction of layers SEDAC skipped (0 with sedac_mode off)
     acceptance_rate: float | None = None  # lossless mode's draft acceptance (None when no drafts ran)
     o1_branches: int = 0  # o1 adaptive: branches forked (beyond the first sequence)
-    o1_tokens: int = 0  # o1 adaptive: tokens generated over all branches
+    o1_tokens: int = 0  # o1: tokens generated over all branches and certainty probes
+    o1_probes: int = 0  # certainty probes forked (o1_probe_interval)
     o1_early_stopped: bool = False  # o1 adaptive: the vote ended before every branch finished
 
     @property
@@ -48,6 +49,7 @@ class RequestMetrics:
             "o1_branches": self.o1_branches,
             "o1_tokens": self.o1_tokens,
             "o1_early_stopped": self.o1_early_stopped,
+            "o1_probes": self.o1_probes,
         }
 
 

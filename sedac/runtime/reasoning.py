@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 REASONING_EFFORT = {"low": 128, "medium": 512, "high": 2048}  # OpenAI's reasoning_effort -> budget
+UNLIMITED = 1 << 62  # the budget of a request whose reasoning is tracked without a limit (certainty probes)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,17 @@ class ThinkingBudgets:
         if b.inside and b.spent >= b.limit and not b.forced:
             b.forced = list(self.end_ids)
             self.exhausted += 1
+
+    def reasoning_tokens(self, seq) -> int | None:
+        """Reasoning tokens seq has generated while its block is open; None outside the block."""
+        b = self.budgets.get(seq)
+        return b.spent if b is not None and b.inside and not b.forced else None
+
+    def close(self, seq) -> None:
+        """End seq's reasoning block now: its next tokens are the end marker's (certainty probes agreed)."""
+        b = self.budgets.get(seq)
+        if b is not None and b.inside and not b.forced:
+            b.forced = list(self.end_ids)
 
     def release(self, seq) -> None:
         self.budgets.pop(seq, None)

@@ -1,6 +1,6 @@
-"""A request inside the engine (its sequences, SEDAC costs, grammar) and the RequestOutput built from it:
-the completions it returns (every sample, or an adaptive request's vote), text held back while a stop string
-may still complete, reasoning split from the answer, and its metrics."""
+"""A request inside the engine (its sequences, SEDAC costs, grammar), when its sequences stop, and the
+RequestOutput built from it: the completions it returns (every sample, or an adaptive request's vote), text
+held back while a stop string may still complete, reasoning split from the answer, and its metrics."""
 
 from __future__ import annotations
 
@@ -31,11 +31,31 @@ class Request:
         return (self.aborted or len(self.seqs) >= self.params.n) and all(s.is_finished for s in self.seqs)
 
 
+def stop_reason(seq: Sequence, token: int, previous_len: int, eos_ids: set[int], max_seq_len: int):
+    """Why seq stops after taking token ((finish_reason, stop_reason)), or None; a stop string found in
+    the new text cuts the text there."""
+    p = seq.params
+    if seq.num_output_tokens < p.min_tokens:  # vLLM: no stop of any kind before min_tokens
+        return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
+    if token in eos_ids and not p.ignore_eos:
+        return ("stop", None)
+    if token in p.stop_token_ids:
+        return ("stop", token)
+    for stop in p.stop:  # only where the new text could complete it
+        at = seq.output_text.find(stop, max(0, previous_len - len(stop) + 1))
+        if at != -1:
+            seq.output_text = seq.output_text[:at]
+            return ("stop", stop)
+    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len:
+        return ("length", None)
+    return None
+
+
 class RequestOutputs:
     """Builds a request's RequestOutput (each step for streams, once at the end)."""
 
-    def __init__(self, reasoning, o1, num_layers: int):
-        self.reasoning, self.o1, self.num_layers = reasoning, o1, num_layers
+    def __init__(self, reasoning, o1, probes, num_layers: int):
+        self.reasoning, self.o1, self.probes, self.num_layers = reasoning, o1, probes, num_layers
 
     def build(self, req: Request) -> RequestOutput:
         done = req.is_done()
@@ -67,6 +87,9 @@ class RequestOutputs:
         if req.request_id in self.o1.trees:  # the returned completion's tokens; o1_tokens: all branches'
             req.metrics.o1_branches, req.metrics.o1_tokens = len(req.seqs) - 1, req.metrics.num_generated_tokens
             req.metrics.num_generated_tokens = len(outs[0].token_ids)
+        probed = self.probes.usage(req.request_id, req.seqs)
+        if probed is not None:  # certainty probes: their tokens count in o1_tokens, beside the completion's
+            req.metrics.o1_probes, req.metrics.o1_tokens = probed[0], req.metrics.num_generated_tokens + probed[1]
         self._sedac_metrics(req)
         req.metrics.num_cached_tokens = req.seqs[0].num_cached_tokens
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outs, done, req.metrics)

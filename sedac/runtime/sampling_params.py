@@ -65,6 +65,8 @@ class SamplingParams:
     o1_max_branches: int = O1_BRANCHES  # adaptive: sequences per request, the first one included
     o1_entropy_threshold: float | None = None  # adaptive: entropy (nats) above which a token branches
     answer_regex: str | None = None  # adaptive: what a branch answers (last match, its first group if any)
+    o1_probe_interval: int | None = None  # reasoning models: a certainty probe every N reasoning tokens
+    o1_probe_certainty: int = 3  # reasoning closes once this many probes in a row give the same answer
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -114,13 +116,27 @@ class SamplingParams:
         if self.o1_mode == "adaptive" and self.o1_blocker:
             raise ValueError(f"o1_mode adaptive does not take {self.o1_blocker}")
         if self.o1_mode == "off" and (
-            self.answer_regex is not None
+            (self.answer_regex is not None and self.o1_probe_interval is None)
             or self.o1_entropy_threshold is not None
             or self.o1_max_branches != O1_BRANCHES
         ):
-            raise ValueError("o1_max_branches, o1_entropy_threshold and answer_regex apply to o1_mode adaptive only")
+            raise ValueError(
+                "o1_max_branches, o1_entropy_threshold and answer_regex apply to o1_mode adaptive only "
+                "(answer_regex also to o1_probe_interval)"
+            )
+        self._validate_probes()
         if self.sedac_agreement is not None:
             _check_num("sedac_agreement", self.sedac_agreement, 0.0, 1.0, open_low=True)
+
+    def _validate_probes(self) -> None:
+        if self.o1_probe_interval is None:
+            if self.o1_probe_certainty != 3:
+                raise ValueError("o1_probe_certainty applies with o1_probe_interval")
+            return
+        _check_int("o1_probe_interval", self.o1_probe_interval, 1)
+        _check_int("o1_probe_certainty", self.o1_probe_certainty, 1)
+        if self.n > 1 or self.structured_outputs is not None:
+            raise ValueError("o1_probe_interval takes n = 1 and no structured_outputs (a probe answers for one answer)")
 
     def sedac_blocker(self, mode: str | None) -> str | None:
         """The field that keeps this request off SEDAC mode `mode` (it then runs off), if any: lossy exits
@@ -132,14 +148,18 @@ class SamplingParams:
             return "structured_outputs"
         if self.o1_mode == "adaptive":
             return "o1_mode adaptive"
+        if self.o1_probe_interval is not None:
+            return "o1_probe_interval"
         return "thinking_token_budget" if self.thinking_token_budget is not None else None
 
     @property
     def o1_blocker(self) -> str | None:
-        """What adaptive compute cannot run with: it returns one voted completion, and a grammar's state
-        does not fork mid-generation yet."""
+        """What adaptive compute cannot run with: it returns one voted completion, a grammar's state does
+        not fork mid-generation yet, and certainty probes and branches do not mix yet."""
         if self.n > 1:
             return "n > 1 (it returns one voted completion)"
+        if self.o1_probe_interval is not None:
+            return "o1_probe_interval"
         return "structured_outputs" if self.structured_outputs is not None else None
 
     @property

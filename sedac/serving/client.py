@@ -52,7 +52,7 @@ def _openai(url, prompt, stream, model, api_key, sampling) -> None:
 
 def _sedac_fields(sampling: dict) -> dict:
     """This server's own request fields the options set (SEDAC and o1 modes)."""
-    fields = {name: sampling.get(name) for name in ("sedac_mode", "sedac_agreement", "o1_mode")}
+    fields = {name: sampling.get(name) for name in ("sedac_mode", "sedac_agreement", "o1_mode", "o1_probe_interval")}
     fields = {k: v for k, v in fields.items() if v not in (None, "off")}
     if "o1_mode" in fields:
         fields["o1_max_branches"] = sampling["o1_max_branches"]
@@ -76,6 +76,8 @@ def triton_inputs(grpcclient, prompt: str, stream: bool, sampling: dict) -> list
     if sampling.get("o1_mode") is not None:
         values["o1_mode"] = np.array([sampling["o1_mode"].encode()], dtype=np.object_)
         values["o1_max_branches"] = np.array([sampling["o1_max_branches"]], dtype=np.int32)
+    if sampling.get("o1_probe_interval") is not None:
+        values["o1_probe_interval"] = np.array([sampling["o1_probe_interval"]], dtype=np.int32)
     types = {np.object_: "BYTES", np.int32: "INT32", np.float32: "FP32", np.bool_: "BOOL", np.uint64: "UINT64"}
     inputs = []
     for name, value in values.items():

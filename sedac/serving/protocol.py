@@ -98,6 +98,8 @@ class _Sampling(BaseModel):
     o1_max_branches: StrictInt = Field(O1_BRANCHES, ge=1, le=O1_MAX_BRANCHES)
     o1_entropy_threshold: Number | None = Field(None, ge=0)
     answer_regex: str | None = None
+    o1_probe_interval: Positive | None = None  # reasoning models: a certainty probe every N reasoning tokens
+    o1_probe_certainty: Positive = 3  # probes in a row that must agree to close the reasoning
 
     def sampling_params(self, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
         """Raises ValueError (-> HTTP 400) for values SamplingParams rejects."""
@@ -111,6 +113,7 @@ class _Sampling(BaseModel):
                 ("o1_mode", self.o1_mode),
                 ("o1_entropy_threshold", self.o1_entropy_threshold),
                 ("answer_regex", self.answer_regex),
+                ("o1_probe_interval", self.o1_probe_interval),
             )
             if v is not None
         }
@@ -133,6 +136,7 @@ class _Sampling(BaseModel):
             logprobs=logprobs,
             priority=self.priority,
             o1_max_branches=self.o1_max_branches,
+            o1_probe_certainty=self.o1_probe_certainty,
             **extra,
         )
 

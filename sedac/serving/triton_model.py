@@ -29,6 +29,8 @@ _SCALARS = {
     "thinking_token_budget": ("thinking_token_budget", int),
     "o1_max_branches": ("o1_max_branches", int),
     "o1_entropy_threshold": ("o1_entropy_threshold", float),
+    "o1_probe_interval": ("o1_probe_interval", int),
+    "o1_probe_certainty": ("o1_probe_certainty", int),
 }
 _STRING_FIELDS = ("sedac_mode", "o1_mode", "answer_regex")
 

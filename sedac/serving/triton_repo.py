@@ -42,6 +42,8 @@ SEDAC_INPUTS = [
     ("o1_max_branches", _INT32, "[ 1 ]", True),
     ("o1_entropy_threshold", _FP32, "[ 1 ]", True),
     ("answer_regex", _STRING, "[ 1 ]", True),
+    ("o1_probe_interval", _INT32, "[ 1 ]", True),
+    ("o1_probe_certainty", _INT32, "[ 1 ]", True),
 ]
 SEDAC_OUTPUTS = [
     ("text_output", _STRING, "[ -1 ]"),
