@@ -152,13 +152,14 @@ def _write(results: dict, report) -> None:
         f"arithmetic questions, seed {results['seed']}, up to {results['max_tokens']} tokens each)"
     )
     lines = [
-        "| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped |",
-        "|---|---|---|---|---|---|",
+        "| strategy | accuracy | generated tokens | vs greedy | branches/question | early stopped | probes/question |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results["rows"].items():
         lines.append(
             f"| {name} | {r['accuracy']} | {r['tokens']} | {r['tokens_vs_greedy']} | "
-            f"{r.get('branches_per_question', '')} | {r.get('early_stopped', '')} |"
+            f"{r.get('branches_per_question', '')} | {r.get('early_stopped', '')} | "
+            f"{r.get('probes_per_question', '')} |"
         )
     lines += [
         "",
