@@ -64,8 +64,17 @@ def test_bench_serve_reports_vllm_metrics(tiny_llama, tmp_path):
         )
         assert out.exit_code == 0, out.output
         assert json.loads((tmp_path / "s" / "report.json").read_text())["Successful requests"] == 4
+        sweep = [*common, "--dataset-name", "random", "--num-prompts", "6", "--random-output-len", "8"]
+        out = runner.invoke(main, [*sweep, "--max-concurrency", "1,3", "--report", str(tmp_path / "w")])
+        assert out.exit_code == 0, out.output
+        runs = json.loads((tmp_path / "w" / "report.json").read_text())["sweep"]
+        assert [r["max_concurrency"] for r in runs] == [1, 3] and all(r["Successful requests"] == 6 for r in runs)
+        assert "| 3 | 6 |" in (tmp_path / "w" / "report.md").read_text()
+        assert (tmp_path / "w" / "throughput_vs_concurrency.png").is_file()
         out = runner.invoke(main, [*common, "--goodput", "latency:5"])
         assert out.exit_code != 0 and "--goodput takes METRIC:MS" in out.output
+        out = runner.invoke(main, [*common, "--max-concurrency", "4,x"])
+        assert out.exit_code != 0 and "--max-concurrency takes N or a comma list" in out.output
     out = runner.invoke(
         main,
         [

@@ -140,7 +140,10 @@ def bench(
     "--request-rate", type=float, default=float("inf"), show_default=True, help="requests/s (inf: all at once)"
 )
 @click.option("--burstiness", type=float, default=1.0, show_default=True, help="gamma shape of arrivals (1 = Poisson)")
-@click.option("--max-concurrency", type=int, help="requests in flight at most")
+@click.option(
+    "--max-concurrency",
+    help="requests in flight at most; a comma list (1,4,16) runs a sweep, one run per level, and plots it",
+)
 @click.option("--goodput", multiple=True, help="SLO as METRIC:MS (ttft, tpot, e2el), repeatable")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--api-key")
@@ -176,8 +179,9 @@ def bench_serve(
     from sedac.cli.report import write_report
     from sedac.serving import bench_serve as bs
 
-    if num_prompts < 1 or request_rate <= 0 or burstiness <= 0 or (max_concurrency is not None and max_concurrency < 1):
-        raise ValueError("need --num-prompts >= 1, --request-rate > 0, --burstiness > 0, --max-concurrency >= 1")
+    levels = _concurrency_levels(max_concurrency)
+    if num_prompts < 1 or request_rate <= 0 or burstiness <= 0:
+        raise ValueError("need --num-prompts >= 1, --request-rate > 0, --burstiness > 0")
     slo = bs.parse_goodput(goodput)
     tok = AutoTokenizer.from_pretrained(tokenizer)
     requests = (
@@ -185,13 +189,33 @@ def bench_serve(
         if dataset_name == "sharegpt"
         else bs.random_requests(tok, num_prompts, random_input_len, random_output_len, seed)
     )
-    result = asyncio.run(
-        bs.run_bench_serve(url, requests, request_rate, burstiness, max_concurrency, slo, api_key, seed)
-    )
-    write_report(
-        report,
-        f"sedac-run bench serve: {url}, {dataset_name}, {num_prompts} prompts",
-        {"url": url, "dataset": dataset_name, **result},
-        bs.markdown(result),
-        bs.figures(result),
-    )
+    runs = [
+        asyncio.run(bs.run_bench_serve(url, requests, request_rate, burstiness, level, slo, api_key, seed))
+        for level in levels
+    ]
+    title = f"sedac-run bench serve: {url}, {dataset_name}, {num_prompts} prompts"
+    if len(runs) == 1:
+        write_report(
+            report, title, {"url": url, "dataset": dataset_name, **runs[0]}, bs.markdown(runs[0]), bs.figures(runs[0])
+        )
+    else:
+        write_report(
+            report,
+            f"{title}, max concurrency {max_concurrency}",
+            {"url": url, "dataset": dataset_name, "sweep": runs},
+            bs.sweep_markdown(runs),
+            bs.sweep_figures(runs),
+        )
+
+
+def _concurrency_levels(value: str | None) -> list[int | None]:
+    """--max-concurrency: none (unlimited), one level, or a comma list of levels (a sweep)."""
+    if value is None:
+        return [None]
+    try:
+        levels = [int(v) for v in value.split(",")]
+    except ValueError:
+        raise ValueError(f"--max-concurrency takes N or a comma list like 1,4,16, got {value!r}") from None
+    if any(level < 1 for level in levels):
+        raise ValueError("--max-concurrency levels must be >= 1")
+    return levels

@@ -138,6 +138,18 @@ def labelled_scatter(title: str, xlabel: str, ylabel: str, series: dict[str, lis
     return fig
 
 
+def lines(title: str, xlabel: str, ylabel: str, xs: list, series: dict[str, list]):
+    """One marked line per series over the same x values (a sweep: throughput against concurrency)."""
+    fig, ax = new_axes(title, xlabel, ylabel)
+    ax.grid(alpha=0.3)
+    for name, values in series.items():
+        ax.plot(xs, values, marker="o", label=name)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    if len(series) > 1:
+        ax.legend()
+    return fig
+
+
 def _annotate(ax, points: list[tuple[str, float, float]]) -> None:
     """Each label right of its point, except where a point lies close to one already labelled (fp16 beside
     bf16, off beside lossless): that label goes left, so the two do not run into each other."""

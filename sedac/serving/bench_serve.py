@@ -245,3 +245,51 @@ def figures(result: dict) -> dict:
         {"throughput": [result["Output token throughput (tok/s)"], result["Total Token throughput (tok/s)"]]},
     )
     return {"latency": latency, "throughput": throughput}
+
+
+SWEEP_COLUMNS = (
+    "Successful requests",
+    "Output token throughput (tok/s)",
+    "Total Token throughput (tok/s)",
+    "Median TTFT (ms)",
+    "Median TPOT (ms)",
+    "P99 ITL (ms)",
+)
+
+
+def sweep_markdown(results: list[dict]) -> str:
+    """One row per concurrency level of a sweep (each level's full metrics are in report.json)."""
+    head = "| max concurrency | " + " | ".join(SWEEP_COLUMNS) + " |\n" + "|---" * (len(SWEEP_COLUMNS) + 1) + "|\n"
+    return (
+        head
+        + "\n".join(
+            f"| {r['max_concurrency']} | " + " | ".join(str(r[c]) for c in SWEEP_COLUMNS) + " |" for r in results
+        )
+        + "\n"
+    )
+
+
+def sweep_figures(results: list[dict]) -> dict:
+    """Throughput and median latencies against concurrency, and the busiest level's latency distributions."""
+    from sedac.cli.report import lines
+
+    levels = [r["max_concurrency"] for r in results]
+    throughput = lines(
+        "Token throughput vs concurrency",
+        "max concurrency (requests in flight)",
+        "tokens/s",
+        levels,
+        {
+            "output tokens": [r["Output token throughput (tok/s)"] for r in results],
+            "input + output tokens": [r["Total Token throughput (tok/s)"] for r in results],
+        },
+    )
+    latency = lines(
+        "Median latencies vs concurrency",
+        "max concurrency (requests in flight)",
+        "latency (ms)",
+        levels,
+        {"TTFT": [r["Median TTFT (ms)"] for r in results], "TPOT": [r["Median TPOT (ms)"] for r in results]},
+    )
+    busiest = figures(results[-1])["latency"]
+    return {"throughput_vs_concurrency": throughput, "latency_vs_concurrency": latency, "latency": busiest}
