@@ -105,3 +105,11 @@ def test_probes_need_reasoning_markers(tiny_llama, thinking_engine):
         body["o1_probe_interval"] = 2
         ok = httpx.post(url + "/v1/completions", json=body, timeout=30)
         assert ok.status_code == 200 and "sedac:o1_probes_total" in httpx.get(url + "/metrics", timeout=30).text
+
+
+def test_no_probe_without_room_for_its_cue(llm):
+    """A request at the end of the context forks no probe that would run past max_seq_len."""
+    max_len = llm.engine.config.build.max_seq_len
+    prompt = _opened(llm, "word " * 400)[-(max_len - 8) :]
+    out = llm.generate([prompt], _probing(max_tokens=8))[0]
+    assert out.finish_reason == "length" and out.metrics.o1_probes == 0 and _all_free(llm)

@@ -37,6 +37,7 @@ def llm(tiny_llama):
         dict(logit_bias={-1: 1.0}),
         dict(logit_bias={"5": 1.0}),
         dict(logit_bias=[5]),
+        dict(min_tokens=2, structured_outputs={"regex": "a+"}),
     ],
 )
 def test_invalid_params_raise_value_error(bad):
@@ -180,3 +181,15 @@ def test_min_tokens_holds_back_every_stop(llm):
         [PROMPT], SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, stop=[free.text[:1]], min_tokens=8)
     )[0]
     assert text.finish_reason == "length" and len(text.token_ids) == 8
+
+
+def test_min_tokens_near_the_context_end_and_with_ignore_eos(llm):
+    """The context's end stops a sequence whatever min_tokens asks (no position past max_seq_len); with
+    ignore_eos EOS is not held back (vLLM: it is no stop then)."""
+    max_len = llm.engine.config.build.max_seq_len
+    long_prompt = (PROMPT * 100)[: max_len - 3]
+    out = llm.generate([long_prompt], SamplingParams(max_tokens=8, min_tokens=8, temperature=0.0))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) == 3
+    eos = llm.engine.config.model.eos_token_ids[0]
+    forced = SamplingParams(max_tokens=4, min_tokens=4, temperature=0.0, ignore_eos=True, logit_bias={eos: 100.0})
+    assert llm.generate([PROMPT], forced)[0].token_ids == [eos] * 4

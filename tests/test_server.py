@@ -142,6 +142,7 @@ BAD = [
     (json.dumps({"prompt": "hi", "max_tokens": 2, "n": 10**6}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"5": 101}}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"five": 1}}).encode(), 400),
+    (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"007": 1}}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "logit_bias": {"999999": 1}}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "min_tokens": 3}).encode(), 400),
     (json.dumps({"prompt": "hi", "max_tokens": 2, "best_of": 3}).encode(), 400),  # not silently ignored
@@ -315,8 +316,10 @@ def test_request_limits_are_configurable(tiny_llama):
         tiny_llama, "--served-model-name", "tiny", "--max-n", "2", "--max-tokens-cap", "5", "--max-body-bytes", "4096"
     ) as (base, _):
         c = client(base)
-        with pytest.raises(openai.BadRequestError, match=r"n \(3\) is over this server's limit of 2 \(--max-n\)"):
+        with pytest.raises(openai.BadRequestError, match=r"n \(3\) x prompts \(1\) is over .* limit of 2 \(--max-n\)"):
             c.completions.create(model="tiny", prompt="hi", max_tokens=2, n=3)
+        with pytest.raises(openai.BadRequestError, match=r"n \(1\) x prompts \(3\) is over"):  # a list fans out too
+            c.completions.create(model="tiny", prompt=["a", "b", "c"], max_tokens=2)
         with pytest.raises(
             openai.BadRequestError, match=r"max_tokens \(6\) is over .* limit of 5 \(--max-tokens-cap\)"
         ):

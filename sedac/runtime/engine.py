@@ -90,7 +90,7 @@ class LLMEngine:
         own = self.config.reasoning and ReasoningMarkers(**self.config.reasoning)
         markers = ReasoningMarkers(*reasoning_markers) if reasoning_markers else own
         self.reasoning = ThinkingBudgets(self.tokenizer, markers or None)
-        self.probes = CertaintyProbes(self.tokenizer, self.reasoning)
+        self.probes = CertaintyProbes(self.tokenizer, self.reasoning, self.config.build.max_seq_len)
         self.outputs = RequestOutputs(self.reasoning, self.o1, self.probes, self.config.model.num_layers)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self.last_finished: RequestOutput | None = None
@@ -140,7 +140,7 @@ class LLMEngine:
             params,
             arrival=arrival_time,
             bad_words_ids=self._bad_words_ids(params),
-            stop_ids=sorted(self.eos_ids | set(params.stop_token_ids)) if params.min_tokens else None,
+            stop_ids=self._held_stops(params),
         )
         seq.detok_state = detokenizer.start(len(ids))
         metrics = RequestMetrics(
@@ -191,6 +191,12 @@ class LLMEngine:
         if self.mode_of(seq) != "lossless" or seq.pending_forks or seq.num_computed_tokens != seq.num_tokens - 1:
             return 0
         return self.sedac.draft_len(seq)
+
+    def _held_stops(self, params: SamplingParams) -> list[int] | None:
+        """min_tokens: the stop tokens held back until then (EOS too unless ignore_eos, as vLLM)."""
+        if not params.min_tokens:
+            return None
+        return sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         vocab = self.config.model.vocab_size

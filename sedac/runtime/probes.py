@@ -35,10 +35,10 @@ class _Watch:
 
 
 class CertaintyProbes:
-    def __init__(self, tokenizer, reasoning):
+    def __init__(self, tokenizer, reasoning, max_seq_len: int):
         self.reasoning = reasoning  # ThinkingBudgets: the reasoning block's state and its end marker
         self.cue_ids = reasoning.end_ids + tokenizer.encode(PROBE_CUE, add_special_tokens=False)
-        self.params = SamplingParams(max_tokens=PROBE_TOKENS, temperature=0.0, stop=["\n"])
+        self.max_seq_len = max_seq_len
         self.watched: dict = {}  # main Sequence -> _Watch
         self.parents: dict = {}  # probe Sequence -> main Sequence
         self.done: dict[str, _Watch] = {}  # request id -> the watch of its finished main sequence
@@ -60,13 +60,23 @@ class CertaintyProbes:
         if watch is None or watch.settled:
             return False
         spent = self.reasoning.reasoning_tokens(seq)
-        return spent is not None and spent > 0 and spent % watch.interval == 0
+        room = seq.num_tokens + len(self.cue_ids) < self.max_seq_len  # the cue and one answer token must fit
+        return spent is not None and spent > 0 and spent % watch.interval == 0 and room
 
     def probe(self, seq, index: int):
         """A probe of seq: a branch sharing its blocks, with the end marker and the answer cue appended
         (computed as a short prefill chunk) and its own greedy parameters; its output is the answer only."""
         child = seq.branch(index)
-        child.params = self.params
+        # greedy, the full model, the request's priority; none of the request's bans or held stops
+        child.params = SamplingParams(
+            max_tokens=PROBE_TOKENS,
+            temperature=0.0,
+            stop=["\n"],
+            sedac_mode="off",
+            o1_mode="off",
+            priority=seq.params.priority,
+        )
+        child.bad_words_ids, child.stop_ids = [], []
         child.token_ids += self.cue_ids
         child.num_prompt_tokens = child.num_tokens
         child.output_text, child.logprobs = "", []
@@ -97,8 +107,8 @@ class CertaintyProbes:
         last = watch.answers[-watch.certainty :]
         if len(last) == watch.certainty and last[0] and len(set(last)) == 1:
             watch.settled = True
-            self.reasoning.close(parent)
-            self.counters["o1_probe_stops"] += 1
+            if self.reasoning.close(parent):  # not if the block had closed (or was closing) already
+                self.counters["o1_probe_stops"] += 1
         return []
 
     def usage(self, request_id: str, seqs) -> tuple[int, int] | None:

@@ -104,11 +104,14 @@ class ThinkingBudgets:
         b = self.budgets.get(seq)
         return b.spent if b is not None and b.inside and not b.forced else None
 
-    def close(self, seq) -> None:
-        """End seq's reasoning block now: its next tokens are the end marker's (certainty probes agreed)."""
+    def close(self, seq) -> bool:
+        """End seq's reasoning block now: its next tokens are the end marker's (certainty probes agreed).
+        False if the block is not open (closed already, or a spent budget is closing it)."""
         b = self.budgets.get(seq)
-        if b is not None and b.inside and not b.forced:
-            b.forced = list(self.end_ids)
+        if b is None or not b.inside or b.forced:
+            return False
+        b.forced = list(self.end_ids)
+        return True
 
     def release(self, seq) -> None:
         self.budgets.pop(seq, None)

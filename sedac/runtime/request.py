@@ -35,6 +35,8 @@ def stop_reason(seq: Sequence, token: int, previous_len: int, eos_ids: set[int],
     """Why seq stops after taking token ((finish_reason, stop_reason)), or None; a stop string found in
     the new text cuts the text there."""
     p = seq.params
+    if seq.num_tokens >= max_seq_len:  # the context is full: nothing else can come after it
+        return ("length", None)
     if seq.num_output_tokens < p.min_tokens:  # vLLM: no stop of any kind before min_tokens
         return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
     if token in eos_ids and not p.ignore_eos:
@@ -46,9 +48,7 @@ def stop_reason(seq: Sequence, token: int, previous_len: int, eos_ids: set[int],
         if at != -1:
             seq.output_text = seq.output_text[:at]
             return ("stop", stop)
-    if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= max_seq_len:
-        return ("length", None)
-    return None
+    return ("length", None) if seq.num_output_tokens >= p.max_tokens else None
 
 
 class RequestOutputs:

@@ -101,6 +101,8 @@ class SamplingParams:
         for t in self.stop_token_ids:
             _check_int("stop_token_ids", t, 0)
         _check_int("min_tokens", self.min_tokens, 0)
+        if self.min_tokens and self.structured_outputs is not None:
+            raise ValueError("min_tokens does not take structured_outputs (a grammar ends where its text is complete)")
         if self.min_tokens > self.max_tokens:
             raise ValueError(f"min_tokens ({self.min_tokens}) must be at most max_tokens ({self.max_tokens})")
         if self.logit_bias is not None:

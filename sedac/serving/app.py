@@ -99,13 +99,16 @@ class Server:
             )
         return req
 
-    def params(self, req, default_max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def params(self, req, default_max_tokens: int, logprobs: int | None, prompts: int = 1) -> SamplingParams:
         try:
             params = req.sampling_params(min(default_max_tokens, self.max_tokens), logprobs)
         except ValueError as e:
             raise HTTPError(400, str(e)) from None
-        if params.n > self.limits.max_n:
-            raise HTTPError(400, f"n ({params.n}) is over this server's limit of {self.limits.max_n} (--max-n)")
+        if params.n * prompts > self.limits.max_n:  # a list of prompts takes n sequences each
+            raise HTTPError(
+                400,
+                f"n ({params.n}) x prompts ({prompts}) is over this server's limit of {self.limits.max_n} (--max-n)",
+            )
         if params.max_tokens > self.max_tokens:
             raise HTTPError(
                 400,
@@ -327,7 +330,7 @@ def build_app(
 async def _native_generate(server: Server, req, prompts: list, fail_alone: bool = False) -> list[dict]:
     if req.max_new_tokens is not None:
         req.max_tokens = req.max_new_tokens
-    params = server.params(req, default_max_tokens=128, logprobs=None)
+    params = server.params(req, default_max_tokens=128, logprobs=None, prompts=len(prompts))
 
     async def one(prompt):
         try:

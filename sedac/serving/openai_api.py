@@ -24,7 +24,7 @@ class OpenAIHandlers:
             if isinstance(req.prompt, str) or (req.prompt and isinstance(req.prompt[0], int))
             else list(req.prompt)
         )
-        params = self.server.params(req, default_max_tokens=16, logprobs=req.logprobs)
+        params = self.server.params(req, default_max_tokens=16, logprobs=req.logprobs, prompts=len(prompts))
         streams = [await self.server.submit(p, params) for p in self.server.tokenized(prompts, params)]
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if req.stream:

@@ -48,7 +48,7 @@ Positive = Annotated[StrictInt, Field(ge=1)]
 TokenId = Annotated[StrictInt, Field(ge=0)]
 Text = Annotated[str, Field(min_length=1)]
 TokenIds = Annotated[list[TokenId], Field(min_length=1)]
-TokenIdKey = Annotated[str, Field(pattern=r"^[0-9]{1,9}$")]  # OpenAI's logit_bias keys: token ids as strings
+TokenIdKey = Annotated[str, Field(pattern=r"^(0|[1-9][0-9]{0,8})$")]  # OpenAI's logit_bias keys: token ids as strings
 TopLogprobs = Annotated[StrictInt, Field(ge=0, le=20)]
 
 
