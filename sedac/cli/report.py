@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import subprocess
 from pathlib import Path
 
@@ -18,6 +17,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: bench hosts have no display, and pyplot must not pick a GUI backend
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+
+from sedac.cli.env import cpu_description  # noqa: E402
 
 FIGSIZE = (7, 4.5)
 DPI = 120
@@ -29,7 +30,7 @@ def machine() -> dict:
     from sedac import __version__
 
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_description()[0],
         "threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
@@ -37,16 +38,6 @@ def machine() -> dict:
         "commit": _git_commit(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
     }
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_commit() -> str:
