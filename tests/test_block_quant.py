@@ -20,10 +20,12 @@ from sedac.builder.sources import resolve_source, smollm2_gguf_path
 from sedac.cli.build import main as build_main
 from sedac.config import BuildConfig
 from sedac.models import cpu_kernels
+from sedac.models.decoder import fused_decode
 from sedac.models.layers import Linear
 from sedac.models.quant import BlockWeight, pack_nibbles, quantize_int4, to_panels
 from tests.test_cpu_kernels import D, H, _decode_context, _random_layer, pool, run_step  # noqa: F401  (fixture)
 from tests.test_parity_tiny import PROMPTS
+from tests.test_precisions import fused_steps
 
 
 @pytest.fixture(autouse=True)
@@ -116,7 +118,7 @@ def test_fused_decode_layer_on_blocks_is_bit_identical_to_python_layer(pool, bit
             linear.pack_for_cpu()
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=False)
-    fused = run_step(layer, pool, ctx, lambda: layer._fused_decode(h, cos, signed_sin, ctx))
+    fused = run_step(layer, pool, ctx, lambda: fused_decode([layer], h, cos, signed_sin, ctx))
     assert torch.equal(fused, run_step(layer, pool, ctx, lambda: layer(h, cos, signed_sin)))
 
 
@@ -133,7 +135,7 @@ def _engine(tmp_path, source, precision: str, **build):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, arch, monkeypatch):
     """int4 computes with activations on a 15-bit grid per group, so it is HF on its dequantized weights up
     to that rounding: teacher-forced on its own output, HF picks the same token at nearly every position."""
     engine = _engine(tmp_path, tiny_models[arch], "int4", group_size=16)
@@ -145,10 +147,7 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     model = llm.engine.runner.model
     assert model.layers[0].qkv_proj.blocks.int8_activations and not model.int8_weights
     assert model.lm_head.blocks.bits == 8  # the head as 8-bit blocks
-    fused = []
-    for layer in model.layers:
-        original = layer._fused_decode
-        layer._fused_decode = lambda *a, _f=original, **k: fused.append(1) or _f(*a, **k)
+    fused = fused_steps(monkeypatch)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     same = total = 0
     for prompt, out in zip(PROMPTS, outs):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sedac.config import ModelConfig
 from sedac.models import AttentionContext, PrefillChunk, attention, cpu_kernels, set_context
-from sedac.models.decoder import DecoderLayer
+from sedac.models.decoder import DecoderLayer, fused_decode
 from sedac.models.layers import Linear
 
 BS, KV, H, D, NUM_BLOCKS = 4, 2, 6, 16, 400
@@ -192,7 +192,7 @@ def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
     assert layer._fusable(h, ctx, int8=False)
     results = [
         (run_step(layer, pool, ctx, run), layer.k_cache, layer.v_cache)
-        for run in (lambda: layer._fused_decode(h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))
+        for run in (lambda: fused_decode([layer], h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))
     ]
     for fused_tensor, python_tensor in zip(*results):
         assert torch.equal(fused_tensor, python_tensor)
@@ -248,9 +248,9 @@ def test_int8_decode_layer_matches_python_layer_on_int8_weights(pool, qkv_bias):
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=True)
     runs = {
-        "fused": lambda: layer._fused_decode(h, cos, signed_sin, ctx, int8=True),
+        "fused": lambda: fused_decode([layer], h, cos, signed_sin, ctx, int8=True),
         "python": lambda: layer(h, cos, signed_sin, int8=True),
-        "fp32": lambda: layer._fused_decode(h, cos, signed_sin, ctx),
+        "fp32": lambda: fused_decode([layer], h, cos, signed_sin, ctx),
     }
     out = {name: run_step(layer, pool, ctx, run) for name, run in runs.items()}
     assert torch.equal(out["fused"], out["python"])

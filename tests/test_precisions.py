@@ -17,7 +17,7 @@ from sedac.builder import build_engine
 from sedac.builder.hf_export import load_hf_model
 from sedac.cli.build import main as build_main
 from sedac.config import BuildConfig
-from sedac.models import cpu_kernels
+from sedac.models import cpu_kernels, decoder
 from sedac.models.layers import Linear
 from tests.conftest import hf_greedy
 from tests.test_parity_tiny import PROMPTS
@@ -65,18 +65,16 @@ def _engine(tmp_path, source, precision: str):
     return path
 
 
-def _fused_steps(llm) -> list[int]:
+def fused_steps(monkeypatch) -> list[int]:
     """Counts fused decode-layer calls, to show decode steps took the fast path."""
-    calls = []
-    for layer in llm.engine.runner.model.layers:
-        original = layer._fused_decode
-        layer._fused_decode = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    calls, original = [], decoder.fused_decode
+    monkeypatch.setattr(decoder, "fused_decode", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_models, precision, arch):
+def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_models, precision, arch, monkeypatch):
     from transformers import AutoModelForCausalLM
 
     engine = _engine(tmp_path, tiny_models[arch], precision)
@@ -88,7 +86,7 @@ def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_model
         for p in hf.parameters():
             p.copy_(p.to(load_file(str(engine / "model.safetensors"))["norm.weight"].dtype).float())
     llm = LLM(str(engine), device="cpu")
-    fused = _fused_steps(llm)
+    fused = fused_steps(monkeypatch)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 24)
@@ -97,7 +95,7 @@ def test_half_engine_matches_hf_fp32_on_its_rounded_weights(tmp_path, tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, arch):
+def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, arch, monkeypatch):
     engine = _engine(tmp_path, tiny_models[arch], "int8")
     weights = load_file(str(engine / "model.safetensors"))
     assert weights["layers.0.gate_up_proj.weight"].dtype == torch.int8
@@ -107,7 +105,7 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
     assert model.int8_weights and model.layers[0].qkv_proj.int8[0].dim() == 3  # int8 panels
-    fused = _fused_steps(llm)
+    fused = fused_steps(monkeypatch)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 24)

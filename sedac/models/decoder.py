@@ -26,7 +26,7 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_slots, KV, D], set by the runner
-        self._kernel_args: dict[bool, tuple] = {}  # int8 -> decode_layer's weight arguments, once packed
+        self._kernel_args: dict[bool, tuple] = {}  # int8 -> decode_layers' weight arguments, once packed
 
     def kv_projection(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (already normed) -> this layer's K and V before rotary, [T, 2 * KV * D]."""
@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, int8: bool = False) -> torch.Tensor:
         """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; int8: on the int8 weight copies (a
-        draft pass). DecoderModel.run_layers takes _fused_decode instead on CPU decode steps."""
+        draft pass). DecoderModel.run_layers takes fused_decode instead on CPU decode steps."""
         t, heads = h.shape[0], self.num_heads
         qkv = _project(self.qkv_proj, self.input_norm(h), int8)
         q_and_k = qkv[:, : self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
@@ -56,35 +56,45 @@ class DecoderLayer(nn.Module):
     def _fusable(self, h: torch.Tensor, ctx, int8: bool) -> bool:
         return not ctx.prefills and self.qkv_proj.kernel_weights(int8) is not None and cpu_kernels.usable(h)
 
-    def _fused_decode(self, h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
-        """The same layer as one C++ call (bit-identical): a CPU decode step on the packed weights
-        (fp32, fp16, bf16, int8 or blocks), or on the int8 copies."""
-        return torch.ops.sedac_cpu.decode_layer(
-            h,
-            cos,
-            signed_sin,
-            self.input_norm.weight,
-            self.post_norm.weight,
-            self.input_norm.eps,
-            *self._weight_args(int8),
-            self.qkv_proj.bias,
-            self.k_cache,
-            self.v_cache,
-            ctx.slot_mapping,
-            ctx.decode_blocks,
-            ctx.decode_lengths,
-            self.num_heads,
-            ctx.block_size,
-        )
-
-    def _weight_args(self, int8: bool) -> tuple:
-        """(panels, scales, mins, out_features) of the four projections, gathered once: rebuilding them
-        every call was ~10 us of Python per layer, 0.3 ms of a ~7 ms int4 token."""
+    def kernel_args(self, int8: bool) -> tuple:
+        """(panels, scales, mins, out_features) of the four projections as decode_layers takes them,
+        gathered once."""
         if int8 not in self._kernel_args:
             projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
             panels, scales, mins = zip(*(p.kernel_weights(int8) for p in projections))
             self._kernel_args[int8] = (list(panels), list(scales), list(mins), [p.out_features for p in projections])
         return self._kernel_args[int8]
+
+
+def fused_decode(layers: list[DecoderLayer], h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
+    """Consecutive layers as one C++ call, bit-identical to their forward: a CPU decode step on the
+    packed weights (fp32, fp16, bf16, int8 or blocks), or on the int8 copies."""
+    panels, scales, mins = [], [], []
+    for layer in layers:
+        layer_panels, layer_scales, layer_mins, out_features = layer.kernel_args(int8)
+        panels += layer_panels
+        scales += layer_scales
+        mins += layer_mins
+    return torch.ops.sedac_cpu.decode_layers(
+        h,
+        cos,
+        signed_sin,
+        [layer.input_norm.weight for layer in layers],
+        [layer.post_norm.weight for layer in layers],
+        layers[0].input_norm.eps,
+        panels,
+        scales,
+        mins,
+        out_features,
+        [layer.qkv_proj.bias for layer in layers],
+        [layer.k_cache for layer in layers],
+        [layer.v_cache for layer in layers],
+        ctx.slot_mapping,
+        ctx.decode_blocks,
+        ctx.decode_lengths,
+        layers[0].num_heads,
+        ctx.block_size,
+    )
 
 
 def _project(linear: Linear, x: torch.Tensor, int8: bool) -> torch.Tensor:
@@ -154,9 +164,7 @@ class DecoderModel(nn.Module):
         layers = [self.layers[i] for i in range(*slice(start, end).indices(len(self.layers)))]
         ctx = get_context()
         if layers and layers[0]._fusable(h, ctx, int8):  # decided once per step: ~1 ms/token less Python at batch 1
-            for layer in layers:
-                h = layer._fused_decode(h, cos, signed_sin, ctx, int8)
-            return h
+            return fused_decode(layers, h, cos, signed_sin, ctx, int8)
         for layer in layers:
             h = layer(h, cos, signed_sin, int8)
         return h

@@ -34,7 +34,7 @@ namespace {
 
 using namespace sedac_panels;
 
-constexpr int64_t kAhead = 2048;   // bytes of codes prefetched ahead of the loads (18 streams per task)
+constexpr int64_t kAhead = 2048;   // bytes of codes prefetched ahead of the loads (multi-row tiles)
 constexpr int32_t kFine = 254;   // the residual's step: the coarse step / 254 (|residual| <= step / 2)
 
 struct QuantizedRows {
@@ -95,6 +95,14 @@ QuantizedRows quantize_rows(const float* x, int64_t t, int64_t n, int64_t group)
 }
 
 #if SEDAC_VNNI
+// A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
+// hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes,
+// scales and minimums alike contiguous after this task's) go to L2 at the rate these are read:
+// SmolLM2's 30 layers at batch 1 2.6 vs 3.1 ms (interleaved A/B; prefetching into L1 was slower).
+inline void prefetch_l2(const void* from, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T1);
+}
+
 inline __m512i broadcast4(const int8_t* q) {   // four int8 activations into every 32-bit lane
   int32_t v;
   std::memcpy(&v, q, 4);
@@ -138,9 +146,11 @@ struct A8Kernel {
           fa[r] = broadcast4(xf + r * n + k);
           fb[r] = broadcast4(xf + r * n + k + 4);
         }
+        if constexpr (P == kGroup) prefetch_l2(c + kGroup * code_stride() + k / 8 * 64 * kGroup, 64 * kGroup);
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
-          _mm_prefetch(reinterpret_cast<const char*>(c + p * code_stride() + k / 8 * 64 + kAhead), _MM_HINT_T0);
+          if constexpr (P != kGroup)
+            _mm_prefetch(reinterpret_cast<const char*>(c + p * code_stride() + k / 8 * 64 + kAhead), _MM_HINT_T0);
           const __m512i v = _mm512_loadu_si512(c + p * code_stride() + k / 8 * 64);
           const __m512i lo = _mm512_and_si512(v, low4), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
 #pragma GCC unroll 16
@@ -149,6 +159,10 @@ struct A8Kernel {
             fine[r * P + p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(fine[r * P + p], lo, fa[r]), hi, fb[r]);
           }
         }
+      }
+      if constexpr (P == kGroup) {
+        prefetch_l2(s + kGroup * scale_stride() + g * kPanel * kGroup, 2 * kPanel * kGroup);   // fp16: 2 bytes
+        prefetch_l2(mn + kGroup * scale_stride() + g * kPanel * kGroup, 2 * kPanel * kGroup);
       }
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
