@@ -22,7 +22,15 @@ from sedac.config import BuildConfig
 from sedac.models import cpu_kernels
 from sedac.models.decoder import fused_decode
 from sedac.models.layers import Linear
-from sedac.models.quant import BlockWeight, pack_nibbles, quantize_int4, to_panels
+from sedac.models.quant import (
+    BlockWeight,
+    from_int8_a8_panels,
+    int8_a8_panels,
+    pack_nibbles,
+    quantize_int4,
+    quantize_rows,
+    to_panels,
+)
 from tests.test_cpu_kernels import D, H, _decode_context, _random_layer, pool, run_step  # noqa: F401  (fixture)
 from tests.test_parity_tiny import PROMPTS
 from tests.test_precisions import fused_steps
@@ -81,6 +89,28 @@ def test_int8_activation_kernel_is_near_exact_and_batch_invariant(shape):
     exact = blocks.panels().linear(x, None)  # fp32 activations
     assert not torch.equal(y, exact)  # it took the integer path,
     assert (y - exact).norm() < 1e-3 * exact.norm()  # whose activation grid is fine
+
+
+@pytest.mark.parametrize("shape", [(40, 64), (960, 576), (50, 1536)])  # out, in
+def test_int8_activation_kernel_on_int8_weights_is_near_exact_and_batch_invariant(shape):
+    """int8_linear_a8 (int8 engines on VNNI): offset int8 codes against activations on the same two-level
+    grid; close to int8_panel_linear's fp32-activation result, the same in any batch."""
+    torch.manual_seed(2)
+    out, inp = shape
+    weight, scale = quantize_rows(torch.randn(out, inp))
+    codes = int8_a8_panels(weight)
+    assert codes.shape == (-(-out // 16), inp // 4, 64) and torch.equal(from_int8_a8_panels(codes, out), weight)
+    x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)
+    x[2, :32] = 0  # a zero group
+    bias = torch.randn(out)
+    y = torch.ops.sedac_cpu.int8_linear_a8(x, codes, scale, bias, out)
+    for rows in range(1, 14):
+        assert torch.equal(torch.ops.sedac_cpu.int8_linear_a8(x[:rows], codes, scale, bias, out), y[:rows])
+    exact = torch.ops.sedac_cpu.int8_panel_linear(x, to_panels(weight), scale, bias, out)
+    assert not torch.equal(y, exact)  # it took the integer path,
+    assert (y - exact).norm() < 1e-4 * exact.norm()  # whose activation grid is fine
+    with pytest.raises(RuntimeError, match="multiple of 32"):
+        torch.ops.sedac_cpu.int8_linear_a8(x[:, :48], codes[:, :12], scale, None, out)
 
 
 def test_int4_quantization_rounds_to_nearest_within_half_a_step():

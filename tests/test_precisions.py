@@ -104,19 +104,21 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     hf = load_hf_model(engine)
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
-    assert model.int8_weights and model.layers[0].qkv_proj.int8[0].dim() == 3  # int8 panels
+    codes = model.layers[0].qkv_proj.int8[0]  # int8_linear_a8's offset codes where the CPU has VNNI
+    assert model.int8_weights and codes.dtype == (torch.uint8 if cpu_kernels.integer_dot_products() else torch.int8)
     fused = fused_steps(monkeypatch)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
     for prompt, out in zip(PROMPTS, outs):
         assert out.token_ids == hf_greedy(hf, prompt, 24)
     assert fused
-    # and the logits (not only the argmax) are HF's on the dequantized weights, up to summation order
+    # and the logits (not only the argmax) are HF's on the dequantized weights, up to summation order and
+    # the activations' 15-bit grid (csrc/int8_activations.h)
     params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
     ours = llm.generate([PROMPTS[0]], params)[0].outputs[0].logprobs[0]
     with torch.inference_mode():
         theirs = hf(torch.tensor([PROMPTS[0]])).logits[0, -1].log_softmax(-1)
     for token, logprob in ours.items():
-        assert abs(logprob - theirs[token].item()) < 1e-4
+        assert abs(logprob - theirs[token].item()) < 1e-3
 
 
 def test_precision_errors(tmp_path, tiny_models):

@@ -7,8 +7,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from sedac.models import cpu_kernels
-from sedac.models.quant import BlockWeight, from_panels, quantize_rows, to_panels
+from sedac.models.quant import (
+    BlockWeight,
+    from_int8_a8_panels,
+    from_panels,
+    int8_a8_panels,
+    quantize_rows,
+    to_panels,
+)
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
+
+INT8_ACTIVATION_GROUP = 32  # csrc/int8_linear_a8.cpp quantizes activations per 32 inputs
 
 
 class Linear(nn.Module):
@@ -32,12 +41,15 @@ class Linear(nn.Module):
 
     def pack_for_cpu(self, int8_activations: bool = False) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
-        at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs, 4-bit
-        ones for int8 activations when asked: BlockWeight.panels)."""
+        at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs). With
+        int8_activations, 4-bit blocks and int8 weights take the layouts of the integer kernels
+        (BlockWeight.panels, int8_a8_panels)."""
         if self.blocks is not None:
             self.blocks = self.blocks.panels(int8_activations)
         elif self.weight_only_int8:
-            self.int8 = (to_panels(self.int8[0]), self.int8[1])
+            weight, scale = self.int8
+            a8 = int8_activations and weight.shape[1] % INT8_ACTIVATION_GROUP == 0
+            self.int8 = (int8_a8_panels(weight) if a8 else to_panels(weight), scale)
         else:
             self.packed = to_panels(self.weight.t())
             self.weight = None  # the packed copy replaces it: one copy of the weights in memory
@@ -82,7 +94,10 @@ class Linear(nn.Module):
     def int8_rows(self) -> torch.Tensor:
         """The int8 copy dequantized, [out, in] fp32."""
         weight, scale = self.int8
-        weight = weight if weight.dim() == 2 else from_panels(weight, self.out_features)
+        if weight.dtype == torch.uint8:  # int8_a8_panels
+            weight = from_int8_a8_panels(weight, self.out_features)
+        elif weight.dim() == 3:
+            weight = from_panels(weight, self.out_features)
         return weight.float() * scale[:, None]
 
     def kernel_weights(self, int8: bool) -> tuple | None:
@@ -96,6 +111,8 @@ class Linear(nn.Module):
     def draft(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on its int8 copy (quantize_int8): the C++ kernel on CPU, else the sedac op."""
         weight, scale = self.int8
+        if weight.dtype == torch.uint8:
+            return torch.ops.sedac_cpu.int8_linear_a8(x, weight, scale, self.bias, self.out_features)
         if weight.dim() == 3:
             return torch.ops.sedac_cpu.int8_panel_linear(x, weight, scale, self.bias, self.out_features)
         return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)  # Triton on CUDA

@@ -37,6 +37,18 @@ def from_panels(panels: torch.Tensor, out_features: int) -> torch.Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features]
 
 
+def int8_a8_panels(w: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] -> csrc/int8_linear_a8.cpp's codes [ceil(out / 16), in / 4, 64] uint8: four
+    consecutive inputs of an output per 32-bit lane, each weight offset by 128 (unsigned for vpdpbusd)."""
+    panels = to_panels(w).unflatten(1, (-1, 4)).transpose(2, 3)  # [P, in / 4, 16 outputs, 4 inputs]
+    return (panels.to(torch.int16) + 128).to(torch.uint8).flatten(2).contiguous()
+
+
+def from_int8_a8_panels(codes: torch.Tensor, out_features: int) -> torch.Tensor:
+    panels = (codes.to(torch.int16) - 128).to(torch.int8).unflatten(2, (PANEL, 4)).transpose(2, 3).flatten(1, 2)
+    return from_panels(panels, out_features)
+
+
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     """4-bit codes [out, in] (0..15) -> [out, in / 2] uint8, input 2k in the low nibble, 2k + 1 in the high."""
     return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8).contiguous()

@@ -154,10 +154,11 @@ class ModelRunner:
 
     def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
         """On CPU every Linear runs on panels packed at the weights' precision (see Linear.pack_for_cpu);
-        an int4 engine's 4-bit layers take int8 activations (csrc/block_linear_a8.cpp) where the CPU
-        has VNNI, else the exact block kernel."""
+        int4 and int8 engines' weight-only layers take int8 activations (csrc/block_linear_a8.cpp,
+        csrc/int8_linear_a8.cpp) where the CPU has VNNI, else the kernels on fp32 activations."""
         if self._cpu_kernels():
-            int8_activations = self.config.build.precision == "int4" and cpu_kernels.integer_dot_products()
+            quantized = self.config.build.precision in ("int4", "int8")
+            int8_activations = quantized and cpu_kernels.integer_dot_products()
             for linear in module.modules():
                 if isinstance(linear, Linear):
                     linear.pack_for_cpu(int8_activations)

@@ -5,110 +5,23 @@
 // ops per 32 weights, so at batch 1 it is compute-bound at ~int8's speed (SmolLM2's 30 layers' GEMVs
 // 4.4 ms for 66 MB). One vpdpbusd multiplies 64 codes by 64 int8 activations; with the nibble
 // unpacking that is ~8 ops per 128 weights for two activation levels.
-// Activations in two int8 levels: per row and group of inputs, c = round(x / s) with s = max |x| / 127,
-// and the residual in steps of s / 254, f = round((x - c s) / (s / 254)): x ~= (254 c + f) s / 254, a
-// 15-bit grid (one int8 level, llama.cpp's, cost SmolLM2 5 points of greedy agreement, 0.949; two
-// levels measured 1.000 in `make bench-precisions`).
+// Activations in two int8 levels per group (int8_activations.h).
 // Per output and group: y += float(254 sum(q c) + sum(q f)) * (d * s / 254), then y += m * sum(x), in
 // that order (the integer is exact, below 2^24 for groups of 32), and a row's result is the same alone
 // or in any batch.
 // Layout (sedac.models.quant.BlockWeight.panels(int8_activations=True)): codes [P, in / 8, 64] uint8,
 // byte 4j + t of row i holding input 8i + t (low nibble) and 8i + 4 + t (high) of output 16p + j;
 // scales and minimums [P, in / group, 16] fp16 as in block_linear.cpp.
+#include "int8_activations.h"
 #include "kernels.h"
 #include "panel_schedule.h"
-
-#include <algorithm>
-#include <cmath>
-#include <cstring>
-#include <tuple>
-#include <utility>
-#include <vector>
-
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-#include <immintrin.h>
-#define SEDAC_VNNI 1
-#endif
 
 namespace {
 
 using namespace sedac_panels;
+using namespace sedac_a8;
 
 constexpr int64_t kAhead = 2048;   // bytes of codes prefetched ahead of the loads (multi-row tiles)
-constexpr int32_t kFine = 254;   // the residual's step: the coarse step / 254 (|residual| <= step / 2)
-
-struct QuantizedRows {
-  std::vector<int8_t> coarse, fine;   // [T, n]: x ~= step * (coarse + fine / 254)
-  std::vector<float> step, sum;       // [T, groups]: step = max |x| / 127 / 254, sum of x
-};
-
-// One group of inputs v[0, group) -> coarse and fine codes; returns (step, sum).
-std::pair<float, float> quantize_group(const float* v, int64_t group, int8_t* coarse, int8_t* fine) {
-#if SEDAC_VNNI
-  if (group % 16 == 0) {   // the same steps on 16 lanes (sums in another order: bitwise per build, not per ISA)
-    __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
-    for (int64_t k = 0; k < group; k += 16) {
-      const __m512 x = _mm512_loadu_ps(v + k);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(x));
-      sum = _mm512_add_ps(sum, x);
-    }
-    const float a = _mm512_reduce_max_ps(amax), d = a / 127.f, inv = a > 0.f ? 127.f / a : 0.f;
-    const __m512 vinv = _mm512_set1_ps(inv), vd = _mm512_set1_ps(d), fine_scale = _mm512_set1_ps(inv * kFine);
-    for (int64_t k = 0; k < group; k += 16) {
-      const __m512 x = _mm512_loadu_ps(v + k);
-      const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(x, _mm512_mul_ps(c, vd)), fine_scale),
-                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 bound = _mm512_set1_ps(127.f);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(coarse + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(fine + k),
-                       _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(f, -bound), bound))));
-    }
-    return {d / kFine, _mm512_reduce_add_ps(sum)};
-  }
-#endif
-  float amax = 0.f, sum = 0.f;
-  for (int64_t k = 0; k < group; ++k) {
-    amax = std::max(amax, std::abs(v[k]));
-    sum += v[k];
-  }
-  const float d = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-  for (int64_t k = 0; k < group; ++k) {
-    const float c = std::nearbyint(v[k] * inv);
-    coarse[k] = static_cast<int8_t>(c);
-    fine[k] = static_cast<int8_t>(std::clamp(std::nearbyint((v[k] - c * d) * (inv * kFine)), -127.f, 127.f));
-  }
-  return {d / kFine, sum};
-}
-
-QuantizedRows quantize_rows(const float* x, int64_t t, int64_t n, int64_t group) {
-  const int64_t groups = n / group;
-  QuantizedRows out{std::vector<int8_t>(t * n), std::vector<int8_t>(t * n), std::vector<float>(t * groups),
-                    std::vector<float>(t * groups)};
-  at::parallel_for(0, t * groups, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t first = (i / groups) * n + (i % groups) * group;
-      std::tie(out.step[i], out.sum[i]) = quantize_group(x + first, group, out.coarse.data() + first, out.fine.data() + first);
-    }
-  });
-  return out;
-}
-
-#if SEDAC_VNNI
-// A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
-// hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes,
-// scales and minimums alike contiguous after this task's) go to L2 at the rate these are read:
-// SmolLM2's 30 layers at batch 1 2.6 vs 3.1 ms (interleaved A/B; prefetching into L1 was slower).
-inline void prefetch_l2(const void* from, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T1);
-}
-
-inline __m512i broadcast4(const int8_t* q) {   // four int8 activations into every 32-bit lane
-  int32_t v;
-  std::memcpy(&v, q, 4);
-  return _mm512_set1_epi32(v);
-}
-#endif
 
 struct A8Kernel {
   const uint8_t* codes;
@@ -179,21 +92,18 @@ struct A8Kernel {
         }
       }
     }
-#pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) _mm512_storeu_ps(y + r * ldy + p * kPanel, out[r * P + p]);
+    store_tile<R, P>(out, y, ldy);
 #else   // the same integer sums and float steps, one output at a time
     for (int r = 0; r < R; ++r)
       for (int p = 0; p < P; ++p)
         for (int j = 0; j < kPanel; ++j) {
           float out = 0.f;
           for (int64_t g = 0; g < groups; ++g) {
-            int32_t sum = 0;
-            for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+            const auto code = [&](int64_t k) {
               const uint8_t byte = c[p * code_stride() + k / 8 * 64 + 4 * j + k % 4];
-              sum += ((k % 8) < 4 ? byte & 15 : byte >> 4) * (kFine * xc[r * n + k] + xf[r * n + k]);
-            }
+              return (k % 8) < 4 ? byte & 15 : byte >> 4;
+            };
+            const int32_t sum = group_dot(code, xc + r * n, xf + r * n, g * group, group);
             const float d = static_cast<float>(s[p * scale_stride() + g * kPanel + j]);
             const float m = static_cast<float>(mn[p * scale_stride() + g * kPanel + j]);
             out = std::fma(static_cast<float>(sum), d * dx[r * groups + g], out);

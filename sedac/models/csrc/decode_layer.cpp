@@ -30,13 +30,16 @@ torch::Tensor layer(const torch::Tensor& h, const torch::Tensor& cos, const torc
 }  // namespace
 
 // One projection on whatever the runner packed: fp32/fp16/bf16 panels (no scale), int8 panels with
-// one fp32 scale per output (a 1-D scale: int8 engines, lossless mode's drafter), or block panels
+// one fp32 scale per output (a 1-D scale: int8 engines, lossless mode's drafter; int8_linear_a8's
+// offset codes for int8 engines on VNNI), or block panels
 // (fp16 scales per group: int4 and gguf engines; int4's 4-bit ones in block_linear_a8's layout).
 torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& scale,
                             const std::optional<torch::Tensor>& min, const std::optional<torch::Tensor>& bias,
                             int64_t out_features) {
   if (!scale) return panel_linear(x, panels, bias, out_features);
-  if (scale->dim() == 1) return int8_panel_linear(x, panels, *scale, bias, out_features);
+  if (scale->dim() == 1)   // offset uint8 codes take int8 activations (int8 engines where the CPU has VNNI)
+    return panels.scalar_type() == at::kByte ? int8_linear_a8(x, panels, *scale, bias, out_features)
+                                             : int8_panel_linear(x, panels, *scale, bias, out_features);
   if (panels.size(2) == 64) return block_linear_a8(x, panels, *scale, *min, bias, out_features);   // int8 activations
   return block_linear(x, panels, *scale, min, bias, out_features);
 }

@@ -1,5 +1,5 @@
 // The CPU kernels the fused decode layer composes (defined in paged_attention.cpp, fused_ops.cpp,
-// panel_linear.cpp, block_linear.cpp, block_linear_a8.cpp).
+// panel_linear.cpp, block_linear.cpp, block_linear_a8.cpp, int8_linear_a8.cpp).
 #pragma once
 #include <torch/extension.h>
 
@@ -22,5 +22,7 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, c
                            int64_t out_features);
 torch::Tensor block_linear_a8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
                               const torch::Tensor& mins, const std::optional<torch::Tensor>& bias, int64_t out_features);
+torch::Tensor int8_linear_a8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
+                             const std::optional<torch::Tensor>& bias, int64_t out_features);
 // `count` fp32 panels [count, n, 16] against x [T, n] -> y (row stride ldy), panel_linear's tiles.
 void fp32_panel_group(const float* panels, int64_t n, int64_t count, const float* x, int64_t t, float* y, int64_t ldy);
