@@ -94,23 +94,16 @@ struct A8Kernel {
     }
     store_tile<R, P>(out, y, ldy);
 #else   // the same integer sums and float steps, one output at a time
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p)
-        for (int j = 0; j < kPanel; ++j) {
-          float out = 0.f;
-          for (int64_t g = 0; g < groups; ++g) {
-            const auto code = [&](int64_t k) {
-              const uint8_t byte = c[p * code_stride() + k / 8 * 64 + 4 * j + k % 4];
-              return (k % 8) < 4 ? byte & 15 : byte >> 4;
-            };
-            const int32_t sum = group_dot(code, xc + r * n, xf + r * n, g * group, group);
-            const float d = static_cast<float>(s[p * scale_stride() + g * kPanel + j]);
-            const float m = static_cast<float>(mn[p * scale_stride() + g * kPanel + j]);
-            out = std::fma(static_cast<float>(sum), d * dx[r * groups + g], out);
-            out = std::fma(m, sx[r * groups + g], out);
-          }
-          y[r * ldy + p * kPanel + j] = out;
-        }
+    scalar_tile<R, P>(y, ldy, groups, [&](int r, int p, int j, int64_t g, float out) {
+      const auto code = [&](int64_t k) {
+        const uint8_t byte = c[p * code_stride() + k / 8 * 64 + 4 * j + k % 4];
+        return (k % 8) < 4 ? byte & 15 : byte >> 4;
+      };
+      const int32_t sum = group_dot(code, xc + r * n, xf + r * n, g * group, group);
+      const float d = static_cast<float>(s[p * scale_stride() + g * kPanel + j]);
+      const float m = static_cast<float>(mn[p * scale_stride() + g * kPanel + j]);
+      return std::fma(m, sx[r * groups + g], std::fma(static_cast<float>(sum), d * dx[r * groups + g], out));
+    });
 #endif
   }
 };

@@ -100,6 +100,18 @@ inline int32_t group_dot(Weight&& w, const int8_t* coarse, const int8_t* fine, i
   return sum;
 }
 
+// y[r][16p + j] = the chain out = step(r, p, j, g, out) over groups g in order from 0: the scalar tiles.
+template <int R, int P, class Step>
+inline void scalar_tile(float* y, int64_t ldy, int64_t groups, Step&& step) {
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p)
+      for (int j = 0; j < 16; ++j) {
+        float out = 0.f;
+        for (int64_t g = 0; g < groups; ++g) out = step(r, p, j, g, out);
+        y[r * ldy + p * 16 + j] = out;
+      }
+}
+
 #if SEDAC_VNNI
 // A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
 // hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes and

@@ -79,17 +79,11 @@ struct Int8A8Kernel {
     }
     store_tile<R, P>(out, y, ldy);
 #else   // the same integer sums and float steps, one output at a time
-    for (int r = 0; r < R; ++r)
-      for (int p = 0; p < P; ++p)
-        for (int j = 0; j < kPanel; ++j) {
-          float out = 0.f;
-          for (int64_t g = 0; g < groups; ++g) {
-            const auto weight = [&](int64_t k) { return c[p * code_stride() + k / 4 * 64 + 4 * j + k % 4] - 128; };
-            const int32_t sum = group_dot(weight, xc + r * n, xf + r * n, g * kActivationGroup, kActivationGroup);
-            out = std::fma(static_cast<float>(sum), dx[r * groups + g], out);
-          }
-          y[r * ldy + p * kPanel + j] = out;
-        }
+    scalar_tile<R, P>(y, ldy, groups, [&](int r, int p, int j, int64_t g, float out) {
+      const auto weight = [&](int64_t k) { return c[p * code_stride() + k / 4 * 64 + 4 * j + k % 4] - 128; };
+      const int32_t sum = group_dot(weight, xc + r * n, xf + r * n, g * kActivationGroup, kActivationGroup);
+      return std::fma(static_cast<float>(sum), dx[r * groups + g], out);
+    });
 #endif
   }
 };
