@@ -186,7 +186,9 @@ def run_step(layer: DecoderLayer, pool, ctx, run):
 
 
 @pytest.mark.parametrize("qkv_bias", [False, True])  # Llama, Qwen2
-def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias):
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16, torch.bfloat16])  # --kv-cache-dtype
+def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias, kv_dtype):
+    pool = tuple(cache.to(kv_dtype) for cache in pool)
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
     assert layer._fusable(h, ctx, int8=False)

@@ -16,13 +16,11 @@ torch::Tensor layer(const torch::Tensor& h, const torch::Tensor& cos, const torc
                     const torch::Tensor& input_norm, const torch::Tensor& post_norm, double eps, Linear&& linear,
                     torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
                     const torch::Tensor& tables, const torch::Tensor& lengths, int64_t num_heads, int64_t block_size) {
-  const int64_t b = h.size(0), kv = k_cache.size(1), d = k_cache.size(2);
+  const int64_t b = h.size(0), d = k_cache.size(2);
   auto qkv = linear(rms_norm(h, input_norm, eps), 0);                                      // [B, (H + 2KV) * D]
-  auto q_and_k = rotary(qkv.narrow(1, 0, (num_heads + kv) * d).view({b, num_heads + kv, d}), cos, signed_sin);
-  k_cache.index_copy_(0, slots, q_and_k.narrow(1, num_heads, kv).to(k_cache.scalar_type()));   // a half pool rounds here
-  v_cache.index_copy_(0, slots, qkv.narrow(1, (num_heads + kv) * d, kv * d).view({b, kv, d}).to(v_cache.scalar_type()));
-  auto attn = paged_decode_attention(q_and_k.narrow(1, 0, num_heads), k_cache, v_cache, tables, lengths,
-                                     block_size, std::pow((double)d, -0.5));                  // [B, H, D], Python's d ** -0.5
+  auto q = rotary_to_cache(qkv, cos, signed_sin, k_cache, v_cache, slots, num_heads);         // [B, H, D]
+  auto attn = paged_decode_attention(q, k_cache, v_cache, tables, lengths, block_size,
+                                     std::pow((double)d, -0.5));                                // [B, H, D], Python's d ** -0.5
   auto [residual, normed] = add_rms_norm(h, linear(attn.view({b, num_heads * d}), 1), post_norm, eps);
   return residual + linear(silu_and_mul(linear(normed, 2)), 3);
 }

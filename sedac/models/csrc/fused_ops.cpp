@@ -25,6 +25,40 @@ void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float e
   for (int64_t i = 0; i < n; ++i) out[i] = w[i] * (x[i] * r);
 }
 
+// One head x [D] rotated: x * cos + roll(x, D/2) * signed_sin, rounded to T (a half cache) at the end.
+template <class T>
+void rotate_head(const float* x, const float* c, const float* s, T* out, int64_t d) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) out[i] = static_cast<T>(x[i] * c[i] + x[i + half] * s[i]);
+#pragma omp simd
+  for (int64_t i = half; i < d; ++i) out[i] = static_cast<T>(x[i] * c[i] + x[i - half] * s[i]);
+}
+
+// rotary_to_cache for a cache of element type T.
+template <class T>
+torch::Tensor rotary_to_cache_as(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                                 torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                                 int64_t heads) {
+  const int64_t t = qkv.size(0), kv = k_cache.size(1), d = k_cache.size(2), stride = qkv.stride(0);
+  auto q = torch::empty({t, heads, d}, qkv.options());
+  const float *xp = qkv.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = signed_sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  float* qp = q.data_ptr<float>();
+  T *kp = k_cache.data_ptr<T>(), *vp = v_cache.data_ptr<T>();
+  at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
+    for (int64_t r = b; r < e; ++r) {
+      const float *x = xp + r * stride, *c = cp + r * d, *s = sp + r * d;
+      for (int64_t h = 0; h < heads; ++h) rotate_head(x + h * d, c, s, qp + (r * heads + h) * d, d);
+      for (int64_t h = 0; h < kv; ++h) {
+        rotate_head(x + (heads + h) * d, c, s, kp + (slot[r] * kv + h) * d, d);
+        for (int64_t i = 0; i < d; ++i) vp[(slot[r] * kv + h) * d + i] = static_cast<T>(x[(heads + kv + h) * d + i]);
+      }
+    }
+  });
+  return q;
+}
+
 }  // namespace
 
 torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
@@ -83,24 +117,38 @@ torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const tor
               "rotary: float32 [T, N, D] with contiguous heads");
   TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.numel() == x.size(0) * x.size(2),
               "rotary: tables [T, 1, D]");
-  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2), half = d / 2, stride = x.stride(0);
+  const int64_t t = x.size(0), heads = x.size(1), d = x.size(2), stride = x.stride(0);
   auto out = torch::empty({t, heads, d}, x.options());
   const float *xp = x.data_ptr<float>(), *cp = cos.data_ptr<float>(), *sp = signed_sin.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, t, 16, [&](int64_t b, int64_t e) {
-    for (int64_t r = b; r < e; ++r) {
-      const float *c = cp + r * d, *s = sp + r * d;
-      for (int64_t h = 0; h < heads; ++h) {
-        const float* xi = xp + r * stride + h * d;
-        float* o = op + (r * heads + h) * d;
-#pragma omp simd
-        for (int64_t i = 0; i < half; ++i) o[i] = xi[i] * c[i] + xi[i + half] * s[i];
-#pragma omp simd
-        for (int64_t i = half; i < d; ++i) o[i] = xi[i] * c[i] + xi[i - half] * s[i];
-      }
-    }
+    for (int64_t r = b; r < e; ++r)
+      for (int64_t h = 0; h < heads; ++h)
+        rotate_head(xp + r * stride + h * d, cp + r * d, sp + r * d, op + (r * heads + h) * d, d);
   });
   return out;
+}
+
+// A decode step's projection qkv [T, (H + 2 KV) * D] -> rotated q [T, H, D], with rotated K and V
+// written straight into the caches [slots, KV, D] at slots [T] (rounded once to a half cache's dtype):
+// rotary plus two index_copy_ calls, without their dispatch and temporaries.
+torch::Tensor rotary_to_cache(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                              int64_t num_heads) {
+  const int64_t kv = k_cache.size(1), d = k_cache.size(2);
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat && qkv.dim() == 2 && qkv.stride(1) == 1 &&
+              qkv.size(1) == (num_heads + 2 * kv) * d, "rotary_to_cache: float32 qkv [T, (H + 2 KV) * D]");
+  TORCH_CHECK(cos.is_contiguous() && signed_sin.is_contiguous() && cos.numel() == qkv.size(0) * d &&
+              k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes() &&
+              slots.scalar_type() == at::kLong && slots.numel() == qkv.size(0),
+              "rotary_to_cache: tables [T, 1, D], contiguous caches [slots, KV, D], int64 slots [T]");
+  switch (k_cache.scalar_type()) {
+    case at::kFloat: return rotary_to_cache_as<float>(qkv, cos, signed_sin, k_cache, v_cache, slots, num_heads);
+    case at::kHalf: return rotary_to_cache_as<at::Half>(qkv, cos, signed_sin, k_cache, v_cache, slots, num_heads);
+    case at::kBFloat16:
+      return rotary_to_cache_as<at::BFloat16>(qkv, cos, signed_sin, k_cache, v_cache, slots, num_heads);
+    default: TORCH_CHECK(false, "rotary_to_cache: float32, float16 or bfloat16 caches, got ", k_cache.scalar_type());
+  }
 }
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {

@@ -13,6 +13,9 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& h, co
                                                       const torch::Tensor& weight, double eps);
 torch::Tensor silu_and_mul(const torch::Tensor& gate_up);
 torch::Tensor rotary(const torch::Tensor& x, const torch::Tensor& cos, const torch::Tensor& signed_sin);
+torch::Tensor rotary_to_cache(const torch::Tensor& qkv, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                              torch::Tensor& k_cache, torch::Tensor& v_cache, const torch::Tensor& slots,
+                              int64_t num_heads);
 torch::Tensor panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const std::optional<torch::Tensor>& bias,
                            int64_t out_features);
 torch::Tensor int8_panel_linear(const torch::Tensor& x, const torch::Tensor& panels, const torch::Tensor& scale,
