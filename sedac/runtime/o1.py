@@ -25,7 +25,8 @@ from sedac.runtime.sampler import draw, filtered_probs, process, token_logprobs
 
 # nats. On 60 generated arithmetic questions (the tuning seed of `sedac-run bench --o1`, SmolLM2-135M):
 # 1.0-3.0 branched nearly every reply and up to 8 branches lost accuracy (0.60 greedy -> 0.43-0.57: the
-# runner-up token mostly starts a worse reply); 4.0 branched 1.5 times per question and kept 0.62.
+# runner-up token mostly starts a worse reply); 4.0 branched 1.5 times per question and kept 0.62 (the
+# default branch count: sampling_params.O1_BRANCHES).
 DEFAULT_ENTROPY_THRESHOLD = 4.0
 ESC_WINDOW = 3  # finished branches that, all agreeing, end the vote (ESC's window)
 
