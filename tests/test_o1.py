@@ -80,7 +80,10 @@ def test_vote_stops_early_once_finished_branches_agree(tiny_llama):
     assert out.metrics.o1_early_stopped and out.metrics.o1_branches >= 3
     assert out.metrics.o1_tokens < 8 + out.metrics.o1_branches * 8  # the root was cut short
     assert out.outputs[0].finish_reason == "stop"  # a branch that ended on its own
-    assert llm.engine.stats()["o1_early_stops"] == 1
+    stats = llm.engine.stats()
+    assert stats["o1_early_stops"] == 1
+    # the root's unspent max_tokens (and any branch cut with it) counted as saved, within what all could spend
+    assert 0 < stats["o1_early_stop_tokens_saved"] <= 8 * (out.metrics.o1_branches + 1) - out.metrics.o1_tokens
     assert _all_free(llm)
 
 

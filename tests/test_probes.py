@@ -38,12 +38,15 @@ def test_reasoning_closes_once_the_last_probes_agree(llm, monkeypatch):
     """Probe answers made to agree (the extraction patched to one answer): the second probe's answer closes
     the block, so the end marker follows within the steps a probe takes, and the answer continues after it."""
     monkeypatch.setattr(probes_module, "extract_answer", lambda text, regex: "4")
-    stops = llm.engine.probes.counters["o1_probe_stops"]
-    out = llm.generate([_opened(llm)], _probing(o1_probe_certainty=2))[0]
+    stops, saved = llm.engine.probes.counters["o1_probe_stops"], llm.engine.probes.counters["o1_probe_tokens_saved"]
+    params = _probing(o1_probe_certainty=2)
+    out = llm.generate([_opened(llm)], params)[0]
     at = _end_marker_at(llm, out.token_ids)
     assert at is not None and 8 <= at <= 8 + 1 + probes_module.PROBE_TOKENS  # after the 2nd probe (token 8)
     assert out.outputs[0].reasoning is not None and out.outputs[0].content  # the answer follows
     assert llm.engine.probes.counters["o1_probe_stops"] == stops + 1
+    saved = llm.engine.probes.counters["o1_probe_tokens_saved"] - saved  # the reasoning's unspent allowance
+    assert saved == params.max_tokens - at > 0  # closed right where the end marker starts
     assert out.metrics.o1_probes >= 2 and out.metrics.o1_tokens > out.metrics.num_generated_tokens
     assert len(out.outputs) == 1 and _all_free(llm)
 
@@ -104,7 +107,12 @@ def test_probes_need_reasoning_markers(tiny_llama, thinking_engine):
         assert httpx.post(url + "/v1/completions", json=body, timeout=30).status_code == 400
         body["o1_probe_interval"] = 2
         ok = httpx.post(url + "/v1/completions", json=body, timeout=30)
-        assert ok.status_code == 200 and "sedac:o1_probes_total" in httpx.get(url + "/metrics", timeout=30).text
+        metrics = httpx.get(url + "/metrics", timeout=30).text
+        assert (
+            ok.status_code == 200
+            and "sedac:o1_probes_total" in metrics
+            and "sedac:o1_probe_tokens_saved_total" in metrics
+        )
 
 
 def test_no_probe_without_room_for_its_cue(llm):

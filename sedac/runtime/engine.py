@@ -13,7 +13,7 @@ from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, w
 from sedac.runtime.outputs import RequestMetrics, RequestOutput
 from sedac.runtime.probes import CertaintyProbes
 from sedac.runtime.reasoning import UNLIMITED, ReasoningMarkers, ThinkingBudgets
-from sedac.runtime.request import Request, RequestOutputs, stop_reason
+from sedac.runtime.request import Request, RequestOutputs, allowance, stop_reason
 from sedac.runtime.sampler import argmax_only, sample
 from sedac.runtime.sampling_params import SamplingParams, check_o1, check_sedac_mode
 from sedac.runtime.scheduler import ScheduledBatch, Scheduler
@@ -298,7 +298,7 @@ class LLMEngine:
         """End an adaptive request's other branches once its vote is decided."""
         for rid in request_ids & self.o1.trees.keys():
             req = self.requests[rid]
-            if self.o1.stop_early(rid, req.seqs):
+            if self.o1.stop_early(rid, req.seqs, lambda seq: allowance(seq, self.config.build.max_seq_len)):
                 req.metrics.o1_early_stopped = True
                 for seq in req.seqs:
                     if not seq.is_finished:

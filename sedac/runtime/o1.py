@@ -101,7 +101,8 @@ class AdaptiveCompute:
     def __init__(self, default_threshold: float):
         self.default_threshold = default_threshold
         self.trees: dict = {}  # request id -> _Tree
-        self.counters = {"o1_requests": 0, "o1_branches": 0, "o1_early_stops": 0, "o1_tokens": 0}
+        self.counters = dict.fromkeys(("o1_requests", "o1_branches", "o1_early_stops", "o1_tokens"), 0)
+        self.counters["o1_early_stop_tokens_saved"] = 0  # what the branches a decided vote ended could still make
 
     def start(self, request_id: str, params, answer_text) -> None:
         threshold = params.o1_entropy_threshold
@@ -175,13 +176,15 @@ class AdaptiveCompute:
         vote = self.vote(request_id, seqs)
         return [(vote.chosen, vote.confidence)]
 
-    def stop_early(self, request_id: str, seqs) -> bool:
-        """Whether the vote has just been decided (ESC-style early stop): the caller ends the other branches."""
+    def stop_early(self, request_id: str, seqs, allowance) -> bool:
+        """Whether the vote has just been decided (ESC-style early stop): the caller ends the other branches.
+        allowance(seq): the tokens a running branch could still generate (counted as saved)."""
         tree = self.trees[request_id]
         if tree.decided or not self._decided(tree, request_id, seqs):
             return False
         tree.decided = True
         self.counters["o1_early_stops"] += 1
+        self.counters["o1_early_stop_tokens_saved"] += sum(allowance(s) for s in seqs if not s.is_finished)
         return True
 
     def _decided(self, tree: _Tree, request_id: str, seqs) -> bool:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from sedac.runtime import detokenizer
 from sedac.runtime.o1 import extract_answer
+from sedac.runtime.request import allowance
 from sedac.runtime.sampling_params import SamplingParams
 
 PROBE_CUE = "\n\nThe final answer is "  # after the end marker: what a probe completes
@@ -42,7 +43,9 @@ class CertaintyProbes:
         self.watched: dict = {}  # main Sequence -> _Watch
         self.parents: dict = {}  # probe Sequence -> main Sequence
         self.done: dict[str, _Watch] = {}  # request id -> the watch of its finished main sequence
-        self.counters = {"o1_probes": 0, "o1_probe_stops": 0}
+        # o1_probe_tokens_saved: what reasoning closed by agreeing probes was still allowed (its thinking
+        # budget, max_tokens and the context: an upper bound)
+        self.counters = {"o1_probes": 0, "o1_probe_stops": 0, "o1_probe_tokens_saved": 0}
 
     def check(self, params) -> None:
         if params.o1_probe_interval is not None and self.reasoning.markers is None:
@@ -107,8 +110,10 @@ class CertaintyProbes:
         last = watch.answers[-watch.certainty :]
         if len(last) == watch.certainty and last[0] and len(set(last)) == 1:
             watch.settled = True
+            left = min(self.reasoning.remaining(parent), allowance(parent, self.max_seq_len))
             if self.reasoning.close(parent):  # not if the block had closed (or was closing) already
                 self.counters["o1_probe_stops"] += 1
+                self.counters["o1_probe_tokens_saved"] += left
         return []
 
     def usage(self, request_id: str, seqs) -> tuple[int, int] | None:

@@ -113,6 +113,11 @@ class ThinkingBudgets:
         b.forced = list(self.end_ids)
         return True
 
+    def remaining(self, seq) -> int:
+        """Reasoning tokens seq's budget still allows (UNLIMITED for a block tracked without a limit)."""
+        b = self.budgets[seq]
+        return max(0, b.limit - b.spent)
+
     def release(self, seq) -> None:
         self.budgets.pop(seq, None)
 

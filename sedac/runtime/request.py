@@ -31,6 +31,11 @@ class Request:
         return (self.aborted or len(self.seqs) >= self.params.n) and all(s.is_finished for s in self.seqs)
 
 
+def allowance(seq: Sequence, max_seq_len: int) -> int:
+    """Tokens seq may still generate: its max_tokens and the context both bound it."""
+    return max(0, min(seq.params.max_tokens - seq.num_output_tokens, max_seq_len - seq.num_tokens))
+
+
 def stop_reason(seq: Sequence, token: int, previous_len: int, eos_ids: set[int], max_seq_len: int):
     """Why seq stops after taking token ((finish_reason, stop_reason)), or None; a stop string found in
     the new text cuts the text there."""
