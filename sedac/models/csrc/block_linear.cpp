@@ -116,7 +116,12 @@ struct BlockKernel {
         d[p] = Vec::halves(s + p * scale_stride() + g * kPanel);
         if constexpr (Bits == 4) m[p] = Vec::halves(mins + (s - scales) + p * scale_stride() + g * kPanel);
       }
+      if constexpr (P == kGroup) {   // the next task's scales and minimums into L2 (prefetch_l2)
+        prefetch_l2(s + kGroup * scale_stride() + g * kPanel * kGroup, 2 * kPanel * kGroup);
+        if constexpr (Bits == 4) prefetch_l2(mins + (s - scales) + kGroup * scale_stride() + g * kPanel * kGroup, 2 * kPanel * kGroup);
+      }
       for (int64_t k = g * group; k < (g + 1) * group; k += 8 / Bits) {
+        if constexpr (P == kGroup) prefetch_l2(c + kGroup * code_stride() + k / (8 / Bits) * kPanel * kGroup, kPanel * kGroup);
 #pragma GCC unroll 16
         for (int p = 0; p < P; ++p) {
           const uint8_t* row = c + p * code_stride() + k * kPanel * Bits / 8;

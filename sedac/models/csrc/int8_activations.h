@@ -113,14 +113,6 @@ inline void scalar_tile(float* y, int64_t ldy, int64_t groups, Step&& step) {
 }
 
 #if SEDAC_VNNI
-// A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
-// hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes and
-// scales alike contiguous after this task's) go to L2 at the rate these are read: SmolLM2's 30 int4
-// layers at batch 1 2.6 vs 3.1 ms (interleaved A/B; prefetching into L1 was slower).
-inline void prefetch_l2(const void* from, int64_t bytes) {
-  for (int64_t i = 0; i < bytes; i += 64) _mm_prefetch(static_cast<const char*>(from) + i, _MM_HINT_T1);
-}
-
 // A tile's R rows x P panels of 16 outputs from registers to y (row stride ldy).
 template <int R, int P>
 inline void store_tile(const __m512* out, float* y, int64_t ldy) {

@@ -13,6 +13,15 @@ namespace sedac_panels {
 constexpr int64_t kPanel = 16;      // outputs per panel: one AVX-512 or two AVX2 registers
 constexpr int64_t kGroup = 6;       // panels per parallel task (a multiple of every tile's P)
 
+// A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
+// hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes,
+// scales and minimums alike contiguous after this task's) go to L2 at the rate these are read
+// (interleaved A/B on SmolLM2's 30 layers at batch 1: int4 2.6 vs 3.1 ms, gguf 4.1 vs 4.6 ms; the
+// 8-bit head 0.68 vs 0.76 ms; prefetching into L1 was slower).
+inline void prefetch_l2(const void* from, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(from) + i, 0, 2);
+}
+
 // R (< 6) rows of x against `count` panels from `first`: P = 6 / R at a time, then one at a time.
 template <int R, class Kernel>
 inline void row_block(const Kernel& k, int64_t first, int64_t count, const float* x, int64_t n, float* y, int64_t ldy) {
