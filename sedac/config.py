@@ -27,7 +27,8 @@ PRECISIONS = {
 # weight-only precisions: linear weights stored quantized (int8: one scale per output channel; int4:
 # a scale and a minimum per group of inputs; gguf: the source file's own blocks)
 WEIGHT_ONLY = ("int8", "int4", "gguf")
-# --kv-cache-dtype -> the KV pool's dtype; "auto": the compute dtype (fp32 on CPU, the weights' on CUDA)
+# --kv-cache-dtype -> the KV pool's dtype; "auto": the compute dtype (fp32 on CPU, the weights' on CUDA), except
+# HALF_KV_PRECISIONS on CPU (sedac.runtime.model_runner._kv_dtype)
 KV_CACHE_DTYPES = {
     "auto": None,
     "fp32": "float32",

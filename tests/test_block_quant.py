@@ -166,8 +166,9 @@ def _engine(tmp_path, source, precision: str, **build):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, arch, monkeypatch):
-    """int4 computes with activations on a 15-bit grid per group, so it is HF on its dequantized weights up
-    to that rounding: teacher-forced on its own output, HF picks the same token at nearly every position."""
+    """int4 computes with activations on a 15-bit grid per group (and, by default on CPU, an fp16 KV cache),
+    so it is HF on its dequantized weights up to that rounding: teacher-forced on its own output, HF picks
+    the same token at nearly every position."""
     engine = _engine(tmp_path, tiny_models[arch], "int4", group_size=16)
     weights = load_file(str(engine / "model.safetensors"))
     assert weights["layers.0.down_proj.weight"].dtype == torch.uint8  # 4-bit codes, two a byte
@@ -176,6 +177,7 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     llm = LLM(str(engine), device="cpu")
     model = llm.engine.runner.model
     assert model.layers[0].qkv_proj.blocks.int8_activations and not model.int8_weights
+    assert model.layers[0].k_cache.dtype == torch.float16  # "auto" for int4 on CPU
     assert model.lm_head.blocks.bits == 8  # the head as 8-bit blocks
     fused = fused_steps(monkeypatch)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
@@ -191,13 +193,15 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
 
 
 def test_int4_engine_without_kernels_dequantizes_at_load(tmp_path, tiny_models, monkeypatch, caplog):
-    engine = _engine(tmp_path, tiny_models["llama"], "int4", group_size=16)
+    engine = _engine(tmp_path, tiny_models["llama"], "int4", group_size=16)  # fp32 K/V: the weights' paths compared
     with_kernels = [
         o.token_ids
-        for o in LLM(str(engine), device="cpu").generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))
+        for o in LLM(str(engine), device="cpu", kv_cache_dtype="fp32").generate(
+            PROMPTS, SamplingParams(max_tokens=16, temperature=0.0)
+        )
     ]
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
-    llm = LLM(str(engine), device="cpu")
+    llm = LLM(str(engine), device="cpu", kv_cache_dtype="fp32")
     assert "int4 weights have no kernel" in caplog.text
     assert llm.engine.runner.model.layers[0].qkv_proj.blocks is None
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0))

@@ -67,6 +67,27 @@ def test_kernel_matches_plain_attention(pool, dtype):
         assert torch.allclose(out[i], _reference(q[i], *(t.float() for t in pool), table, length), atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(9, 3, 64), (14, 2, 64), (4, 4, 128)])  # SmolLM2, Qwen2
+def test_kernel_matches_plain_attention_at_model_head_sizes(dtype, heads, kv_heads, head_dim):
+    """Head sizes 64 and 128 take the AVX-512 path (16 scores per reduction round, V accumulated in
+    registers): lengths around its 16-position steps and its 64-position spans."""
+    torch.manual_seed(3)
+    lengths = [1, 15, 16, 17, 63, 64, 65, 200]
+    k_cache, v_cache = (torch.randn(NUM_BLOCKS * BS, kv_heads, head_dim).to(dtype) for _ in range(2))
+    tables = _tables(lengths)
+    q = torch.randn(len(lengths), heads, head_dim)
+    out = torch.ops.sedac_cpu.paged_decode_attention(
+        q, k_cache, v_cache, torch.tensor(tables), torch.tensor(lengths), BS, head_dim**-0.5
+    )
+    for i, (table, length) in enumerate(zip(tables, lengths)):
+        slots = torch.tensor([table[p // BS] * BS + p % BS for p in range(length)])
+        keys = k_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)  # [L, H, D]
+        values = v_cache[slots].float().repeat_interleave(heads // kv_heads, dim=1)
+        weights = (torch.einsum("hd,lhd->hl", q[i], keys) * head_dim**-0.5).softmax(-1)
+        assert torch.allclose(out[i], torch.einsum("hl,lhd->hd", weights, values), atol=1e-5)
+
+
 def test_kernel_rows_are_batch_invariant(pool):
     """Spans split a long context at fixed positions: a row's result is bitwise the same alone or in a batch."""
     tables, q = _tables(LENGTHS), torch.randn(len(LENGTHS), H, D)

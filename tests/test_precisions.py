@@ -102,7 +102,8 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     assert weights["layers.0.qkv_proj.weight_scale"].shape == (weights["layers.0.qkv_proj.weight"].shape[0],)
     assert weights.get("lm_head.weight", weights["embed_tokens.weight"]).dtype == torch.float16  # head excluded
     hf = load_hf_model(engine)
-    llm = LLM(str(engine), device="cpu")
+    assert LLM(str(engine), device="cpu").engine.runner.kv_dtype == torch.float16  # "auto" for int8 on CPU
+    llm = LLM(str(engine), device="cpu", kv_cache_dtype="fp32")  # the weights' arithmetic, K/V as HF keeps them
     model = llm.engine.runner.model
     codes = model.layers[0].qkv_proj.int8[0]  # int8_linear_a8's offset codes where the CPU has VNNI
     assert model.int8_weights and codes.dtype == (torch.uint8 if cpu_kernels.integer_dot_products() else torch.int8)

@@ -40,7 +40,8 @@ KV_DTYPE = click.option(
     type=click.Choice(list(KV_CACHE_DTYPES)),
     default="auto",
     show_default=True,
-    help="KV cache dtype; auto: the compute dtype (fp32 on CPU). fp16 halves the KV bytes long contexts stream",
+    help="KV cache dtype; auto: the compute dtype (fp32 on CPU; fp16 for int8 and int4 engines on CPU). fp16 halves "
+    "the KV bytes long contexts stream",
 )
 LOSSY_EXIT = click.option(
     "--sedac-lossy-exit",

@@ -8,7 +8,9 @@
 // head over all positions left one of two threads idle a third of the time and ran at ~6 GB/s
 // (attention was 12 of a 19 ms int4 token). Span boundaries are fixed positions, so a row's result
 // is the same alone or in any batch. A half-precision pool (`kv_cache_dtype`) is widened in registers,
-// so a step streams half the KV bytes.
+// so a step streams half the KV bytes. Head sizes 64 and 128 on AVX-512 reduce 16 scores at a time
+// (attend_span_avx512): with one horizontal sum per score, an fp16 pool decoded int4 SmolLM2 at 1,024
+// positions no faster than fp32 (124 vs 123 tok/s); after, 154 vs 126.
 #include "kernels.h"
 #include <ATen/Parallel.h>
 
@@ -148,6 +150,17 @@ struct Partial {
   float* acc;
 };
 
+// scores [H, n] -> exp(score - its head's max) in place, the maxes and sums into out, out.acc [H, D] zeroed.
+inline void softmax_numerators(float* scores, int64_t H, int64_t n, int64_t D, Partial out) {
+  for (int64_t h = 0; h < H; ++h) {
+    float* s = scores + h * n;
+    const float m = *std::max_element(s, s + n);
+    out.max[h] = m;
+    out.sum[h] = exp_shifted(s, n, m);
+  }
+  std::fill(out.acc, out.acc + H * D, 0.f);
+}
+
 // Every query head q [H, D] over positions [first, last) of one sequence: scores, their softmax
 // numerators and the weighted V rows, into `out`. Positions outer, KV heads inner: each slot's K (then
 // V) row of all KV heads is read front to back, and a block's slots lie together, so the pool streams.
@@ -163,13 +176,7 @@ void attend_span(const float* q, int64_t H, int64_t KV, Dim head_dim, const T* k
       for (int64_t h = kv * G; h < (kv + 1) * G; ++h) scores[h * n + p - first] = dot(q + h * D, k, D) * scale;
     }
   });
-  for (int64_t h = 0; h < H; ++h) {
-    float* s = scores.data() + h * n;
-    const float m = *std::max_element(s, s + n);
-    out.max[h] = m;
-    out.sum[h] = exp_shifted(s, n, m);
-  }
-  std::fill(out.acc, out.acc + H * D, 0.f);
+  softmax_numerators(scores.data(), H, n, D, out);
   for_each_slot(table, first, last, block_size, reinterpret_cast<const char*>(v_pool), slot_bytes, [&](int64_t p, int64_t slot) {
     for (int64_t kv = 0; kv < KV; ++kv) {
       const float* v = widen(v_pool + (slot * KV + kv) * D, buf.data(), D);
@@ -179,6 +186,96 @@ void attend_span(const float* q, int64_t H, int64_t KV, Dim head_dim, const T* k
     }
   });
 }
+
+#if defined(__AVX512F__)
+// 16 K or V values as fp32 (a half pool widened in registers).
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const at::Half* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+inline __m512 load16(const at::BFloat16* p) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+// The totals of v[0..15]'s 16 lanes each, in some fixed lane order (sum16 puts them in order): four
+// shuffle-and-add rounds for 16 reductions, where one _mm512_reduce_add_ps per score cost more than the
+// score's 64 multiply-adds.
+inline __m512 sum16_unordered(const __m512* v) {
+  __m512 x[8], y[4], z[2];
+  for (int j = 0; j < 8; ++j)   // low 256 bits: v[j]'s 8 partial sums, high: v[j + 8]'s
+    x[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[j], v[j + 8], 0x44), _mm512_shuffle_f32x4(v[j], v[j + 8], 0xEE));
+  for (int j = 0; j < 4; ++j)   // 128-bit quarters of 4 partial sums, of 4 vectors
+    y[j] = _mm512_add_ps(_mm512_shuffle_f32x4(x[j], x[j + 4], 0x88), _mm512_shuffle_f32x4(x[j], x[j + 4], 0xDD));
+  for (int j = 0; j < 2; ++j)
+    z[j] = _mm512_add_ps(_mm512_shuffle_ps(y[j], y[j + 2], 0x44), _mm512_shuffle_ps(y[j], y[j + 2], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+// Lane j = the sum of v[j]'s lanes. The lane each total lands in is found once, by summing v[j] = j.
+inline __m512 sum16(const __m512* v) {
+  static const __m512i lane_of = [] {
+    __m512 probe[16];
+    for (int j = 0; j < 16; ++j) probe[j] = _mm512_set1_ps(static_cast<float>(j));
+    alignas(64) float totals[16];
+    _mm512_store_ps(totals, sum16_unordered(probe));
+    alignas(64) int32_t lane[16];
+    for (int l = 0; l < 16; ++l) lane[static_cast<int>(totals[l]) / 16] = l;
+    return _mm512_load_si512(lane);
+  }();
+  return _mm512_permutexvar_ps(lane_of, sum16_unordered(v));
+}
+
+inline void prefetch_row(const void* row, int64_t bytes) {
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+}
+
+// attend_span for a head size D of 16-lane chunks on AVX-512. Positions outer and KV heads inner, as
+// attend_span reads the pool; each K row is multiplied into its G query heads' partial sums, reduced 16
+// positions at a time (sum16); V rows are widened in registers and added into the heads' sums in L1.
+template <class T, int64_t D>
+void attend_span_avx512(const float* q, int64_t H, int64_t KV, const T* k_pool, const T* v_pool, const int64_t* slots,
+                        int64_t n, float scale, Partial out) {
+  constexpr int C = D / 16;
+  const int64_t G = H / KV, slot_bytes = KV * D * sizeof(T);
+  std::vector<float> scores(H * n), qs(H * D);   // [H, n] and the queries times the scale
+  std::vector<__m512> partial(H * 16);            // [H, 16 positions]: a dot product's 16 lanes each
+  for (int64_t i = 0; i < H * D; ++i) qs[i] = q[i] * scale;
+  for (int64_t i = 0; i < n; i += 16) {
+    const int64_t m = std::min<int64_t>(16, n - i);
+    for (int64_t j = 0; j < 16; ++j) {
+      if (j >= m) {
+        for (int64_t h = 0; h < H; ++h) partial[h * 16 + j] = _mm512_setzero_ps();
+        continue;
+      }
+      if (i + 16 + j < n) prefetch_row(k_pool + slots[i + 16 + j] * KV * D, slot_bytes);   // blocks lie anywhere
+      for (int64_t kv = 0; kv < KV; ++kv) {
+        const T* k = k_pool + (slots[i + j] * KV + kv) * D;
+        __m512 kc[C];
+        for (int c = 0; c < C; ++c) kc[c] = load16(k + 16 * c);
+        for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + h * D), kc[0]);
+          for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + h * D + 16 * c), kc[c], acc);
+          partial[h * 16 + j] = acc;
+        }
+      }
+    }
+    for (int64_t h = 0; h < H; ++h)
+      _mm512_mask_storeu_ps(scores.data() + h * n + i, static_cast<__mmask16>((1u << m) - 1), sum16(&partial[h * 16]));
+  }
+  softmax_numerators(scores.data(), H, n, D, out);
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + 16 < n) prefetch_row(v_pool + slots[i + 16] * KV * D, slot_bytes);
+    for (int64_t kv = 0; kv < KV; ++kv) {
+      const T* v = v_pool + (slots[i] * KV + kv) * D;
+      __m512 vc[C];
+      for (int c = 0; c < C; ++c) vc[c] = load16(v + 16 * c);
+      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
+        const __m512 w = _mm512_set1_ps(scores[h * n + i]);
+        float* acc = out.acc + h * D;
+        for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_fmadd_ps(w, vc[c], _mm512_loadu_ps(acc + 16 * c)));
+      }
+    }
+  }
+}
+#endif
 
 // The heads of every sequence: q [B, H, D] fp32 against a pool of T [slots, KV, D] -> out [B, H, D].
 template <class T>
@@ -195,6 +292,16 @@ void attend(const torch::Tensor& q, const T* kp, const T* vp, const int64_t* tp,
       const int64_t b = std::upper_bound(span_start.begin(), span_start.end(), span) - span_start.begin() - 1;
       const int64_t first = (span - span_start[b]) * kSpan, last = std::min(lp[b], first + kSpan);
       const Partial out{maxes.data() + span * H, sums.data() + span * H, accs.data() + span * H * D};
+#if defined(__AVX512F__)
+      if (D == 64 || D == 128) {
+        std::vector<int64_t> slots(last - first);   // position -> slot, once for every head
+        for (int64_t p = first; p < last; ++p) slots[p - first] = tp[b * nb + p / block_size] * block_size + p % block_size;
+        const float* qb = qp + b * q.stride(0);
+        if (D == 64) attend_span_avx512<T, 64>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
+        else attend_span_avx512<T, 128>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
+        continue;
+      }
+#endif
       // A loop of a runtime length per position and head cost more than its 64 multiply-adds.
       if (D == 64)
         attend_span(qp + b * q.stride(0), H, KV, std::integral_constant<int64_t, 64>{}, kp, vp, tp + b * nb, first,
