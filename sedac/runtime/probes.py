@@ -110,9 +110,9 @@ class CertaintyProbes:
         last = watch.answers[-watch.certainty :]
         if len(last) == watch.certainty and last[0] and len(set(last)) == 1:
             watch.settled = True
-            left = min(self.reasoning.remaining(parent), allowance(parent, self.max_seq_len))
             if self.reasoning.close(parent):  # not if the block had closed (or was closing) already
                 self.counters["o1_probe_stops"] += 1
+                left = min(self.reasoning.remaining(parent), allowance(parent, self.max_seq_len))
                 self.counters["o1_probe_tokens_saved"] += left
         return []
 

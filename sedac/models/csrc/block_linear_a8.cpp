@@ -21,8 +21,6 @@ namespace {
 using namespace sedac_panels;
 using namespace sedac_a8;
 
-constexpr int64_t kAhead = 2048;   // bytes of codes prefetched ahead of the loads (multi-row tiles)
-
 struct A8Kernel {
   const uint8_t* codes;
   const at::Half *scales, *mins;

@@ -21,6 +21,7 @@
 namespace sedac_a8 {
 
 constexpr int32_t kFine = 254;   // the residual's step: the coarse step / 254 (|residual| <= step / 2)
+constexpr int64_t kAhead = 2048;   // bytes of codes the VNNI kernels' multi-row tiles prefetch ahead of their loads
 
 struct QuantizedRows {
   std::vector<int8_t> coarse, fine;   // [T, n]: x ~= step * (254 * coarse + fine)

@@ -20,7 +20,6 @@ using namespace sedac_panels;
 using namespace sedac_a8;
 
 constexpr int64_t kActivationGroup = 32;
-constexpr int64_t kAhead = 2048;   // bytes of codes prefetched ahead of the loads (multi-row tiles)
 
 struct Int8A8Kernel {
   const uint8_t* codes;
