@@ -212,7 +212,7 @@ def test_fused_decode_layer_is_bit_identical_to_python_layer(pool, qkv_bias, kv_
     pool = tuple(cache.to(kv_dtype) for cache in pool)
     layer, ctx = _random_layer(qkv_bias), _decode_context([7, 1, 12, 16])
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
-    assert layer._fusable(h, ctx, int8=False)
+    assert layer._fusable(h, ctx, draft=False)
     results = [
         (run_step(layer, pool, ctx, run), layer.k_cache, layer.v_cache)
         for run in (lambda: fused_decode([layer], h, cos, signed_sin, ctx), lambda: layer(h, cos, signed_sin))
@@ -269,10 +269,10 @@ def test_int8_decode_layer_matches_python_layer_on_int8_weights(pool, qkv_bias):
         if isinstance(linear, Linear):
             linear.quantize_int8()
     h, cos, signed_sin = torch.randn(4, H * D), torch.randn(4, 1, D), torch.randn(4, 1, D)
-    assert layer._fusable(h, ctx, int8=True)
+    assert layer._fusable(h, ctx, draft=True)
     runs = {
-        "fused": lambda: fused_decode([layer], h, cos, signed_sin, ctx, int8=True),
-        "python": lambda: layer(h, cos, signed_sin, int8=True),
+        "fused": lambda: fused_decode([layer], h, cos, signed_sin, ctx, draft=True),
+        "python": lambda: layer(h, cos, signed_sin, draft=True),
         "fp32": lambda: fused_decode([layer], h, cos, signed_sin, ctx),
     }
     out = {name: run_step(layer, pool, ctx, run) for name, run in runs.items()}

@@ -124,15 +124,14 @@ def test_int8_engine_matches_hf_on_dequantized_weights(tmp_path, tiny_models, ar
 
 def test_precision_errors(tmp_path, tiny_models):
     runner = CliRunner()
-    out = runner.invoke(
-        build_main, ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--precision", "int3"]
-    )
+    base = ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e")]
+    out = runner.invoke(build_main, [*base, "--precision", "int3"])
     assert out.exit_code != 0 and "int3" in out.output and "int8" in out.output and "bf16" in out.output
     out = runner.invoke(
         build_main,
-        ["--model", str(tiny_models["llama"]), "--output", str(tmp_path / "e"), "--precision", "int8", "--sedac"],
+        [*base, "--precision", "int8", "--sedac", "--draft-precision", "int8"],
     )
-    assert out.exit_code != 0 and "--sedac needs a fp32, fp16 or bf16 base" in out.output
+    assert out.exit_code != 0 and "--draft-precision int8 over a int8 base: choose auto or one of int4" in out.output
     assert not (tmp_path / "e").exists()
 
 

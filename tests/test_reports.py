@@ -103,7 +103,7 @@ SEDAC = {
     "output_len": 64,
     "agreement_target": 0.99,
     "kv_fill": "deferred",
-    "lossy_exit": "int8",
+    "lossy_exit": "precision",
     "modes": {"off": _mode(48.3, 170.0, 1.0), "lossless": _mode(59.5, 173.8, 1.0), "lossy": _mode(66.6, 165.7, 0.9871)},
 }
 

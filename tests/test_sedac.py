@@ -25,7 +25,7 @@ def always_draft(engine: LLMEngine):
     """Draft at every batch size whatever the tiny model's measured costs plan, so verification is exercised."""
     engine.config.sedac["draft_max_entropy"] = 1e9
     engine.sedac.drafts_by_batch = [0] + [engine.config.sedac["draft_len"]] * engine.scheduler.max_num_seqs
-    engine.sedac._min_drafting = lambda num_seqs: 0.0  # a tiny model's int8 pass may cost as much as a full one
+    engine.sedac._min_drafting = lambda num_seqs: 0.0  # a tiny model's draft pass may cost as much as a full one
 
 
 def greedy(mode, **kw):
@@ -47,11 +47,15 @@ def exit_everything(engine: LLMEngine):
 def test_engine_holds_trained_exits(tiny_sedac_engine):
     cfg = json.loads((tiny_sedac_engine / "config.json").read_text())["sedac"]
     assert cfg["exit_layers"] == [1, 2] and cfg["draft_len"] >= 1 and 0 <= cfg["draft_agreement"] <= 1
-    assert all(len(cfg["costs"][p]) == 2 and cfg["costs"][p][1] > 0 for p in ("full", "int8"))  # measured
-    assert set(cfg["thresholds"]) == set(cfg["int8_thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
-    assert cfg["lossy_exit"] in ("int8", "depth") and 0 <= cfg["int8_exit_fraction"]["0.99"] <= 1
+    assert all(len(cfg["costs"][p]) == 2 and cfg["costs"][p][1] > 0 for p in ("full", "draft"))  # measured
+    candidates = cfg["draft_candidates"]  # both copies measured over the fp32 base, the better one kept
+    assert set(candidates) == {"int8", "int4"} and all(c["draft_pass_cost"] > 0 for c in candidates.values())
+    assert cfg["predicted_lossless_speedup"] == max(c["predicted_lossless_speedup"] for c in candidates.values())
+    assert cfg["predicted_lossless_speedup"] == candidates[cfg["draft_precision"]]["predicted_lossless_speedup"]
+    assert set(cfg["thresholds"]) == set(cfg["precision_thresholds"]) == {str(a) for a in cal.AGREEMENT_LEVELS}
+    assert cfg["lossy_exit"] in ("precision", "depth") and 0 <= cfg["precision_exit_fraction"]["0.99"] <= 1
     calibration = json.loads((tiny_sedac_engine / "sedac_calibration.json").read_text())
-    for curves in (calibration["curves"], calibration["int8_curves"]):
+    for curves in (calibration["curves"], calibration["precision_curves"]):
         assert curves["0.99"] and all("agreement" in point for point in curves["0.99"])
     assert (tiny_sedac_engine / "sedac.safetensors").is_file()
 
@@ -122,6 +126,7 @@ def test_lossless_sampling_keeps_the_distribution(tiny_sedac_engine, monkeypatch
 
     llm = LLM(str(tiny_sedac_engine), device="cpu")
     always_draft(llm.engine)
+    llm.engine.runner.make_draft_copies("int8")
     scale = llm.engine.runner.model.lm_head.int8[1]
     scale[::2] *= 3.0  # the drafter now prefers even token ids
     off = _sampled_tokens(llm, "off")
@@ -151,7 +156,7 @@ def test_lossless_sampling_keeps_the_distribution(tiny_sedac_engine, monkeypatch
 
 @pytest.mark.parametrize("max_entropy", [1e9, 0.0])
 def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch, max_entropy):
-    """Batch 1: the request's cost is each cycle's int8 passes, their drafts kept or not (max_entropy 0: every
+    """Batch 1: the request's cost is each cycle's draft passes, their drafts kept or not (max_entropy 0: every
     pass runs and no draft is confident enough to keep, so lossless spends more than off), and its verify
     pass, priced by the build's costs; the engine-wide ratio agrees with the request's."""
     from sedac.runtime import sedac_steps
@@ -167,7 +172,7 @@ def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch, m
     assert cycles and any(c.draft_passes for c in cycles)
     first = prefill_share(costs, [out])  # the prefill's token, as off pays it
     spent = first + sum(
-        len(c.draft_passes) * pass_cost(costs, "int8", 1) + pass_cost(costs, "full", c.drafted + 1) for c in cycles
+        len(c.draft_passes) * pass_cost(costs, "draft", 1) + pass_cost(costs, "full", c.drafted + 1) for c in cycles
     )
     assert out.metrics.skip_ratio == pytest.approx(1 - spent / (first + 23))
     assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(out.metrics.skip_ratio)
@@ -175,7 +180,7 @@ def test_lossless_cost_counts_every_draft_pass(tiny_sedac_engine, monkeypatch, m
         assert not any(c.drafted for c in cycles) and out.metrics.skip_ratio < 0
 
 
-@pytest.mark.parametrize("lossy_exit", ["int8", "depth"])
+@pytest.mark.parametrize("lossy_exit", ["precision", "depth"])
 def test_one_batch_mixes_off_lossless_and_lossy(tiny_sedac_engine, lossy_exit):
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit=lossy_exit)
     exit_everything(llm.engine)
@@ -228,7 +233,7 @@ def test_draft_rounds_run_only_while_they_pay(tiny_sedac_engine):
     del llm.engine.sedac._min_drafting  # judged by the costs again
     off = llm.generate(PROMPTS[:3], greedy("off"))
     costs = llm.engine.config.sedac["costs"]
-    costs["int8"] = [costs["full"][0] * 2, costs["full"][1] * 2]  # a draft round now costs more than a full pass
+    costs["draft"] = [costs["full"][0] * 2, costs["full"][1] * 2]  # a draft round now costs more than a full pass
     lossless = llm.generate(PROMPTS[:3], greedy("lossless"))
     assert [o.token_ids for o in lossless] == [o.token_ids for o in off]
     assert llm.engine.counters["sedac_drafted_tokens"] == 0
@@ -248,9 +253,9 @@ def test_lossless_drafts_right_after_a_prefix_cache_hit(tiny_sedac_engine):
 
 
 def test_draft_plan_drafts_less_as_batches_turn_compute_bound():
-    costs = {"full": [0.92, 0.08], "int8": [0.33, 0.13]}  # as measured on 2 AVX2 cores
+    costs = {"full": [0.92, 0.08], "draft": [0.33, 0.13]}  # an int8 copy's, as measured on 2 AVX2 cores
     plan = draft_plan(costs, alpha=0.97, max_draft_len=6, max_batch=16)
     assert plan[1] == 6 and plan[16] == 0
     assert all(a >= b for a, b in zip(plan[1:], plan[2:]))  # never more drafts for a bigger batch
     assert draft_plan(costs, alpha=0.2, max_draft_len=6, max_batch=4) == [0, 0, 0, 0, 0]  # drafts rarely accepted
-    assert draft_plan({"full": [1.0, 0.0], "int8": [1.0, 0.0]}, 1.0, 6, 2) == [0, 0, 0]  # int8 no cheaper
+    assert draft_plan({"full": [1.0, 0.0], "draft": [1.0, 0.0]}, 1.0, 6, 2) == [0, 0, 0]  # drafts no cheaper

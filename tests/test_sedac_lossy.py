@@ -1,4 +1,4 @@
-"""SEDAC lossy mode on a tiny random Llama: exits fill KV (deferred, propagated, Ghost KV), the int8 exit is
+"""SEDAC lossy mode on a tiny random Llama: exits fill KV (deferred, propagated, Ghost KV), the precision exit is
 rewritten and audited by the next full pass and stays out of the prefix cache, the controller judges audits,
 and Learn-then-Test calibration keeps its guarantee on held-out data."""
 
@@ -10,19 +10,19 @@ import torch
 from sedac import LLM
 from sedac.builder import calibration as cal
 from sedac.builder.exit_training import teacher_pass
-from sedac.runtime.early_exit import ExitController, int8_exit_pays
+from sedac.runtime.early_exit import ExitController, precision_exit_pays
 from sedac.runtime.engine import LLMEngine
 from sedac.runtime.speculative import pass_cost
 from tests.test_sedac import PROMPTS, exit_everything, greedy, prefill_share
 
 
-def _int8_llm(engine_dir, audit_every: int) -> LLM:
-    """An int8-exit engine where every token may exit and every audit_every-th exit is audited, at
+def _precision_exit_llm(engine_dir, audit_every: int) -> LLM:
+    """A precision-exit engine where every token may exit and every audit_every-th exit is audited, at
     any batch size."""
-    llm = LLM(str(engine_dir), device="cpu", sedac_lossy_exit="int8")
+    llm = LLM(str(engine_dir), device="cpu", sedac_lossy_exit="precision")
     exit_everything(llm.engine)
     llm.engine.sedac.exit_controller.audit_every = audit_every
-    llm.engine.sedac.int8_exit_pays = lambda num_seqs: True
+    llm.engine.sedac.precision_exit_pays = lambda num_seqs: True
     return llm
 
 
@@ -102,7 +102,7 @@ def test_ghost_fill_needs_a_ghost_predictor(tiny_llama, tiny_sedac_engine):
         LLMEngine(tiny_sedac_engine, device="cpu", sedac_kv_fill="fast")
 
 
-@pytest.mark.parametrize("lossy_exit", ["int8", "depth"])
+@pytest.mark.parametrize("lossy_exit", ["precision", "depth"])
 def test_lossy_at_unreachable_agreement_is_the_full_model(tiny_sedac_engine, lossy_exit):
     llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit=lossy_exit)
     off = llm.generate(PROMPTS, greedy("off"))
@@ -110,38 +110,38 @@ def test_lossy_at_unreachable_agreement_is_the_full_model(tiny_sedac_engine, los
     assert [o.token_ids for o in strict] == [o.token_ids for o in off]
 
 
-def test_int8_exit_keeps_the_int8_token_and_reports_skips(tiny_sedac_engine):
-    llm = _int8_llm(tiny_sedac_engine, audit_every=10**9)
+def test_precision_exit_keeps_the_draft_token_and_reports_skips(tiny_sedac_engine):
+    llm = _precision_exit_llm(tiny_sedac_engine, audit_every=10**9)
     outs = llm.generate(PROMPTS[:4], greedy("lossy"))  # multi-token prompts: the prefill makes token 1
     num_layers, costs = llm.engine.config.model.num_layers, llm.engine.config.sedac["costs"]
-    int8, full = pass_cost(costs, "int8", 4) / 4, pass_cost(costs, "full", 4) / 4  # a row's share at batch 4
+    draft, full = pass_cost(costs, "draft", 4) / 4, pass_cost(costs, "full", 4) / 4  # a row's share at batch 4
     first = prefill_share(costs, outs)
-    for o in outs:  # the 23 others ran an int8 pass each and no full-precision layer (token 1: the prefill's)
+    for o in outs:  # the 23 others ran a draft pass each and no full-precision layer (token 1: the prefill's)
         assert len(o.token_ids) == 24
-        assert o.metrics.layers_per_token == pytest.approx(num_layers * (23 * int8 + first) / (23 * full + first))
+        assert o.metrics.layers_per_token == pytest.approx(num_layers * (23 * draft + first) / (23 * full + first))
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 4 * 23}
     # engine-wide, as each request: the prefill's tokens count in a SEDAC request's cost too
-    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(1 - (23 * int8 + first) / (23 * full + first))
+    assert llm.engine.stats()["sedac_skip_ratio"] == pytest.approx(1 - (23 * draft + first) / (23 * full + first))
     assert llm.engine.blocks.num_free_blocks == llm.engine.blocks.num_blocks
 
 
-def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_engine, monkeypatch):
+def test_precision_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_engine, monkeypatch):
     """Decode steps alternate exit / stay. Each stay's full pass reruns the exits before it as extra
     rows, so the K/V it reads is exactly the full model's: every stay's token is the full model's
     greedy choice on the lossy output's own prefix, and (audit_every=1) every exit but the last is audited."""
     from sedac.runtime import early_exit
 
-    llm = _int8_llm(tiny_sedac_engine, audit_every=1)
+    llm = _precision_exit_llm(tiny_sedac_engine, audit_every=1)
     flips = itertools.cycle([1e9, -1.0])
     monkeypatch.setattr(early_exit, "_taus", lambda c, levels, device: torch.tensor([next(flips) for _ in levels]))
     ids = llm.tokenizer.encode(PROMPTS[1], add_special_tokens=False)
     out = llm.generate([ids], greedy("lossy"))[0]  # 23 decode steps: 12 exits, 11 stays
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 12}
     assert len(llm.engine.sedac.exit_controller.audits[0.99]) == 11
-    # cost, batch-1 full passes: the prefill's token 1, an int8 pass per step, a 2-row full pass per stay
+    # cost, batch-1 full passes: the prefill's token 1, a draft pass per step, a 2-row full pass per stay
     costs = llm.engine.config.sedac["costs"]
     first = prefill_share(costs, [out])
-    spent = first + 23 * pass_cost(costs, "int8", 1) + 11 * pass_cost(costs, "full", 2)
+    spent = first + 23 * pass_cost(costs, "draft", 1) + 11 * pass_cost(costs, "full", 2)
     assert out.metrics.layers_per_token == pytest.approx(llm.engine.config.model.num_layers * spent / (first + 23))
     assert out.metrics.skip_ratio == pytest.approx(1 - spent / (first + 23))
     model = llm.engine.runner.model
@@ -150,10 +150,10 @@ def test_int8_exits_are_rewritten_and_audited_by_the_next_full_pass(tiny_sedac_e
     assert [best[j] for j in range(2, 24, 2)] == [out.token_ids[j] for j in range(2, 24, 2)]
 
 
-def test_int8_exits_never_enter_the_prefix_cache(tiny_sedac_engine):
-    """Blocks holding int8-exit K/V are not published, so an `off` request on the same text (a chat's
+def test_precision_exits_never_enter_the_prefix_cache(tiny_sedac_engine):
+    """Blocks holding precision-exit K/V are not published, so an `off` request on the same text (a chat's
     next turn) recomputes them exactly: its output is what a fresh engine gives."""
-    llm = _int8_llm(tiny_sedac_engine, audit_every=10**9)
+    llm = _precision_exit_llm(tiny_sedac_engine, audit_every=10**9)
     ids = llm.tokenizer.encode(PROMPTS[0], add_special_tokens=False)
     lossy = llm.generate([ids], greedy("lossy"))[0].token_ids
     follow = llm.generate([ids + lossy], greedy("off"))[0]
@@ -162,13 +162,13 @@ def test_int8_exits_never_enter_the_prefix_cache(tiny_sedac_engine):
     assert follow.token_ids == fresh.token_ids
 
 
-def test_int8_exit_runs_only_where_it_pays(tiny_sedac_engine):
-    costs = {"full": [0.9, 0.1], "int8": [0.36, 0.12]}  # SmolLM2 on 2 CPU cores
-    assert int8_exit_pays(costs, 0.95, 1) and not int8_exit_pays(costs, 0.95, 16)
-    assert not int8_exit_pays(costs, 0.3, 1)
-    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit="int8")
+def test_precision_exit_runs_only_where_it_pays(tiny_sedac_engine):
+    costs = {"full": [0.9, 0.1], "draft": [0.36, 0.12]}  # SmolLM2 on 2 CPU cores
+    assert precision_exit_pays(costs, 0.95, 1) and not precision_exit_pays(costs, 0.95, 16)
+    assert not precision_exit_pays(costs, 0.3, 1)
+    llm = LLM(str(tiny_sedac_engine), device="cpu", sedac_lossy_exit="precision")
     exit_everything(llm.engine)
-    llm.engine.sedac.int8_exit_pays = lambda num_seqs: False
+    llm.engine.sedac.precision_exit_pays = lambda num_seqs: False
     off = llm.generate(PROMPTS, greedy("off"))
     assert [o.token_ids for o in llm.generate(PROMPTS, greedy("lossy"))] == [o.token_ids for o in off]
     assert llm.engine.stats()["sedac_exit_layer_tokens"] == {0: 0}
@@ -219,9 +219,9 @@ def test_learn_then_test_guarantee_holds_on_held_out_data():
 
 def test_calibration_splits_by_document_and_choices_never_read_the_test_half():
     """Each document's tokens fall in one half (an interleaved token split put every document in both),
-    and what the build chooses (exit layer, int8 vs depth exit, thresholds per t) is the same whatever
+    and what the build chooses (exit layer, precision vs depth exit, thresholds per t) is the same whatever
     the test half holds: flipping every test-half label changes only the test's p-values."""
-    from sedac.builder.sedac_build import _calibrate_int8_exit, _choose_lossy
+    from sedac.builder.sedac_build import _calibrate_precision_exit, _choose_lossy
 
     g = torch.Generator().manual_seed(1)
     documents = torch.repeat_interleave(torch.arange(40), torch.randint(20, 80, (40,), generator=g))
@@ -231,15 +231,15 @@ def test_calibration_splits_by_document_and_choices_never_read_the_test_half():
     n, layers = len(documents), [4, 8]
     entropy = {layer: torch.rand(n, generator=g) * 4 for layer in layers}
     agree = {layer: torch.rand(n, generator=g) > (entropy[layer] / 4) ** 2 * s for layer, s in zip(layers, (0.6, 0.2))}
-    costs = {"layers": 12, "lm_head": 2.0, "exit_head": 0.3, "kv_fill": 0.2, "full": [0.9, 0.1], "int8": [0.3, 0.1]}
+    costs = {"layers": 12, "lm_head": 2.0, "exit_head": 0.3, "kv_fill": 0.2, "full": [0.9, 0.1], "draft": [0.3, 0.1]}
     flipped = {layer: torch.where(learn, a, ~a) for layer, a in agree.items()}
     assert _choose_lossy(layers, entropy, agree, costs, documents, learn) == _choose_lossy(
         layers, entropy, flipped, costs, documents, learn
     )
-    runs = [_calibrate_int8_exit(entropy[8], a[8], costs, 0.5, documents, learn) for a in (agree, flipped)]
+    runs = [_calibrate_precision_exit(entropy[8], a[8], costs, 0.5, documents, learn) for a in (agree, flipped)]
     assert runs[0]["lossy_exit"] == runs[1]["lossy_exit"]
-    assert runs[0]["predicted_int8_lossy_cost_at_0.99"] == runs[1]["predicted_int8_lossy_cost_at_0.99"]
-    curves = [r["int8_curves"]["0.9"] for r in runs]
+    assert runs[0]["predicted_precision_lossy_cost_at_0.99"] == runs[1]["predicted_precision_lossy_cost_at_0.99"]
+    curves = [r["precision_curves"]["0.9"] for r in runs]
     k = min(len(curves[0]), len(curves[1]))  # the test decides where t stops,
     assert [c["thresholds"] for c in curves[0][:k]] == [c["thresholds"] for c in curves[1][:k]]  # not the map
     assert curves[0][0]["p_value"] != curves[1][0]["p_value"]  # the test half is what was tested

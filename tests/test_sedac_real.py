@@ -73,21 +73,21 @@ def test_calibration_guarantee_holds_on_held_out_answers(llm, prompts):
     assert len(wrong) > 500
 
 
-def test_int8_exit_calibration_holds_on_held_out_answers(llm, prompts):
-    """The int8 exit's thresholds (calibrated on the calib split) on the bench split's own greedy
+def test_precision_exit_calibration_holds_on_held_out_answers(llm, prompts):
+    """The precision exit's thresholds (calibrated on the calib split) on the bench split's own greedy
     answers, teacher-forced as calibration measured them: the observed error rate must not be
     significantly above the 1% that Learn-then-Test promises (binomial test at 1%), and most tokens exit."""
     engine = llm.engine
     model = engine.runner.model
-    tau = ExitController(engine.config.sedac["int8_thresholds"], 0.99).thresholds(0.99, 1)[0]
+    tau = ExitController(engine.config.sedac["precision_thresholds"], 0.99).thresholds(0.99, 1)[0]
     answers = llm.generate(prompts, SamplingParams(max_tokens=128, temperature=0.0))
     wrong = total = exits = 0
     for prompt, out in zip(prompts, answers):
         ids, first = prompt + list(out.token_ids), len(prompt) - 1
         _, full = et.teacher_pass(model, ids, [])
-        _, int8 = et.teacher_pass(model, ids, [], int8=True)
+        _, draft = et.teacher_pass(model, ids, [], draft=True)
         best = model.logits(full[first:-1]).argmax(-1)
-        logits = model.logits(int8[first:-1], int8=True).float()
+        logits = model.logits(draft[first:-1], draft=True).float()
         go = 1 - torch.ops.sedac.margin(logits) <= tau
         wrong += int((go & (logits.argmax(-1) != best)).sum())
         total, exits = total + len(best), exits + int(go.sum())

@@ -3,7 +3,7 @@
 Risk of a threshold setting = the fraction of generated tokens whose early-exit prediction differs
 from the full model's (1 - token agreement). The calibration documents (the engine's own answers to
 held-out prompts) are split in two by document (`document_split`), so no conversation informs both:
-the "learn" half chooses everything (the exit layer, int8 exit vs depth exit, and the map from a
+the "learn" half chooses everything (the exit layer, precision exit vs depth exit, and the map from a
 scalar t to per-layer thresholds, each layer exiting only where its own error rate among exiting
 tokens is <= t); the "test" half only tests: fixed-sequence testing over increasing t with an exact
 one-sided binomial p-value on its tokens (Angelopoulos et al., Learn then Test; CALM's use of it).
@@ -82,8 +82,8 @@ def learn_then_test(
 def lossless_speedup(
     entropy: torch.Tensor, agree: torch.Tensor, draft_len: int, max_entropy: float, costs: dict
 ) -> float:
-    """Batch-1 speedup of gated self-speculative decoding with the int8 drafter, replayed over
-    calibration tokens in order (entropy and agree: the int8 model's next-token prediction given the
+    """Batch-1 speedup of gated self-speculative decoding with the draft copies, replayed over
+    calibration tokens in order (entropy and agree: the draft model's next-token prediction given the
     true prefix). A cycle runs draft passes while they are confident, then one verify pass over the
     drafts; pass costs as measured by sedac.builder.pass_costs (a batch-1 full pass = 1)."""
     confident, correct = (entropy <= max_entropy).tolist(), agree.tolist()
@@ -94,7 +94,7 @@ def lossless_speedup(
             accepted += drafts == accepted and correct[j]  # only an unbroken prefix counts
             drafts, j = drafts + 1, j + 1
         passes = drafts + (drafts < draft_len and j < n)  # the unconfident pass is paid too
-        cost += passes * pass_cost(costs, "int8", 1) + pass_cost(costs, "full", drafts + 1)
+        cost += passes * pass_cost(costs, "draft", 1) + pass_cost(costs, "full", drafts + 1)
         tokens += accepted + 1
         i += accepted + 1
     return tokens / cost

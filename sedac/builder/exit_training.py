@@ -86,9 +86,9 @@ def collect_features(model, documents, exit_layers: list[int], num_tokens: int, 
     )
 
 
-def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = False):
+def teacher_pass(model, ids: list[int], exit_layers: list[int], draft: bool = False):
     """One causal pass over a whole document -> ({exit layer: hidden [T, H]}, last hidden [T, H]);
-    int8: on the int8 weight copies (the lossless drafter)."""
+    draft: on the draft copies (SEDAC's drafter)."""
     t, states = len(ids), {}
     dev = model.norm.weight.device
     with scratch_kv(model, t):
@@ -102,7 +102,7 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int], int8: bool = Fal
         try:
             h, start, positions = model.embed(torch.tensor(ids, device=dev)), 0, torch.arange(t, device=dev)
             for layer in sorted(exit_layers) + [model.cfg.num_layers]:
-                h = model.run_layers(h, positions, start, layer, int8)
+                h = model.run_layers(h, positions, start, layer, draft)
                 start = layer
                 states[layer] = h
         finally:

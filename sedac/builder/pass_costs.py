@@ -2,7 +2,7 @@
 
 A decode pass streams the weights once (a fixed cost) and does arithmetic per row (a cost per row
 that dominates once a batch is compute-bound). Both are measured for the full-precision pass and
-the int8 draft pass, at 1 and 8 rows, and fitted as fixed + per_row * rows, in units of a batch-1
+the draft pass (on the draft copies), at 1 and 8 rows, and fitted as fixed + per_row * rows, in units of a batch-1
 full pass. The build's replay (k and the gate at batch 1) and the engine's draft length per batch
 size (sedac.runtime.speculative.draft_plan) both read them.
 """
@@ -22,7 +22,7 @@ ROWS = (1, 8)
 
 @torch.inference_mode()
 def measure_pass_costs(runner, repeats: int = 20) -> dict:
-    """-> {"full": [fixed, per_row], "int8": [fixed, per_row]}, a full pass at 1 row = 1. The four
+    """-> {"full": [fixed, per_row], "draft": [fixed, per_row]}, a full pass at 1 row = 1. The four
     passes are timed in turn, each its fastest of `repeats` (the least disturbed by other work)."""
     bs = runner.block_size
     per_seq = CONTEXT // bs + 1
@@ -30,8 +30,8 @@ def measure_pass_costs(runner, repeats: int = 20) -> dict:
     for rows in ROWS:
         positions, ctx = runner.context([(list(range(i * per_seq, (i + 1) * per_seq)), CONTEXT) for i in range(rows)])
         ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
-        for int8 in (False, True):
-            passes[(rows, int8)] = partial(_decode_pass, runner, ids, positions, ctx, int8)
+        for draft in (False, True):
+            passes[(rows, draft)] = partial(_decode_pass, runner, ids, positions, ctx, draft)
     seconds = {key: float("inf") for key in passes}
     with scratch_kv(runner.model, max(ROWS) * per_seq * bs):
         for fn in passes.values():
@@ -43,11 +43,11 @@ def measure_pass_costs(runner, repeats: int = 20) -> dict:
                 seconds[key] = min(seconds[key], time.perf_counter() - start)
     unit = seconds[(1, False)]
     costs = {}
-    for name, int8 in (("full", False), ("int8", True)):
-        per_row = (seconds[(ROWS[1], int8)] - seconds[(ROWS[0], int8)]) / (ROWS[1] - ROWS[0]) / unit
-        costs[name] = [seconds[(1, int8)] / unit - per_row, per_row]
+    for name, draft in (("full", False), ("draft", True)):
+        per_row = (seconds[(ROWS[1], draft)] - seconds[(ROWS[0], draft)]) / (ROWS[1] - ROWS[0]) / unit
+        costs[name] = [seconds[(1, draft)] / unit - per_row, per_row]
     return costs
 
 
-def _decode_pass(runner, ids, positions, ctx, int8: bool) -> torch.Tensor:
-    return runner.model.logits(runner.run(ids, None, positions, ctx, int8=int8), int8=int8)
+def _decode_pass(runner, ids, positions, ctx, draft: bool) -> torch.Tensor:
+    return runner.model.logits(runner.run(ids, None, positions, ctx, draft=draft), draft=draft)

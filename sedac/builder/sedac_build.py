@@ -1,5 +1,7 @@
-"""`sedac-build --sedac`: train exit heads, calibrate the lossy exits (depth and int8) and the
-lossless drafter, and pick each by the cost model.
+"""`sedac-build --sedac`: train exit heads, calibrate the lossy exits (depth and precision) and the
+lossless drafter, and pick each by the cost model: the exit layer, and the drafter's precision (a copy
+of the weights cheaper than the base: int8 or int4) by each candidate's measured pass costs and
+agreement.
 
 Training data: ShareGPT conversations (train split) under teacher forcing. Calibration data: the
 model's own greedy answers to held-out (calib split) prompts, the distribution SEDAC runs on.
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,9 +23,11 @@ from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
 from sedac.builder.pass_costs import measure_pass_costs
 from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
+from sedac.models.layers import DRAFT_PRECISIONS
 from sedac.runtime.speculative import pass_cost
 
 CALIBRATION_FILE = "sedac_calibration.json"
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,6 +42,7 @@ class SedacOptions:
     seq_len: int = 512
     max_draft_len: int = 6
     ghost_tokens: int = 16384  # teacher-forced tokens that fit the Ghost KV predictor
+    draft_precision: str = "auto"  # the draft copies: int8, int4, or "auto": the best predicted lossless speedup
 
     def layers(self, num_layers: int) -> list[int]:
         if self.exit_layers == "auto":
@@ -50,6 +56,18 @@ class SedacOptions:
         if not layers or layers[0] < 1 or layers[-1] >= num_layers:
             raise ValueError(f"exit layers must be in [1, {num_layers - 1}], got {self.exit_layers!r}")
         return layers
+
+    def drafts(self, base_precision: str) -> tuple[str, ...]:
+        """The draft precisions to measure over a base (the one asked for, else every cheaper one)."""
+        candidates = draft_candidates(base_precision)
+        if self.draft_precision == "auto":
+            return candidates
+        if self.draft_precision not in candidates:
+            raise ValueError(
+                f"--draft-precision {self.draft_precision} over a {base_precision} base: choose auto or one of "
+                f"{', '.join(candidates) or 'none (no cheaper copy)'}"
+            )
+        return (self.draft_precision,)
 
     def validate(self) -> None:
         for name in (
@@ -73,8 +91,8 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
     opts.validate()
     engine_dir = Path(engine_dir)
     llm = LLM(str(engine_dir), device="cpu")
-    model, cfg, tok = llm.engine.runner.model, llm.engine.config, llm.engine.tokenizer
-    model.quantize_int8()  # the lossless drafter, measured and calibrated below
+    runner, cfg, tok = llm.engine.runner, llm.engine.config, llm.engine.tokenizer
+    model = runner.model
     layers = opts.layers(cfg.model.num_layers)
     seq_len = min(opts.seq_len, cfg.build.max_seq_len)
     train = et.collect_features(
@@ -91,15 +109,26 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
     for layer in layers:
         heads[layer] = et.train_exit_head(model, layer, train, vocab, opts.adapter_rank, opts.epochs)
         entropy[layer], agree[layer] = et.evaluate_exit_head(heads[layer], calib.hidden[layer], calib.argmax)
-    costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **measure_pass_costs(llm.engine.runner)}
+    drafters = {
+        precision: _measure_drafter(runner, precision, answers, calib.argmax, opts.max_draft_len)
+        for precision in opts.drafts(cfg.build.precision)
+    }
+    best = max(drafters, key=lambda p: drafters[p].lossless["predicted_lossless_speedup"])
+    drafter = drafters[best]
+    if drafter.lossless["predicted_lossless_speedup"] <= 1:
+        logger.warning(
+            "SEDAC: no draft copy cheaper than the %s weights pays on this machine (best: %s, predicted lossless "
+            "%.2fx): lossless mode will decode without drafts", cfg.build.precision, best,
+            drafter.lossless["predicted_lossless_speedup"],
+        )  # fmt: skip
+    runner.make_draft_copies(best)
+    costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **drafter.costs}
     learn = cal.document_split(calib.documents)
     section = _choose(layers, entropy, agree, costs, calib.documents, learn)
-    int8_entropy, int8_uncertainty, int8_argmax = _int8_predictions(model, answers, len(calib.argmax))
-    int8_agree = int8_argmax == calib.argmax
-    section.update(_choose_lossless(int8_entropy, int8_agree, costs, opts.max_draft_len))
+    section.update(drafter.lossless, draft_precision=best, draft_candidates=_candidates_report(drafters))
     section.update(
-        _calibrate_int8_exit(
-            int8_uncertainty, int8_agree, costs, section["predicted_lossy_cost_at_0.99"], calib.documents, learn
+        _calibrate_precision_exit(
+            drafter.uncertainty, drafter.agree, costs, section["predicted_lossy_cost_at_0.99"], calib.documents, learn
         )
     )
     section["calibration_split"] = _split_report(calib.documents, learn)
@@ -122,6 +151,8 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         k: section[k]
         for k in (
             "exit_layers",
+            "draft_precision",
+            "draft_candidates",
             "draft_len",
             "draft_agreement",
             "lossy_exit",
@@ -129,7 +160,7 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
             "alpha",
             "predicted_lossless_speedup",
             "predicted_lossy_cost_at_0.99",
-            "predicted_int8_lossy_cost_at_0.99",
+            "predicted_precision_lossy_cost_at_0.99",
             "vocab_coverage",
             "ghost_kv_error",
             "calibration_split",
@@ -192,8 +223,45 @@ def _choose(layers, entropy, agree, costs, documents, learn) -> dict:
     }
 
 
+def draft_candidates(base_precision: str) -> tuple[str, ...]:
+    """The draft precisions cheaper than an engine's base (DRAFT_PRECISIONS, cheapest last); none for
+    int4 and gguf engines, whose weights are already 4 to 5 bits."""
+    if base_precision in ("fp32", "fp16", "bf16"):
+        return DRAFT_PRECISIONS
+    return DRAFT_PRECISIONS[DRAFT_PRECISIONS.index(base_precision) + 1 :] if base_precision in DRAFT_PRECISIONS else ()
+
+
+@dataclass
+class DrafterMeasure:
+    """One candidate draft copy, measured on the build machine and the calibration answers."""
+
+    costs: dict  # {"full", "draft"}: [fixed, per_row] (sedac.builder.pass_costs)
+    uncertainty: torch.Tensor  # 1 - top-2 margin of the draft's distribution, per calibration token
+    agree: torch.Tensor  # its argmax is the full model's
+    lossless: dict  # _choose_lossless: draft length, gate, predicted speedup
+
+
+def _measure_drafter(runner, precision: str, answers, full_argmax: torch.Tensor, max_draft_len: int) -> DrafterMeasure:
+    runner.make_draft_copies(precision)
+    costs = measure_pass_costs(runner)
+    entropy, uncertainty, argmax = _draft_predictions(runner.model, answers, len(full_argmax))
+    agree = argmax == full_argmax
+    return DrafterMeasure(costs, uncertainty, agree, _choose_lossless(entropy, agree, costs, max_draft_len))
+
+
+def _candidates_report(drafters: dict) -> dict:
+    return {
+        precision: {
+            "draft_pass_cost": pass_cost(d.costs, "draft", 1),
+            "draft_agreement": d.lossless["draft_agreement"],
+            "predicted_lossless_speedup": d.lossless["predicted_lossless_speedup"],
+        }
+        for precision, d in drafters.items()
+    }
+
+
 def _choose_lossless(entropy: torch.Tensor, agree: torch.Tensor, costs: dict, max_draft_len: int) -> dict:
-    """The int8 drafter's entropy gate and draft length with the best replayed speedup, from its
+    """A drafter's entropy gate and draft length with the best replayed speedup, from its
     teacher-forced predictions on the calibration answers (the positions calib features hold)."""
     gates = [float("inf")] + entropy.quantile(torch.linspace(0.5, 0.95, 10)).tolist()
     speed, k, gate = max(
@@ -207,7 +275,7 @@ def _choose_lossless(entropy: torch.Tensor, agree: torch.Tensor, costs: dict, ma
     }
 
 
-def _calibrate_int8_exit(
+def _calibrate_precision_exit(
     uncertainty: torch.Tensor,
     agree: torch.Tensor,
     costs: dict,
@@ -215,21 +283,24 @@ def _calibrate_int8_exit(
     documents: torch.Tensor,
     learn: torch.Tensor,
 ) -> dict:
-    """Lossy mode's int8 exit: a token keeps its int8 pass's token (and K/V) when that distribution is
-    confident, 1 - (p1 - p2) <= the threshold, else runs the full pass too. The top-2 margin, not the
-    entropy, is the signal: quantization noise flips near-ties (on SmolLM2 it lets ~95% of tokens
-    exit at 1% risk where entropy lets ~73%). Thresholds per agreement level by Learn-then-Test; the
-    lossy exit is whichever of int8 and the depth exit the cost model predicts cheaper at 0.99 (both
-    predictions from the learn half alone)."""
+    """Lossy mode's precision exit: a token keeps its draft pass's token (and K/V) when that distribution
+    is confident, 1 - (p1 - p2) <= the threshold, else runs the full pass too. The top-2 margin, not the
+    entropy, is the signal: quantization noise flips near-ties (on SmolLM2's int8 copy it let ~95% of
+    tokens exit at 1% risk where entropy let ~73%). Thresholds per agreement level by Learn-then-Test;
+    the lossy exit is whichever of the precision and the depth exit the cost model predicts cheaper at 0.99 (both
+    predictions from the learn half alone). A token's cost: its draft pass, the fixed cost of a full pass
+    if it stays, and one full-pass row either way (an exit's row runs with the next stay, as at run time:
+    sedac.runtime.early_exit.precision_exit_pays)."""
     thresholds, curves, exit_fraction = _calibrate_levels(uncertainty, agree, learn)
     exits = _learn_half_exits(uncertainty, agree, documents, learn)
-    cost = pass_cost(costs, "int8", 1) + (1 - float((exits == 0).float().mean())) * pass_cost(costs, "full", 1)
+    fixed, per_row = costs["full"]
+    cost = pass_cost(costs, "draft", 1) + (1 - float((exits == 0).float().mean())) * fixed + per_row
     return {
-        "int8_thresholds": thresholds,
-        "int8_curves": curves,
-        "int8_exit_fraction": exit_fraction,
-        "predicted_int8_lossy_cost_at_0.99": cost,
-        "lossy_exit": "int8" if cost < depth_cost else "depth",
+        "precision_thresholds": thresholds,
+        "precision_curves": curves,
+        "precision_exit_fraction": exit_fraction,
+        "predicted_precision_lossy_cost_at_0.99": cost,
+        "lossy_exit": "precision" if cost < depth_cost else "depth",
     }
 
 
@@ -247,14 +318,14 @@ def _calibrate_levels(score: torch.Tensor, agree: torch.Tensor, learn: torch.Ten
 
 
 @torch.inference_mode()
-def _int8_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(entropy, 1 - top-2 margin, argmax) of the int8 model's next-token distribution at the answers' positions."""
+def _draft_predictions(model, answers, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(entropy, 1 - top-2 margin, argmax) of the draft copies' next-token distribution at the answers' positions."""
     entropy, uncertainty, argmax, total = [], [], [], 0
     for ids, first in answers:
         if len(ids) - first < 2 or total >= num_tokens:  # the documents collect_features kept
             continue
-        _, final = et.teacher_pass(model, ids, [], int8=True)
-        logits = model.logits(final[first:], int8=True).float()
+        _, final = et.teacher_pass(model, ids, [], draft=True)
+        logits = model.logits(final[first:], draft=True).float()
         entropy.append(torch.ops.sedac.entropy(logits))
         uncertainty.append(1 - torch.ops.sedac.margin(logits))
         argmax.append(logits.argmax(-1))
@@ -289,7 +360,7 @@ def _save(engine_dir: Path, cfg: EngineConfig, heads: dict, ghost: tuple, sectio
     }
     tensors["ghost_kv.weight"], tensors["ghost_kv.bias"] = ghost  # predictor from the lossy exit layer
     save_file(tensors, str(engine_dir / SEDAC_WEIGHTS_FILE), metadata={"format": "pt"})
-    curves = {k: section.pop(k) for k in ("curves", "int8_curves", "per_layer")}
+    curves = {k: section.pop(k) for k in ("curves", "precision_curves", "per_layer")}
     (engine_dir / CALIBRATION_FILE).write_text(json.dumps({**curves, "alpha": section["alpha"]}, indent=2))
     cfg.sedac = section
     cfg.save(engine_dir)

@@ -47,6 +47,13 @@ def load_preset(path: str | None) -> dict:
 @click.option("--train-tokens", default=65536, show_default=True, help="teacher-forced tokens for exit training")
 @click.option("--exit-epochs", default=2, show_default=True)
 @click.option(
+    "--draft-precision",
+    type=click.Choice(["auto", "int8", "int4"]),
+    default="auto",
+    show_default=True,
+    help="SEDAC's draft copies (lossless drafter, precision exit); auto: each cheaper one measured, the best kept",
+)
+@click.option(
     "--reasoning-start", help="text that opens the model's reasoning (default: <think> if the template has it)"
 )
 @click.option("--reasoning-end", help="text that closes it (thinking_token_budget forces it)")
@@ -61,6 +68,7 @@ def main(
     calib_tokens,
     train_tokens,
     exit_epochs,
+    draft_precision,
     reasoning_start,
     reasoning_end,
     **flags,
@@ -70,7 +78,11 @@ def main(
     from sedac.runtime.reasoning import ReasoningMarkers
 
     settings = {**load_preset(config_file), **{k: v for k, v in flags.items() if v is not None}}
-    options = SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs) if sedac else None
+    options = (
+        SedacOptions(exit_layers, calib_data, calib_tokens, train_tokens, exit_epochs, draft_precision=draft_precision)
+        if sedac
+        else None
+    )
     if (reasoning_start is None) != (reasoning_end is None):
         raise ValueError("give both --reasoning-start and --reasoning-end, or neither")
     markers = ReasoningMarkers(reasoning_start, reasoning_end) if reasoning_start is not None else None

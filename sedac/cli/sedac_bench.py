@@ -120,7 +120,7 @@ def _perplexity(llm, mode, agreement, documents: int = 8, max_len: int = 256, fl
     its vocabulary, so probabilities are floored at 1e-6."""
     engine = llm.engine
     level = engine.sedac.exit_controller.level(agreement) if mode == "lossy" else None
-    exits = _int8_exits if engine.sedac.lossy_exit == "int8" else _depth_exits
+    exits = _precision_exits if engine.sedac.lossy_exit == "precision" else _depth_exits
     nll, count, exited = 0.0, 0, 0
     for messages in held_out_answers(documents):
         ids = llm.tokenizer.encode(messages, add_special_tokens=False)[:max_len]
@@ -149,16 +149,16 @@ def _depth_exits(engine, ids, level):
     return logp, done
 
 
-def _int8_exits(engine, ids, level):
-    """-> (log-probs [T-1, V], exited [T-1]): positions whose int8 distribution is confident take it.
-    The int8 pass runs the whole text on int8 K/V (at run time only exited tokens' K/V are int8)."""
+def _precision_exits(engine, ids, level):
+    """-> (log-probs [T-1, V], exited [T-1]): positions whose draft distribution is confident take it.
+    The draft pass runs the whole text on draft K/V (at run time only exited tokens' K/V are the draft's)."""
     model = engine.runner.model
     _, final = teacher_pass(model, ids, [])
     logp = torch.log_softmax(model.logits(final[:-1]).float(), -1)
-    _, final8 = teacher_pass(model, ids, [], int8=True)
-    int8_logits = model.logits(final8[:-1], int8=True).float()
-    done = 1 - torch.ops.sedac.margin(int8_logits) <= engine.sedac.exit_controller.thresholds(level, 1)[0]
-    logp[done] = torch.log_softmax(int8_logits[done], -1)
+    _, draft_final = teacher_pass(model, ids, [], draft=True)
+    draft_logits = model.logits(draft_final[:-1], draft=True).float()
+    done = 1 - torch.ops.sedac.margin(draft_logits) <= engine.sedac.exit_controller.thresholds(level, 1)[0]
+    logp[done] = torch.log_softmax(draft_logits[done], -1)
     return logp, done
 
 

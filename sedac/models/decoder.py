@@ -9,7 +9,7 @@ from sedac.config import ModelConfig
 from sedac.models import cpu_kernels
 from sedac.models.attention import get_context, paged_attention
 from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
-from sedac.models.layers import Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from sedac.models.layers import DRAFT_PRECISIONS, Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
 from sedac.models.quant import BlockWeight
 
 
@@ -26,8 +26,8 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_slots, KV, D], set by the runner
-        self._kernel_args: dict[bool, tuple] = {}  # int8 -> decode_layers' weight arguments, once packed
-        self._fused_weights: dict[tuple, tuple] = {}  # (layers from here, int8) -> those of the whole range
+        self._kernel_args: dict[bool, tuple] = {}  # draft -> decode_layers' weight arguments, once packed
+        self._fused_weights: dict[tuple, tuple] = {}  # (layers from here, draft) -> those of the whole range
 
     def kv_projection(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (already normed) -> this layer's K and V before rotary, [T, 2 * KV * D]."""
@@ -42,29 +42,36 @@ class DecoderLayer(nn.Module):
         )
         self.v_cache.index_copy_(0, slots, kv[:, self.num_kv_heads :].to(self.v_cache.dtype))
 
-    def forward(self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, int8: bool = False) -> torch.Tensor:
-        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; int8: on the int8 weight copies (a
-        draft pass). DecoderModel.run_layers takes fused_decode instead on CPU decode steps."""
+    def forward(
+        self, h: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, draft: bool = False
+    ) -> torch.Tensor:
+        """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; draft: on the draft copies (a draft
+        pass). DecoderModel.run_layers takes fused_decode instead on CPU decode steps."""
         t, heads = h.shape[0], self.num_heads
-        qkv = _project(self.qkv_proj, self.input_norm(h), int8)
+        qkv = _project(self.qkv_proj, self.input_norm(h), draft)
         q_and_k = qkv[:, : self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
         q_and_k = apply_rotary(q_and_k, cos, signed_sin)  # one pass for q and k
         v = qkv[:, -self.split[2] :].view(t, self.num_kv_heads, self.head_dim)
         attn = paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
-        h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), int8))
-        return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, int8)), int8)
+        h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), draft))
+        return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, draft)), draft)
 
-    def _fusable(self, h: torch.Tensor, ctx, int8: bool) -> bool:
-        return not ctx.prefills and self.qkv_proj.kernel_weights(int8) is not None and cpu_kernels.usable(h)
+    def _fusable(self, h: torch.Tensor, ctx, draft: bool) -> bool:
+        return not ctx.prefills and self.qkv_proj.kernel_weights(draft) is not None and cpu_kernels.usable(h)
 
-    def fused_weights(self, layers: list["DecoderLayer"], int8: bool) -> tuple:
+    def forget_kernel_args(self) -> None:
+        """The gathered arguments are stale once the draft copies change."""
+        self._kernel_args.clear()
+        self._fused_weights.clear()
+
+    def fused_weights(self, layers: list["DecoderLayer"], draft: bool) -> tuple:
         """decode_layers' weight arguments for the range `layers` that starts at this layer, gathered
         once (rebuilding them every step was ~0.1 ms of Python on SmolLM2's 30 layers)."""
-        key = (len(layers), int8)
+        key = (len(layers), draft)
         if key not in self._fused_weights:
             panels, scales, mins = [], [], []
             for layer in layers:
-                layer_panels, layer_scales, layer_mins, out_features = layer.kernel_args(int8)
+                layer_panels, layer_scales, layer_mins, out_features = layer.kernel_args(draft)
                 panels += layer_panels
                 scales += layer_scales
                 mins += layer_mins
@@ -73,28 +80,28 @@ class DecoderLayer(nn.Module):
             self._fused_weights[key] = (*norms, self.input_norm.eps, panels, scales, mins, out_features, biases)
         return self._fused_weights[key]
 
-    def kernel_args(self, int8: bool) -> tuple:
-        """(panels, scales, mins, out_features) of the four projections as decode_layers takes them,
-        gathered once."""
-        if int8 not in self._kernel_args:
+    def kernel_args(self, draft: bool) -> tuple:
+        """(panels, scales, mins, out_features) of the four projections (base or draft copies) as
+        decode_layers takes them, gathered once."""
+        if draft not in self._kernel_args:
             projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
-            panels, scales, mins = zip(*(p.kernel_weights(int8) for p in projections))
-            self._kernel_args[int8] = (list(panels), list(scales), list(mins), [p.out_features for p in projections])
-        return self._kernel_args[int8]
+            panels, scales, mins = zip(*(p.kernel_weights(draft) for p in projections))
+            self._kernel_args[draft] = (list(panels), list(scales), list(mins), [p.out_features for p in projections])
+        return self._kernel_args[draft]
 
 
-def fused_decode(layers: list[DecoderLayer], h, cos, signed_sin, ctx, int8: bool = False) -> torch.Tensor:
+def fused_decode(layers: list[DecoderLayer], h, cos, signed_sin, ctx, draft: bool = False) -> torch.Tensor:
     """Consecutive layers as one C++ call, bit-identical to their forward: a CPU decode step on the
-    packed weights (fp32, fp16, bf16, int8 or blocks), or on the int8 copies."""
+    packed weights (fp32, fp16, bf16, int8 or blocks), or on the draft copies."""
     return torch.ops.sedac_cpu.decode_layers(
-        h, cos, signed_sin, *layers[0].fused_weights(layers, int8),
+        h, cos, signed_sin, *layers[0].fused_weights(layers, draft),
         [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
         ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths, layers[0].num_heads, ctx.block_size,
     )  # fmt: skip
 
 
-def _project(linear: Linear, x: torch.Tensor, int8: bool) -> torch.Tensor:
-    return linear.draft(x) if int8 else linear(x)
+def _project(linear: Linear, x: torch.Tensor, draft: bool) -> torch.Tensor:
+    return linear.draft(x) if draft else linear(x)
 
 
 class DecoderModel(nn.Module):
@@ -133,11 +140,21 @@ class DecoderModel(nn.Module):
             return blocks.dense(input_ids).to(self.norm.weight.dtype)
         return self.embed_tokens(input_ids).to(self.norm.weight.dtype)
 
-    def quantize_int8(self) -> None:
-        """int8 copies of every projection and the LM head: the lossless-mode drafter."""
-        for linear in [*self.layers.modules(), self.lm_head]:
+    def make_draft_copies(self, precision: str, int8_activations: bool = False) -> None:
+        """Copies of every projection at `precision` (DRAFT_PRECISIONS, cheaper than the base) and of the LM
+        head at int8: SEDAC's drafter and precision exit. Replaces any earlier copies. The head stays 8-bit
+        as in llama.cpp's 4-bit files and TensorRT-LLM's int4 AWQ: on SmolLM2 int4 layers drafted 0.986 of
+        the full model's greedy tokens with an int8 head, 0.875 with an int4 one (int8 layers: 0.962)."""
+        if precision not in DRAFT_PRECISIONS:
+            raise ValueError(f"draft precision must be one of {', '.join(DRAFT_PRECISIONS)}, got {precision!r}")
+        if precision == "int8" and self.int8_weights:
+            raise ValueError("an int8 engine's draft copy must be cheaper than its weights: int4")
+        for linear in self.layers.modules():
             if isinstance(linear, Linear):
-                linear.quantize_int8()
+                linear.make_draft_copy(precision, int8_activations)
+        self.lm_head.make_draft_copy("int8")
+        for layer in self.layers:
+            layer.forget_kernel_args()
 
     def screen_greedy_head(self) -> None:
         """Greedy steps of up to MAX_SCREEN_ROWS rows take the exact int8-screened head (greedy_head.py);
@@ -154,24 +171,23 @@ class DecoderModel(nn.Module):
         return self.layers[0].qkv_proj.weight_only_int8
 
     def run_layers(
-        self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None, int8: bool = False
+        self, h: torch.Tensor, positions: torch.Tensor, start: int = 0, end: int | None = None, draft: bool = False
     ):
-        int8 = int8 or self.int8_weights
         cos, signed_sin = self.rotary.tables(positions, h.dtype)
         layers = self.layer_list[start:end]
         ctx = get_context()
-        if layers and layers[0]._fusable(h, ctx, int8):  # decided once per step: ~1 ms/token less Python at batch 1
-            return fused_decode(layers, h, cos, signed_sin, ctx, int8)
+        if layers and layers[0]._fusable(h, ctx, draft):  # decided once per step: ~1 ms/token less Python at batch 1
+            return fused_decode(layers, h, cos, signed_sin, ctx, draft)
         for layer in layers:
-            h = layer(h, cos, signed_sin, int8)
+            h = layer(h, cos, signed_sin, draft)
         return h
 
-    def logits(self, h: torch.Tensor, int8: bool = False, argmax_only: bool = False) -> torch.Tensor:
+    def logits(self, h: torch.Tensor, draft: bool = False, argmax_only: bool = False) -> torch.Tensor:
         """Final-normed logits for the rows of h (only the rows that sample). argmax_only: the caller
         takes only each row's argmax, so rows outside the argmax's candidates may come back -inf."""
-        if argmax_only and not int8 and self.greedy_screen is not None and len(h) <= MAX_SCREEN_ROWS:
+        if argmax_only and not draft and self.greedy_screen is not None and len(h) <= MAX_SCREEN_ROWS:
             return self.greedy_screen.logits(self.norm(h))
-        return _project(self.lm_head, self.norm(h), int8)
+        return _project(self.lm_head, self.norm(h), draft)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """input_ids [T], positions [T] -> hidden states [T, hidden] after the last layer."""

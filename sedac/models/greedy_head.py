@@ -33,7 +33,7 @@ class GreedyScreen:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,
         -inf elsewhere."""
-        approx = self.head.draft(x)  # [R, V] on the int8 copy
+        approx = self.head.int8_linear(x)  # [R, V] on the int8 copy
         bound = x.norm(dim=1, keepdim=True) * self.row_bound  # [R, V]
         best_lower = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = torch.nonzero(approx + bound >= best_lower, as_tuple=True)

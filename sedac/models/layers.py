@@ -12,12 +12,15 @@ from sedac.models.quant import (
     from_int8_a8_panels,
     from_panels,
     int8_a8_panels,
+    quantize_int4,
     quantize_rows,
     to_panels,
 )
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 
 INT8_ACTIVATION_GROUP = 32  # csrc/int8_linear_a8.cpp quantizes activations per 32 inputs
+DRAFT_PRECISIONS = ("int8", "int4")  # SEDAC's draft copies, cheapest last
+DRAFT_GROUP_SIZE = 32  # an int4 draft copy's inputs per scale and minimum (GGUF Q4_1's block)
 
 
 class Linear(nn.Module):
@@ -38,6 +41,7 @@ class Linear(nn.Module):
         # (weight int8, row scales [out]): the weight [out, in], or int8 panels like `packed` when packed
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.blocks: BlockWeight | None = None  # block-quantized weight (int4 and gguf engines)
+        self.draft_blocks: BlockWeight | None = None  # an int4 draft copy (make_draft_copy), else drafts use int8
 
     def pack_for_cpu(self, int8_activations: bool = False) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
@@ -55,10 +59,22 @@ class Linear(nn.Module):
             self.weight = None  # the packed copy replaces it: one copy of the weights in memory
 
     def quantize_int8(self) -> None:
-        """Keep a weight-only int8 copy, one scale per output row, for lossless mode's draft passes
-        (a quarter of the bytes to stream; activations stay at full precision)."""
+        """Keep a weight-only int8 copy, one scale per output row (a quarter of fp32's bytes to stream;
+        activations stay at full precision): an int8 draft copy, or the greedy screen's head."""
         weight, scale = quantize_rows(self.dense_rows())
         self.int8 = (weight if self.packed is None else to_panels(weight), scale)
+
+    def make_draft_copy(self, precision: str, int8_activations: bool = False) -> None:
+        """SEDAC's draft copy of this layer at `precision` (DRAFT_PRECISIONS): int8 rows (an int8 layer is
+        its own), or int4 blocks (packed like the base when it is, taking int8 activations where the base
+        kernels do)."""
+        self.draft_blocks = None
+        if precision == "int8":
+            if not self.weight_only_int8:
+                self.quantize_int8()
+            return
+        blocks = quantize_int4(self.dense_rows(), DRAFT_GROUP_SIZE)
+        self.draft_blocks = blocks.panels(int8_activations) if self._on_panels else blocks
 
     def load_int8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         """Make the layer weight-only int8 (an int8 engine): weight [out, in] int8, scale [out]."""
@@ -76,6 +92,13 @@ class Linear(nn.Module):
         self.blocks = None
 
     @property
+    def _on_panels(self) -> bool:
+        """The base weights are packed for the CPU kernels."""
+        if self.blocks is not None:
+            return self.blocks.packed
+        return self.packed is not None or (self.int8 is not None and self.int8[0].dim() == 3)
+
+    @property
     def weight_only_int8(self) -> bool:
         return self.weight is None and self.packed is None and self.blocks is None
 
@@ -83,6 +106,8 @@ class Linear(nn.Module):
         """The weight as [out, in] (a copy when packed or quantized)."""
         if self.blocks is not None:
             return self.blocks.dense()
+        if self.weight_only_int8:
+            return self.int8_rows()
         return self.weight.t() if self.packed is None else from_panels(self.packed, self.out_features)
 
     def output_rows(self, outputs: torch.Tensor) -> torch.Tensor:
@@ -100,16 +125,24 @@ class Linear(nn.Module):
             weight = from_panels(weight, self.out_features)
         return weight.float() * scale[:, None]
 
-    def kernel_weights(self, int8: bool) -> tuple | None:
-        """(panels, scale or None, minimum or None) as the fused CPU decode layer takes them, once packed."""
-        if self.blocks is not None:
-            return (self.blocks.codes, self.blocks.scale, self.blocks.minimum) if self.blocks.packed else None
-        if int8 or self.weight_only_int8:
+    def kernel_weights(self, draft: bool) -> tuple | None:
+        """(panels, scale or None, minimum or None) of the base weights or, with draft, the draft copy,
+        as the fused CPU decode layer takes them, once packed."""
+        blocks = self.draft_blocks if draft else self.blocks
+        if blocks is not None:
+            return (blocks.codes, blocks.scale, blocks.minimum) if blocks.packed else None
+        if draft or self.weight_only_int8:
             return (*self.int8, None) if self.int8 is not None and self.int8[0].dim() == 3 else None
         return None if self.packed is None else (self.packed, None, None)
 
     def draft(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on its int8 copy (quantize_int8): the C++ kernel on CPU, else the sedac op."""
+        """The layer on its draft copy (make_draft_copy)."""
+        if self.draft_blocks is not None:
+            return self.draft_blocks.linear(x, self.bias)
+        return self.int8_linear(x)
+
+    def int8_linear(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer on its int8 weights (an int8 engine's, or a copy): the C++ kernel on CPU, else the sedac op."""
         weight, scale = self.int8
         if weight.dtype == torch.uint8:
             return torch.ops.sedac_cpu.int8_linear_a8(x, weight, scale, self.bias, self.out_features)
@@ -123,7 +156,7 @@ class Linear(nn.Module):
         if self.blocks is not None:
             return self.blocks.linear(x, self.bias)
         if self.weight_only_int8:
-            return self.draft(x)
+            return self.int8_linear(x)
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)

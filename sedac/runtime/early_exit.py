@@ -1,11 +1,11 @@
 """SEDAC lossy mode: per-token early exit at calibrated thresholds, at one of two exits.
 
-The int8 exit (int8_exit_step): every token first runs the whole model on its int8 weights (about
-half a full pass on a bandwidth-bound CPU decode); a token whose int8 distribution is confident
-(1 - top-2 margin <= threshold, the `sedac::margin` op) keeps that token and, for now, the int8 K/V
-the pass wrote; the others run the full-precision pass as well, with the sequence's exits since its
-last full pass as extra rows: the int8 K/V is rewritten exactly (the deferred fill below, for the
-int8 exit) and every exit is audited.
+The precision exit (precision_exit_step): every token first runs the whole model on its draft copies
+(int8 or int4, the build's choice: half a full pass or less on a bandwidth-bound CPU decode); a token
+whose draft distribution is confident (1 - top-2 margin <= threshold, the `sedac::margin` op) keeps
+that token and, for now, the K/V the draft pass wrote; the others run the full-precision pass as well,
+with the sequence's exits since its last full pass as extra rows: the draft K/V is rewritten exactly
+(the deferred fill below, for the precision exit) and every exit is audited.
 
 The depth exit (early_exit_step): decode tokens run layers [0, E); the exit head's entropy decides
 (the `sedac::exit_decision` op).
@@ -20,7 +20,7 @@ one of three ways:
 - "ghost" (Ghost KV): a predictor trained at build time (sedac.builder.ghost_kv) maps the exit state
   to all deeper layers' K/V in one GEMV; approximate too, but fitted to the true K/V.
 An adaptive controller audits every 16th exit (the full model's choice there: the depth exit runs
-the token to the end anyway, the int8 exit checks it in the next full pass) and tightens the
+the token to the end anyway, the precision exit checks it in the next full pass) and tightens the
 thresholds when the audits show significantly more errors than the level allows among exits; it
 never loosens past calibration.
 """
@@ -65,7 +65,7 @@ def binomial_cdf(k: int, n: int, p: float) -> float:
 class ExitController:
     """Calibrated per-layer thresholds for each agreement level, scaled by audit feedback. Audits see
     exits only, so the error rate they may show is the level's budget spread over the exiting share:
-    (1 - level) / exit fraction (the int8 exit lets most tokens out, a depth exit a third)."""
+    (1 - level) / exit fraction (the precision exit lets most tokens out, a depth exit a third)."""
 
     def __init__(
         self, thresholds: dict, default_agreement: float, audit_every: int = 16, window: int = 256, min_audits: int = 32
@@ -161,21 +161,21 @@ def early_exit_step(
 
 
 @torch.inference_mode()
-def int8_exit_step(
-    runner, seqs, levels: list[float | None], controller: ExitController, int8_pass: bool = True
+def precision_exit_step(
+    runner, seqs, levels: list[float | None], controller: ExitController, draft_pass: bool = True
 ) -> list[ExitResult]:
-    """One lossy decode step at the int8 exit; exit_layer counts full-precision layers at decision
-    time (0 on exit). Each sequence keeps its exits since its last full pass (seq.int8_exits); the
+    """One lossy decode step at the precision exit; exit_layer counts full-precision layers at decision
+    time (0 on exit). Each sequence keeps its exits since its last full pass (seq.precision_exits); the
     next full pass runs them again as extra rows, each a decode at its own position, which rewrites
     their K/V exactly (so the full model's tokens are computed on the exact cache, as calibration
-    assumed) and audits every exit against the full model's choice there. int8_pass=False: the int8
+    assumed) and audits every exit against the full model's choice there. draft_pass=False: the draft
     pass would not pay at this batch size, so every sequence takes the full pass."""
     logits = torch.empty(len(seqs), runner.config.model.vocab_size, device=runner.device)
     go = [False] * len(seqs)
-    if int8_pass:
+    if draft_pass:
         positions, ctx = runner.context([(s.block_table, s.num_tokens - 1) for s in seqs])
         ids = torch.tensor([s.token_ids[-1] for s in seqs], device=runner.device)
-        logits = runner.model.logits(runner.run(ids, None, positions, ctx, int8=True), int8=True).float()
+        logits = runner.model.logits(runner.run(ids, None, positions, ctx, draft=True), draft=True).float()
         go = (1 - torch.ops.sedac.margin(logits) <= _taus(controller, levels, logits.device)).tolist()
     staying = [i for i, exits in enumerate(go) if not exits]
     if staying:
@@ -185,7 +185,7 @@ def int8_exit_step(
     for i, exits in enumerate(go):
         audit = controller.should_audit(levels[i], exits)  # checked against the exit's greedy choice
         if exits:
-            seqs[i].int8_exits.append((seqs[i].num_tokens - 1, greedy[i] if audit else None, levels[i]))
+            seqs[i].precision_exits.append((seqs[i].num_tokens - 1, greedy[i] if audit else None, levels[i]))
             seqs[i].mark_approximate_kv(seqs[i].num_tokens - 1)
     num_layers = runner.config.model.num_layers
     return [ExitResult(t, lp, 0 if exits else num_layers) for t, lp, exits in zip(tokens, lps, go)]
@@ -196,7 +196,7 @@ def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
     (K/V rewritten layer by layer, as a lossless verify does); -> logits [len(seqs), vocab] of the
     staying tokens. The sequences' caches are exact afterwards. Only audited exits' rows pay for
     the LM head."""
-    rows = [(s, p, predicted, level) for s in seqs for p, predicted, level in s.int8_exits]
+    rows = [(s, p, predicted, level) for s in seqs for p, predicted, level in s.precision_exits]
     audits = [(row, predicted, level) for row, (_, _, predicted, level) in enumerate(rows) if predicted is not None]
     rows += [(s, s.num_tokens - 1, None, None) for s in seqs]
     positions, ctx = runner.context([(s.block_table, p) for s, p, _, _ in rows])
@@ -207,16 +207,16 @@ def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
     for (_, predicted, level), choice in zip(audits, logits[: len(audits)].argmax(-1).tolist()):
         controller.record(level, predicted == choice)
     for s in seqs:
-        s.int8_exits, s.approximate_kv_from = [], None
+        s.precision_exits, s.approximate_kv_from = [], None
     return logits[len(audits) :]
 
 
-def int8_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
-    """Whether an int8 pass pays for `rows` lossy sequences. Every token runs one full-precision row
-    either way (at once when it stays, with the next stay when it exits), so the int8 pass buys only
+def precision_exit_pays(costs: dict, exit_fraction: float, rows: int) -> bool:
+    """Whether a draft pass pays for `rows` lossy sequences. Every token runs one full-precision row
+    either way (at once when it stays, with the next stay when it exits), so the draft pass buys only
     the fixed cost of the full passes that no longer run: it pays while it costs less than that,
-    int8(rows) < P(all exit) * fixed. On a compute-bound batch it costs nearly a full pass, and does not."""
-    return pass_cost(costs, "int8", rows) < exit_fraction**rows * costs["full"][0]
+    draft(rows) < P(all exit) * fixed. On a compute-bound batch it costs nearly a full pass, and does not."""
+    return pass_cost(costs, "draft", rows) < exit_fraction**rows * costs["full"][0]
 
 
 def _taus(controller: ExitController, levels: list[float | None], device) -> torch.Tensor:

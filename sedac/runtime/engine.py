@@ -55,9 +55,9 @@ class LLMEngine:
         if not self.engine_dir.is_dir():
             raise ValueError(f"engine directory not found: {engine_dir}")
         self.config = EngineConfig.load(self.engine_dir)
-        if self.config.sedac and "int8" not in self.config.sedac.get("costs", {}):
+        if self.config.sedac and "draft_precision" not in self.config.sedac:
             raise ValueError(
-                f"{engine_dir} has SEDAC components from an older sedac-build (exit-head drafts); "
+                f"{engine_dir} has SEDAC components from an older sedac-build (no draft precision); "
                 "rebuild it with sedac-build --sedac"
             )
         self.tokenizer = detokenizer.load_tokenizer(self.engine_dir)

@@ -90,6 +90,10 @@ class ModelRunner:
         self.kv_dtype = _kv_dtype(kv_cache_dtype, self.dtype, config.build.precision, device)
         self.block_size = config.build.kv_block_size
         self.model = self._load_model(engine_dir)
+        if config.sedac:  # SEDAC's drafter and precision exit: a cheaper copy of the weights
+            self.make_draft_copies(config.sedac["draft_precision"])
+        if self._cpu_kernels():
+            self.model.screen_greedy_head()  # measured on CPU only (sedac.models.greedy_head)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
         if device.type == "cpu":
@@ -119,11 +123,12 @@ class ModelRunner:
             self._dequantize_blocks(model)
         model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)  # packed panels keep their dtype
         model.embed_tokens.to(self.weight_dtype)  # gathered rows are widened (DecoderModel.embed)
-        if self.config.sedac:  # lossless mode drafts on int8 copies of the weights
-            model.quantize_int8()
-        if self._cpu_kernels():
-            model.screen_greedy_head()  # measured on CPU only (sedac.models.greedy_head)
         return model
+
+    def make_draft_copies(self, precision: str) -> None:
+        """The model's draft copies at `precision` ("int8" or "int4"), on the kernels this device runs:
+        an int4 copy takes int8 activations where the CPU has VNNI, like an int4 engine."""
+        self.model.make_draft_copies(precision, self._cpu_kernels() and cpu_kernels.integer_dot_products())
 
     def _dequantize_blocks(self, model: DecoderModel) -> None:
         """Block weights need the C++ kernels on CPU, Triton on CUDA: without them they are dequantized
@@ -267,14 +272,14 @@ class ModelRunner:
         ctx,
         start: int = 0,
         end: int | None = None,
-        int8: bool = False,
+        draft: bool = False,
     ) -> torch.Tensor:
         """Layers [start, end) over token ids (start 0) or hidden states under ctx -> hidden [T, H];
-        int8: on the int8 weight copies (a draft pass)."""
+        draft: on the draft copies (a draft pass)."""
         set_context(ctx)
         try:
             h = self.model.embed(ids) if hidden is None else hidden
-            return self.model.run_layers(h, positions, start, end, int8)
+            return self.model.run_layers(h, positions, start, end, draft)
         finally:
             set_context(None)
 

@@ -9,7 +9,7 @@ from sedac.runtime.structured_outputs import StructuredOutputsParams
 
 SEDAC_MODES = ("off", "lossless", "lossy")
 SEDAC_KV_FILLS = ("deferred", "propagate", "ghost")  # engine-wide: how depth exits fill deeper KV
-SEDAC_LOSSY_EXITS = ("int8", "depth")  # engine-wide: where lossy mode's tokens exit
+SEDAC_LOSSY_EXITS = ("precision", "depth")  # engine-wide: where lossy mode's tokens exit
 O1_MODES = ("off", "adaptive")  # adaptive: branch at uncertain tokens, answer by vote (o1.py)
 # o1_max_branches: its default and its largest value. On the tuning seed's 60 questions (`sedac-run bench --o1`,
 # 2026-11-30) 3 to 8 branches all kept greedy's accuracy (0.77) while tokens grew from 1.47x to 2.12x greedy's;

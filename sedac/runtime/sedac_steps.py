@@ -1,19 +1,22 @@
 """SEDAC inside the engine step: which decodes take lossless or lossy mode, and running them
-(self-speculative cycles on the int8 drafter; the int8 or the depth exit) under the build's costs.
+(self-speculative cycles on the draft copies; the precision exit on them, or the depth exit) under the build's costs.
 
 Each path also reports what it spent per sequence, in batch-1 full-pass units by the build's measured
 pass costs (fixed + per_row * rows; every pass's cost shared among its rows): draft passes, verify rows,
-int8 passes, and the rows a later full pass reruns for exited tokens, beside what `off` would spend on
+precision-exit passes, and the rows a later full pass reruns for exited tokens, beside what `off` would spend on
 the same tokens in a batch of the same size. The skip ratio is the share of that saved."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from sedac.runtime.early_exit import ExitController, early_exit_step, int8_exit_pays, int8_exit_step
+from sedac.runtime.early_exit import ExitController, early_exit_step, precision_exit_pays, precision_exit_step
 from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS
 from sedac.runtime.scheduler import ScheduledBatch
 from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -49,19 +52,20 @@ class SedacSteps:
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.sedac = sedac = runner.config.sedac or {}
         self.lossy_exit = _check_lossy_exit(sedac, lossy_exit, engine_dir)
-        self.exit_controller = (
-            ExitController(
-                sedac["int8_thresholds" if self.lossy_exit == "int8" else "thresholds"], sedac["default_agreement"]
-            )
-            if sedac
-            else None
-        )
+        thresholds = "precision_thresholds" if self.lossy_exit == "precision" else "thresholds"
+        self.exit_controller = ExitController(sedac[thresholds], sedac["default_agreement"]) if sedac else None
         self.drafts_by_batch = (
             draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"], max_num_seqs) if sedac else []
         )
-        # exit layer -> tokens; the int8 exit counts as layer 0 (no full-precision layer ran)
+        if sedac and not any(self.drafts_by_batch):
+            logger.warning(
+                "SEDAC: the %s draft copy does not pay on %s's measured pass costs (predicted lossless %.2fx): "
+                "lossless mode decodes without drafts",
+                sedac["draft_precision"], engine_dir, sedac["predicted_lossless_speedup"],
+            )  # fmt: skip
+        # exit layer -> tokens; the precision exit counts as layer 0 (no full-precision layer ran)
         self.exit_histogram = {
-            layer: 0 for layer in ([0] if self.lossy_exit == "int8" else sedac.get("lossy_layers", []))
+            layer: 0 for layer in ([0] if self.lossy_exit == "precision" else sedac.get("lossy_layers", []))
         }
 
     def split(self, batch: ScheduledBatch, mode_of):
@@ -122,7 +126,7 @@ class SedacSteps:
                 r.tokens,
                 r.logprobs,
                 len(r.tokens),  # every draft pass it ran in
-                sum(self._share("int8", rows, 1) for rows in r.draft_passes)
+                sum(self._share("draft", rows, 1) for rows in r.draft_passes)
                 + self._share("full", verify_rows, r.drafted + 1),
                 self.off_cost(len(seqs)) * len(r.tokens),
                 r.drafted,
@@ -145,27 +149,28 @@ class SedacSteps:
         return self._share("full", num_seqs, 1) if self.sedac else 1.0
 
     def _share(self, kind: str, total_rows: int, rows: int) -> float:
-        """rows' share of a pass of total_rows rows on the "full" or "int8" weights."""
+        """rows' share of a pass of total_rows rows on the "full" weights or the "draft" copies."""
         return pass_cost(self.sedac["costs"], kind, total_rows) * rows / total_rows if rows else 0.0
 
     def _min_drafting(self, num_seqs: int) -> float:
         """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
-        a round is one int8 pass for the batch; each accepted draft saves a full pass of the batch."""
+        a round is one draft pass for the batch; each accepted draft saves a full pass of the batch."""
         costs = self.sedac["costs"]
-        return pass_cost(costs, "int8", num_seqs) / pass_cost(costs, "full", num_seqs)
+        return pass_cost(costs, "draft", num_seqs) / pass_cost(costs, "full", num_seqs)
 
-    def int8_exit_pays(self, num_seqs: int) -> bool:
+    def precision_exit_pays(self, num_seqs: int) -> bool:
         level = self.exit_controller.level(None)
-        return int8_exit_pays(self.sedac["costs"], self.sedac["int8_exit_fraction"].get(str(level), 0.0), num_seqs)
+        exit_fraction = self.sedac["precision_exit_fraction"].get(str(level), 0.0)
+        return precision_exit_pays(self.sedac["costs"], exit_fraction, num_seqs)
 
     def lossy(self, seqs) -> list[SedacTokens]:
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]
         num_layers, b = self.runner.config.model.num_layers, len(seqs)
-        if self.lossy_exit == "int8":
-            pending, int8_pass = [len(s.int8_exits) for s in seqs], self.int8_exit_pays(b)
-            results = int8_exit_step(self.runner, seqs, levels, self.exit_controller, int8_pass)
+        if self.lossy_exit == "precision":
+            pending, draft_pass = [len(s.precision_exits) for s in seqs], self.precision_exit_pays(b)
+            results = precision_exit_step(self.runner, seqs, levels, self.exit_controller, draft_pass)
             computed, depth = [1] * b, 0.0
-            first_part = [self._share("int8", b, 1) if int8_pass else 0.0] * b
+            first_part = [self._share("draft", b, 1) if draft_pass else 0.0] * b
         else:
             pending, layer = [len(s.exit_hidden) for s in seqs], self.sedac["lossy_layers"][0]
             results = early_exit_step(self.runner, seqs, levels, self.exit_controller, layer, self.kv_fill)
@@ -192,6 +197,6 @@ def _check_lossy_exit(sedac: dict, choice: str | None, engine_dir) -> str | None
     if not sedac:
         return None
     choice = choice or sedac.get("lossy_exit", "depth")
-    if choice == "int8" and "int8_thresholds" not in sedac:
-        raise ValueError(f"{engine_dir} has no int8 exit calibration; rebuild it with sedac-build --sedac")
+    if choice == "precision" and "precision_thresholds" not in sedac:
+        raise ValueError(f"{engine_dir} has no precision exit calibration; rebuild it with sedac-build --sedac")
     return choice

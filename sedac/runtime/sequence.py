@@ -54,8 +54,8 @@ class Sequence:
         self.bad_words_ids = bad_words_ids or []  # token sequences whose last token is banned after the rest
         self.stop_ids = stop_ids or []  # EOS and stop_token_ids: held back until params.min_tokens outputs
         self.exit_hidden: list = []  # lossy mode: exit states of exited tokens whose deeper layers are pending
-        # lossy int8 exit: (position, exit's greedy token, level) since the last full pass
-        self.int8_exits: list = []
+        # lossy precision exit: (position, exit's greedy token, level) since the last full pass
+        self.precision_exits: list = []
         self.approximate_kv_from: int | None = None  # first position whose K/V is not the full model's
 
     @property
@@ -108,7 +108,7 @@ class Sequence:
         """Preemption by recompute: drop all KV; the tokens stay and are prefilled again."""
         self.num_computed_tokens = 0
         self.block_table, self.block_hashes, self.num_hashed_blocks = [], [], 0
-        self.exit_hidden, self.int8_exits, self.approximate_kv_from = [], [], None
+        self.exit_hidden, self.precision_exits, self.approximate_kv_from = [], [], None
         self.status = Status.WAITING
 
 

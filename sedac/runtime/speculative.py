@@ -1,10 +1,11 @@
-"""SEDAC lossless mode: self-speculative decoding, drafting with the model's own int8 weights.
+"""SEDAC lossless mode: self-speculative decoding, drafting with a cheaper copy of the model's own weights.
 
-A cycle drafts up to k tokens, each by one pass through the whole model on int8 copies of its
-weights (a quarter of the bytes a CPU decode streams) while the draft distribution is confident
-(entropy <= the build's gate), then one full-precision verify pass runs the last token and the
-drafts as k + 1 rows and writes the true KV. Greedy keeps the longest prefix the full model agrees
-with, plus the full model's own next token, so output is token-identical to `off`; sampled requests
+A cycle drafts up to k tokens, each by one pass through the whole model on its draft copies (int8
+or int4, the build's choice: a quarter or less of the bytes an fp32 CPU decode streams) while the
+draft distribution is confident (entropy <= the build's gate), then one full-precision verify pass
+runs the last token and the drafts as k + 1 rows and writes the true KV. Greedy keeps the longest
+prefix the full model agrees with, plus the full model's own next token, so output is token-identical
+to `off`; sampled requests
 use standard speculative acceptance (accept d with min(1, p(d)/q(d)), else draw from the residual
 max(p - q, 0)), which leaves the output distribution exactly the full model's.
 """
@@ -26,7 +27,7 @@ class CycleResult:
     logprobs: list
     drafted: int
     accepted: int
-    draft_passes: tuple  # rows of each int8 draft pass the sequence ran in (its cost share)
+    draft_passes: tuple  # rows of each draft pass the sequence ran in (its cost share)
 
 
 class _Extended(Sequence):
@@ -41,7 +42,7 @@ class _Extended(Sequence):
 
 
 def pass_cost(costs: dict, kind: str, rows: int) -> float:
-    """A decode pass of `rows` rows on the "full" or "int8" weights, by the build's measured costs
+    """A decode pass of `rows` rows on the "full" weights or the "draft" copies, by the build's measured costs
     (sedac.builder.pass_costs: fixed + per_row * rows, a batch-1 full pass = 1)."""
     fixed, per_row = costs[kind]
     return fixed + per_row * rows
@@ -49,8 +50,8 @@ def pass_cost(costs: dict, kind: str, rows: int) -> float:
 
 def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) -> list[int]:
     """Drafts per sequence for each batch size B (index B; 0: decode without drafting). Each draft is
-    accepted with probability alpha (the int8 drafter's agreement), so k drafts yield
-    1 + alpha + ... + alpha^k tokens per sequence for k int8 passes and one verify pass over B (k + 1)
+    accepted with probability alpha (the drafter's agreement), so k drafts yield
+    1 + alpha + ... + alpha^k tokens per sequence for k draft passes and one verify pass over B (k + 1)
     rows, at the build's measured pass costs (fixed + per_row * rows); k maximizes tokens per cost,
     and 0 wins where a batch is compute-bound enough that plain decoding is cheaper."""
     plan = [0]
@@ -58,7 +59,7 @@ def draft_plan(costs: dict, alpha: float, max_draft_len: int, max_batch: int) ->
         best, best_k = b / pass_cost(costs, "full", b), 0
         for k in range(1, max_draft_len + 1):
             tokens = b * sum(alpha**j for j in range(k + 1))
-            rate = tokens / (k * pass_cost(costs, "int8", b) + pass_cost(costs, "full", b * (k + 1)))
+            rate = tokens / (k * pass_cost(costs, "draft", b) + pass_cost(costs, "full", b * (k + 1)))
             if rate > best:
                 best, best_k = rate, k
         plan.append(best_k)
@@ -70,7 +71,7 @@ def speculative_step(
     runner, seqs, draft_lens: list[int], max_entropy: float, min_drafting: float = 0.0, grammar=None
 ) -> list[CycleResult]:
     """One draft-and-verify cycle for decoding sequences (each has k + 1 KV slots reserved). A draft
-    round is one int8 pass for all rows that draft; it runs only while at least min_drafting of the
+    round is one draft pass for all rows that draft; it runs only while at least min_drafting of the
     batch drafts, the share whose saved full passes pay for it. grammar: the engine's StructuredOutputs
     (drafts and targets of constrained sequences are masked by it)."""
     starts = [s.num_tokens - 1 for s in seqs]  # position of each one's unprocessed last token
@@ -92,7 +93,7 @@ def speculative_step(
 
 
 def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
-    """Draft in lockstep on the int8 weights: each pass runs every drafting sequence's newest token
+    """Draft in lockstep on the draft copies: each pass runs every drafting sequence's newest token
     through the whole model; a sequence keeps drafting while the draft is confident (entropy <=
     max_entropy) and under its k, and all stop once fewer than min_rows would draft. The draft
     passes' K/V are overwritten by the verify pass. -> drafts, their distributions (sampled requests),
@@ -105,9 +106,9 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
         if not active or len(active) < min_rows:
             break
         positions, ctx = runner.context([(seqs[i].block_table, starts[i] + j) for i in active])
-        h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, int8=True)
+        h = runner.run(torch.tensor([last[i] for i in active], device=runner.device), None, positions, ctx, draft=True)
         passes.append(set(active))
-        raw = runner.model.logits(h, int8=True).float()
+        raw = runner.model.logits(h, draft=True).float()
         confident = (torch.ops.sedac.entropy(raw) <= max_entropy).tolist()
         if sum(confident) < min_rows:
             break
