@@ -72,15 +72,19 @@ def test_block_linear_is_fp32_panels_on_dequantized_weights(bits, shape, bias):
     assert (blocks.linear(x, b) - y).abs().max() <= tolerance  # the unpacked (torch) path
 
 
-@pytest.mark.parametrize("shape", [(40, 64, 32), (960, 576, 32), (50, 96, 48)])  # out, in, group
+@pytest.mark.parametrize(
+    "shape", [(40, 64, 32, 4), (960, 576, 32, 4), (50, 96, 48, 4), (40, 64, 32, 8), (1000, 576, 32, 8)]
+)  # out, in, group, bits
 def test_int8_activation_kernel_is_near_exact_and_batch_invariant(shape):
-    """block_linear_a8 quantizes each row's activations per group in two int8 levels (a 15-bit grid)
-    for integer dot products: close to the fp32-activation result, not bitwise it, the same in any batch."""
+    """block_linear_a8 (4-bit) and int8_linear_a8 with group scales (8-bit, an int4 engine's head) quantize
+    each row's activations per group in two int8 levels (a 15-bit grid) for integer dot products: close to
+    the fp32-activation result, not bitwise it, the same in any batch."""
     torch.manual_seed(1)
-    out, inp, group = shape
-    blocks = _random_blocks(out, inp, group, 4)
+    out, inp, group, bits = shape
+    blocks = _random_blocks(out, inp, group, bits)
     packed = blocks.panels(int8_activations=True)
     assert packed.int8_activations and torch.equal(packed.dense(), blocks.dense())  # same weights, new layout
+    assert torch.equal(packed.dense(torch.tensor([3, out - 1])), blocks.dense()[[3, -1]])  # rows read in place
     x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)  # channels of different scales
     x[2, :group] = 0  # a zero group
     y = packed.linear(x, None)

@@ -8,6 +8,7 @@ from torch import nn
 
 from sedac.models import cpu_kernels
 from sedac.models.quant import (
+    INT8_ACTIVATION_GROUP,
     BlockWeight,
     from_int8_a8_panels,
     from_panels,
@@ -18,7 +19,6 @@ from sedac.models.quant import (
 )
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
 
-INT8_ACTIVATION_GROUP = 32  # csrc/int8_linear_a8.cpp quantizes activations per 32 inputs
 DRAFT_PRECISIONS = ("int8", "int4")  # SEDAC's draft copies, cheapest last
 DRAFT_GROUP_SIZE = 32  # an int4 draft copy's inputs per scale and minimum (GGUF Q4_1's block)
 

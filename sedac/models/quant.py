@@ -17,6 +17,7 @@ from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.block_li
 from sedac.plugins.reference import dequantize_blocks, unpack_nibbles
 
 PANEL = 16  # outputs per panel (csrc/panel_schedule.h)
+INT8_ACTIVATION_GROUP = 32  # csrc/int8_linear_a8.cpp quantizes activations per 32 inputs (8-bit blocks: their group)
 
 
 def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +60,8 @@ class BlockWeight:
     """codes: 4-bit [out, in / 2] uint8 (pack_nibbles) or 8-bit [out, in] int8; scale [out, groups]
     fp16; minimum like scale for 4-bit codes (w = q * scale + minimum), None for 8-bit (w = q * scale).
     Packed (`panels`): codes [P, in / 2 or in, 16], scale and minimum [P, groups, 16]; with int8
-    activations (csrc/block_linear_a8.cpp) 4-bit codes [P, in / 8, 64], four inputs per output lane."""
+    activations 4-bit codes [P, in / 8, 64] (csrc/block_linear_a8.cpp), 8-bit ones offset by 128 as
+    uint8 [P, in / 4, 64] (csrc/int8_linear_a8.cpp), four inputs per output lane."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -68,12 +70,13 @@ class BlockWeight:
     packed: bool = False
 
     def __post_init__(self):
-        if (self.codes.dtype == torch.uint8) != (self.minimum is not None):
-            raise ValueError("4-bit codes (uint8) take a minimum, 8-bit codes (int8) none")
+        eight_bit = torch.uint8 if self.int8_activations else torch.int8
+        if self.codes.dtype != (torch.uint8 if self.minimum is not None else eight_bit):
+            raise ValueError("4-bit codes (uint8) take a minimum, 8-bit codes (int8; offset uint8 packed) none")
 
     @property
     def bits(self) -> int:
-        return 4 if self.codes.dtype == torch.uint8 else 8
+        return 4 if self.minimum is not None else 8
 
     @property
     def int8_activations(self) -> bool:
@@ -81,21 +84,24 @@ class BlockWeight:
 
     @property
     def in_features(self) -> int:
-        return self.codes.shape[-2 if self.packed else 1] * (8 if self.int8_activations else 8 // self.bits)
+        return self.codes.shape[-2 if self.packed else 1] * (32 if self.int8_activations else 8) // self.bits
 
     @property
     def group_size(self) -> int:
         return self.in_features // self.scale.shape[-2 if self.packed else 1]
 
     def panels(self, int8_activations: bool = False) -> "BlockWeight":
-        """The layout csrc/block_linear.cpp reads, or for 4-bit codes with int8_activations
-        csrc/block_linear_a8.cpp's (activations quantized per group at run time, as llama.cpp's kernels do)."""
+        """The layout csrc/block_linear.cpp reads, or with int8_activations that of csrc/block_linear_a8.cpp
+        (4-bit codes) or csrc/int8_linear_a8.cpp (8-bit codes in groups of 32: GGUF Q8_0's), whose activations
+        are quantized per group at run time, as llama.cpp's kernels do."""
         if self.packed:
             return self
         codes = to_panels(self.codes)
         if int8_activations and self.bits == 4:  # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
             quads = to_panels(unpack_nibbles(self.codes)).unflatten(1, (-1, 2, 4)).permute(0, 1, 4, 2, 3)
             codes = (quads[..., 0, :] | (quads[..., 1, :] << 4)).flatten(2).contiguous()
+        elif int8_activations and self.group_size == INT8_ACTIVATION_GROUP:
+            codes = int8_a8_panels(self.codes)
         return BlockWeight(
             codes,
             to_panels(self.scale),
@@ -112,9 +118,12 @@ class BlockWeight:
             return (unpack_nibbles(codes) if self.bits == 4 else codes), pick(self.scale), pick(self.minimum)
         index = torch.arange(self.out_features, device=self.codes.device) if index is None else index
         pick = lambda t: None if t is None else t[index // PANEL, :, index % PANEL]  # noqa: E731
-        if self.int8_activations:  # [rows, in/8, 4 inputs] bytes -> [rows, in/8, 2, 4] codes
+        if self.int8_activations:  # [rows, in / 8 or in / 4, 4 inputs] bytes
             lanes = self.codes.unflatten(2, (PANEL, 4))[index // PANEL, :, index % PANEL]
-            codes = torch.stack((lanes & 15, lanes >> 4), dim=2).flatten(1)
+            if self.bits == 4:  # -> [rows, in/8, 2, 4] codes
+                codes = torch.stack((lanes & 15, lanes >> 4), dim=2).flatten(1)
+            else:
+                codes = (lanes.to(torch.int16) - 128).to(torch.int8).flatten(1)
         else:
             codes = pick(self.codes)
             codes = unpack_nibbles(codes) if self.bits == 4 else codes
@@ -127,6 +136,8 @@ class BlockWeight:
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] -> [T, out] on the CPU kernels (packed), else the sedac op (Triton on CUDA)."""
+        if self.int8_activations and self.bits == 8:
+            return torch.ops.sedac_cpu.int8_linear_a8(x, self.codes, self.scale, bias, self.out_features)
         if self.int8_activations:
             return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias, self.out_features)
         if self.packed:

@@ -1,15 +1,17 @@
-// Weight-only int8 panels (int8 engines: one scale per output) against activations quantized to two
-// int8 levels per group of 32 inputs (int8_activations.h): integer dot products on AVX-512 VNNI.
+// Weight-only int8 panels (int8 engines: one scale per output; 8-bit blocks, GGUF Q8_0's scheme: one per
+// output and group of 32 inputs, int4 engines' LM head) against activations quantized to two int8 levels
+// per group of 32 inputs (int8_activations.h): integer dot products on AVX-512 VNNI.
 //
 // Why: int8_panel_linear widens every weight to fp32 (three ops per 16 weights before its FMA), so at
 // batch 1 an int8 engine was compute-bound: SmolLM2's 30 layers at ~21 GB/s against fp32's ~30. One
 // vpdpbusd multiplies 64 weights by 64 int8 activations, two per 64 weights for the two levels.
 // vpdpbusd takes unsigned bytes on one side, so the weights are stored offset, u = w + 128, and
 // per output and group sum(u (254 c + f)) - 128 sum(254 c + f) = sum(w (254 c + f)), exact in int32.
-// Per output: y = scale * sum over groups of float(that integer) * step, groups in order, so a row's
-// result is the same alone or in any batch.
+// Per output: y = scale * sum over groups of float(that integer) * step, groups in order, or with group
+// scales y = sum of float(that integer) * (d * step), so a row's result is the same alone or in any batch.
+// (The 8-bit head of an int4 engine at 16 rows: the exact block kernel widens every code to fp32.)
 // Layout (sedac.models.quant.int8_a8_panels): codes [P, in / 4, 64] uint8, byte 4j + t of row i holding
-// weight (output 16p + j, input 4i + t) + 128.
+// weight (output 16p + j, input 4i + t) + 128; group scales [P, in / 32, 16] fp16 as in block_linear.cpp.
 #include "int8_activations.h"
 #include "kernels.h"
 #include "panel_schedule.h"
@@ -23,10 +25,12 @@ constexpr int64_t kActivationGroup = 32;
 
 struct Int8A8Kernel {
   const uint8_t* codes;
-  const float* x;   // the fp32 rows the schedule hands out (to find a tile's row index)
+  const at::Half* group_scales;   // [P, n / 32, 16], or nullptr: one scale per output, applied after
+  const float* x;                 // the fp32 rows the schedule hands out (to find a tile's row index)
   const QuantizedRows* rows;
   int64_t n;
   int64_t code_stride() const { return n / 4 * 64; }
+  int64_t scale_stride() const { return n / kActivationGroup * kPanel; }
 
   bool run_group(int64_t, int64_t, const float*, int64_t, float*, int64_t) const { return false; }
 
@@ -37,6 +41,7 @@ struct Int8A8Kernel {
     const float* dx = rows->step.data() + row * groups;
     const int32_t* levels = rows->levels.data() + row * groups;
     const uint8_t* c = codes + panel * code_stride();
+    const at::Half* s = group_scales ? group_scales + panel * scale_stride() : nullptr;
 #if SEDAC_VNNI
     __m512 out[R * P];
 #pragma GCC unroll 16
@@ -64,6 +69,13 @@ struct Int8A8Kernel {
           }
         }
       }
+      if constexpr (P == kGroup)   // the next task's scales too, fp16: 2 bytes each
+        if (s) prefetch_l2(s + kGroup * scale_stride() + g * kPanel * kGroup, 2 * kPanel * kGroup);
+      __m512 d[P];   // the group's scales (1 without: d * step is then step exactly)
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p)
+        d[p] = s ? _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + p * scale_stride() + g * kPanel)))
+                 : _mm512_set1_ps(1.f);
 #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         const __m512i offset = _mm512_set1_epi32(128 * levels[r * groups + g]);
@@ -72,7 +84,7 @@ struct Int8A8Kernel {
         for (int p = 0; p < P; ++p) {
           const __m512i scaled = _mm512_mullo_epi32(coarse[r * P + p], _mm512_set1_epi32(kFine));
           const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(scaled, fine[r * P + p]), offset);
-          out[r * P + p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), step, out[r * P + p]);
+          out[r * P + p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), _mm512_mul_ps(d[p], step), out[r * P + p]);
         }
       }
     }
@@ -81,7 +93,8 @@ struct Int8A8Kernel {
     scalar_tile<R, P>(y, ldy, groups, [&](int r, int p, int j, int64_t g, float out) {
       const auto weight = [&](int64_t k) { return c[p * code_stride() + k / 4 * 64 + 4 * j + k % 4] - 128; };
       const int32_t sum = group_dot(weight, xc + r * n, xf + r * n, g * kActivationGroup, kActivationGroup);
-      return std::fma(static_cast<float>(sum), dx[r * groups + g], out);
+      const float d = s ? static_cast<float>(s[p * scale_stride() + g * kPanel + j]) : 1.f;
+      return std::fma(static_cast<float>(sum), d * dx[r * groups + g], out);
     });
 #endif
   }
@@ -89,7 +102,8 @@ struct Int8A8Kernel {
 
 }  // namespace
 
-// x [T, in] fp32 against offset int8 panels in the layout above, scale [out] fp32 -> [T, out] (+ bias).
+// x [T, in] fp32 against offset int8 panels in the layout above, scale [out] fp32 or group scales
+// [P, in / 32, 16] fp16 -> [T, out] (+ bias).
 torch::Tensor int8_linear_a8(const torch::Tensor& x_in, const torch::Tensor& codes, const torch::Tensor& scale,
                              const std::optional<torch::Tensor>& bias, int64_t out_features) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "int8_linear_a8: x float32 [T, in]");
@@ -99,10 +113,16 @@ torch::Tensor int8_linear_a8(const torch::Tensor& x_in, const torch::Tensor& cod
   TORCH_CHECK(codes.scalar_type() == at::kByte && codes.dim() == 3 && codes.size(2) == 64 && codes.is_contiguous() &&
               codes.size(1) * 4 == n && num_panels * kPanel >= out_features,
               "int8_linear_a8: codes uint8 [ceil(out / 16), in / 4, 64] matching x");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == out_features, "int8_linear_a8: scale float32 [out]");
+  const bool grouped = scale.dim() == 3;
+  TORCH_CHECK(grouped ? scale.scalar_type() == at::kHalf && scale.is_contiguous() && scale.size(0) == num_panels &&
+                            scale.size(1) * kActivationGroup == n && scale.size(2) == kPanel
+                      : scale.scalar_type() == at::kFloat && scale.numel() == out_features,
+              "int8_linear_a8: scale float32 [out], or fp16 [panels, in / 32, 16] per group of 32 inputs");
   const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, kActivationGroup);
-  auto y = run_panels(Int8A8Kernel{codes.data_ptr<uint8_t>(), x.data_ptr<float>(), &rows, n}, x, num_panels,
-                      out_features).mul_(scale);
+  auto y = run_panels(Int8A8Kernel{codes.data_ptr<uint8_t>(), grouped ? scale.data_ptr<at::Half>() : nullptr,
+                                   x.data_ptr<float>(), &rows, n},
+                      x, num_panels, out_features);
+  if (!grouped) y.mul_(scale);
   if (bias) y.add_(*bias);
   return y;
 }
