@@ -249,22 +249,26 @@ def test_half_kv_cache(tiny_llama, monkeypatch):
 
 def test_llama_cpp_baseline_runs_llama_bench_on_the_source_and_its_conversions(tmp_path, tiny_models):
     """The plumbing around llama.cpp's tools (a real llama.cpp build is optional and not in CI): stand-in
-    llama-quantize / llama-bench record their calls; each format gets llama-bench's decode and prefill."""
+    llama-quantize / llama-bench record their calls; each format gets a decode run per round (interleaved
+    with ours by the caller), their mean, and a prefill run."""
     from sedac.builder.sources import smollm2_gguf_path
-    from sedac.cli.llama_cpp_baseline import llama_cpp_rows
+    from sedac.cli.llama_cpp_baseline import LlamaCppBaseline
     from sedac.cli.precision_bench import _llama_cpp
 
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     (bin_dir / "llama-quantize").write_text(f'#!/bin/sh\necho "quantize $4" >> {calls}\ntouch "$3"\n')
-    (bin_dir / "llama-bench").write_text(
-        f'#!/bin/sh\necho "bench $2 $4" >> {calls}\n'
-        'echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 500.04},'
-        ' {"n_prompt": 0, "n_gen": 8, "avg_ts": 140.26}]\'\n'
+    (bin_dir / "llama-bench").write_text(  # prefill runs have -p N > 0 ($6), decode runs -p 0
+        f'#!/bin/sh\necho "bench $2 $4 $6" >> {calls}\n'
+        'if [ "$6" = 0 ]; then echo \'[{"n_prompt": 0, "n_gen": 8, "avg_ts": 140.26}]\'; '
+        'else echo \'[{"n_prompt": 64, "n_gen": 0, "avg_ts": 500.04}]\'; fi\n'
     )
     for tool in bin_dir.iterdir():
         tool.chmod(0o755)
-    rows = llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
+    baseline = LlamaCppBaseline(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2)
+    for _ in range(3):
+        baseline.decode_round(8)
+    rows = baseline.rows(64)
     assert list(rows) == ["llama.cpp Q4_1", "llama.cpp F32", "llama.cpp BF16", "llama.cpp Q8_0"]
     assert rows["llama.cpp Q4_1"] == {"batch1_decode_tok_s": 140.3, "prefill64_tok_s": 500.0, "engine_mb": 93.8}
     logged = calls.read_text().splitlines()
@@ -273,10 +277,11 @@ def test_llama_cpp_baseline_runs_llama_bench_on_the_source_and_its_conversions(t
         "quantize BF16",
         "quantize Q8_0",
     ]
-    assert sum(line.startswith("bench") and line.endswith(" 2") for line in logged) == 4  # -t 2 each time
-    llama_cpp_rows(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2, 64, 8)
+    assert sum(line.startswith("bench") and line.endswith(" 2 0") for line in logged) == 12  # 3 rounds x 4, -t 2
+    assert sum(line.startswith("bench") and line.endswith(" 2 64") for line in logged) == 4
+    LlamaCppBaseline(str(bin_dir), smollm2_gguf_path(), tmp_path / "conversions", 2)
     assert sum(line.startswith("quantize") for line in calls.read_text().splitlines()) == 3  # conversions reused
     with pytest.raises(ValueError, match="no llama-bench in"):
-        llama_cpp_rows(str(tmp_path), smollm2_gguf_path(), tmp_path / "c", 2, 64, 8)
+        LlamaCppBaseline(str(tmp_path), smollm2_gguf_path(), tmp_path / "c", 2)
     with pytest.raises(ValueError, match="--llama-cpp needs an engine built from a GGUF file"):
-        _llama_cpp(str(bin_dir), _engine(tmp_path, tiny_models["llama"], "fp32"), 64, 8)
+        _llama_cpp(str(bin_dir), _engine(tmp_path, tiny_models["llama"], "fp32"))

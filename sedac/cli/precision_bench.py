@@ -7,8 +7,9 @@ them, so they share the machine's drifts in speed. Per precision, on held-out Sh
 output length), prefill tok/s of one 1,024-token prompt (the answers' tokens) and decode tok/s after it
 (attention over a long context), teacher-forced greedy
 agreement with the fp32 engine and perplexity on the answers, engine size on disk, resident weight bytes.
-With --llama-cpp DIR, llama.cpp's llama-bench runs on the same GGUF and its conversions right after our
-batch-1 runs (sedac.cli.llama_cpp_baseline), and the report sets our fastest batch-1 decode against theirs.
+With --llama-cpp DIR, llama.cpp's llama-bench runs on the same GGUF and its conversions, a batch-1 decode
+round of theirs after each prompt of ours (sedac.cli.llama_cpp_baseline), and the report sets our fastest
+batch-1 decode against theirs.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def run_precision_bench(
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     for llm in llms.values():
         llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    baseline = _llama_cpp(llama_cpp, Path(engine)) if llama_cpp else None
     batch1 = {p: [0, 0.0, 0.0] for p in llms}  # tokens, seconds, decode seconds (TPOT x tokens)
     for prompt in prompts[:batch1_prompts]:
         for p, llm in llms.items():
@@ -66,7 +68,9 @@ def run_precision_bench(
             batch1[p][0] += len(outs[0].token_ids)
             batch1[p][1] += dt
             batch1[p][2] += outs[0].metrics.tpot * (len(outs[0].token_ids) - 1)
-    theirs = _llama_cpp(llama_cpp, Path(engine), prefill_len, output_len) if llama_cpp else {}
+        if baseline:
+            baseline.decode_round(output_len)
+    theirs = baseline.rows(prefill_len) if baseline else {}
     long_prompt = [t for text in texts for t in text][:prefill_len]
     prefill = {p: _timed(llm, [long_prompt], SamplingParams(max_tokens=1))[0] for p, llm in llms.items()}
     long_params = SamplingParams(max_tokens=long_decode_len, temperature=0.0, ignore_eos=True)
@@ -109,20 +113,18 @@ def run_precision_bench(
     return results
 
 
-def _llama_cpp(bin_dir: str, reference: Path, prefill_len: int, output_len: int) -> dict:
-    """llama.cpp's rows on the GGUF the fp32 engine was built from (conversions kept in ENGINE-llama.cpp)."""
-    from sedac.cli.llama_cpp_baseline import llama_cpp_rows
+def _llama_cpp(bin_dir: str, reference: Path):
+    """llama.cpp on the GGUF the fp32 engine was built from (conversions kept in ENGINE-llama.cpp)."""
+    from sedac.cli.llama_cpp_baseline import LlamaCppBaseline
 
     source = json.loads((reference / "build_report.json").read_text())["source"]
     if not source.startswith("gguf:"):
         raise ValueError(f"--llama-cpp needs an engine built from a GGUF file; {reference} is from {source}")
-    return llama_cpp_rows(
+    return LlamaCppBaseline(
         bin_dir,
         Path(source.split(":", 1)[1]),
         reference.with_name(f"{reference.name}-llama.cpp"),
         torch.get_num_threads(),
-        prefill_len,
-        output_len,
     )
 
 
