@@ -209,7 +209,7 @@ def test_sedac_over_a_half_base(tmp_path, tiny_models):
         for m in ("off", "lossless")
     }
     assert [o.token_ids for o in runs["lossless"]] == [o.token_ids for o in runs["off"]]
-    assert llm.engine.stats()["sedac_drafted_tokens"] > 0  # the int8 drafter over the bf16 base ran
+    assert llm.engine.stats()["sedac_drafted_tokens"] > 0  # the build's int8 or int4 drafter over bf16 ran
 
 
 def _near_tie_divergences(outs, reference) -> list[float]:

@@ -13,7 +13,7 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 def margin(logits: torch.Tensor) -> torch.Tensor:
     """logits [N, V] -> p1 - p2 per row, fp32 [N]: how far softmax's top token leads the runner-up
-    (0 at a tie). The int8 exit's confidence: quantization noise flips near-ties, not flat rows."""
+    (0 at a tie). The precision exit's confidence: quantization noise flips near-ties, not flat rows."""
     top2 = torch.softmax(logits.float(), dim=-1).topk(2, dim=-1).values
     return top2[:, 0] - top2[:, 1]
 
