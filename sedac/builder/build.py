@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from sedac.builder.convert import convert_checkpoint, model_config_from_hf, quantize_linears
 from sedac.builder.gguf_blocks import gguf_engine_weights
-from sedac.builder.sedac_build import SedacOptions, add_sedac, draft_candidates
+from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
 from sedac.config import DEFAULT_GROUP_SIZE, PRECISIONS, WEIGHT_ONLY, WEIGHTS_FILE, BuildConfig, EngineConfig
 from sedac.runtime.reasoning import ReasoningMarkers
@@ -31,12 +31,7 @@ def build_engine(
     build.validate()
     if sedac is not None:
         sedac.validate()
-        if not draft_candidates(build.precision):
-            raise ValueError(
-                f"--sedac needs a base with a cheaper copy for its drafter and precision exit: fp32, fp16, bf16 "
-                f"(int8 or int4 drafts) or int8 (int4 drafts); {build.precision} weights are already 4-5 bits"
-            )
-        sedac.drafts(build.precision)  # a bad --draft-precision fails before any work
+        sedac.drafts(build.precision)  # no cheaper copy, or a bad --draft-precision, fails before any work
     started = time.time()
     source = resolve_source(model)
     tokenizer = source.load_tokenizer()

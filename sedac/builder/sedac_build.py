@@ -22,7 +22,7 @@ from sedac.builder import calibration as cal
 from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
 from sedac.builder.pass_costs import measure_pass_costs
-from sedac.config import SEDAC_WEIGHTS_FILE, EngineConfig
+from sedac.config import SEDAC_WEIGHTS_FILE, WEIGHT_ONLY, EngineConfig
 from sedac.models.layers import DRAFT_PRECISIONS
 from sedac.runtime.speculative import pass_cost
 
@@ -60,12 +60,17 @@ class SedacOptions:
     def drafts(self, base_precision: str) -> tuple[str, ...]:
         """The draft precisions to measure over a base (the one asked for, else every cheaper one)."""
         candidates = draft_candidates(base_precision)
+        if not candidates:
+            raise ValueError(
+                f"--sedac needs a base with a cheaper copy for its drafter and precision exit: fp32, fp16, bf16 "
+                f"(int8 or int4 drafts) or int8 (int4 drafts); {base_precision} weights are already 4-5 bits"
+            )
         if self.draft_precision == "auto":
             return candidates
         if self.draft_precision not in candidates:
             raise ValueError(
                 f"--draft-precision {self.draft_precision} over a {base_precision} base: choose auto or one of "
-                f"{', '.join(candidates) or 'none (no cheaper copy)'}"
+                f"{', '.join(candidates)}"
             )
         return (self.draft_precision,)
 
@@ -114,6 +119,8 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         for precision in opts.drafts(cfg.build.precision)
     }
     best = max(drafters, key=lambda p: drafters[p].lossless["predicted_lossless_speedup"])
+    if best != list(drafters)[-1]:  # the copies measured last are the ones loaded
+        runner.make_draft_copies(best)
     drafter = drafters[best]
     if drafter.lossless["predicted_lossless_speedup"] <= 1:
         logger.warning(
@@ -121,7 +128,6 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
             "%.2fx): lossless mode will decode without drafts", cfg.build.precision, best,
             drafter.lossless["predicted_lossless_speedup"],
         )  # fmt: skip
-    runner.make_draft_copies(best)
     costs = {**cal.cost_units(cfg.model, opts.adapter_rank, len(vocab)), **drafter.costs}
     learn = cal.document_split(calib.documents)
     section = _choose(layers, entropy, agree, costs, calib.documents, learn)
@@ -226,7 +232,7 @@ def _choose(layers, entropy, agree, costs, documents, learn) -> dict:
 def draft_candidates(base_precision: str) -> tuple[str, ...]:
     """The draft precisions cheaper than an engine's base (DRAFT_PRECISIONS, cheapest last); none for
     int4 and gguf engines, whose weights are already 4 to 5 bits."""
-    if base_precision in ("fp32", "fp16", "bf16"):
+    if base_precision not in WEIGHT_ONLY:
         return DRAFT_PRECISIONS
     return DRAFT_PRECISIONS[DRAFT_PRECISIONS.index(base_precision) + 1 :] if base_precision in DRAFT_PRECISIONS else ()
 

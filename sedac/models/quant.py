@@ -45,8 +45,13 @@ def int8_a8_panels(w: torch.Tensor) -> torch.Tensor:
     return (panels.to(torch.int16) + 128).to(torch.uint8).flatten(2).contiguous()
 
 
+def unoffset(codes: torch.Tensor) -> torch.Tensor:
+    """int8_a8_panels' offset uint8 codes back to int8 weights, element by element."""
+    return (codes.to(torch.int16) - 128).to(torch.int8)
+
+
 def from_int8_a8_panels(codes: torch.Tensor, out_features: int) -> torch.Tensor:
-    panels = (codes.to(torch.int16) - 128).to(torch.int8).unflatten(2, (PANEL, 4)).transpose(2, 3).flatten(1, 2)
+    panels = unoffset(codes).unflatten(2, (PANEL, 4)).transpose(2, 3).flatten(1, 2)
     return from_panels(panels, out_features)
 
 
@@ -96,12 +101,13 @@ class BlockWeight:
         are quantized per group at run time, as llama.cpp's kernels do."""
         if self.packed:
             return self
-        codes = to_panels(self.codes)
         if int8_activations and self.bits == 4:  # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
             quads = to_panels(unpack_nibbles(self.codes)).unflatten(1, (-1, 2, 4)).permute(0, 1, 4, 2, 3)
             codes = (quads[..., 0, :] | (quads[..., 1, :] << 4)).flatten(2).contiguous()
         elif int8_activations and self.group_size == INT8_ACTIVATION_GROUP:
             codes = int8_a8_panels(self.codes)
+        else:
+            codes = to_panels(self.codes)
         return BlockWeight(
             codes,
             to_panels(self.scale),
@@ -123,7 +129,7 @@ class BlockWeight:
             if self.bits == 4:  # -> [rows, in/8, 2, 4] codes
                 codes = torch.stack((lanes & 15, lanes >> 4), dim=2).flatten(1)
             else:
-                codes = (lanes.to(torch.int16) - 128).to(torch.int8).flatten(1)
+                codes = unoffset(lanes).flatten(1)
         else:
             codes = pick(self.codes)
             codes = unpack_nibbles(codes) if self.bits == 4 else codes

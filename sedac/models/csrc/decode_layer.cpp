@@ -35,12 +35,10 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels,
                             const std::optional<torch::Tensor>& min, const std::optional<torch::Tensor>& bias,
                             int64_t out_features) {
   if (!scale) return panel_linear(x, panels, bias, out_features);
-  if (scale->dim() == 1)   // offset uint8 codes take int8 activations (int8 engines where the CPU has VNNI)
-    return panels.scalar_type() == at::kByte ? int8_linear_a8(x, panels, *scale, bias, out_features)
-                                             : int8_panel_linear(x, panels, *scale, bias, out_features);
-  if (panels.size(2) == 64)   // int8 activations: 4-bit codes with minimums, or offset 8-bit ones
+  if (panels.size(2) == 64)   // int8 activations (VNNI): 4-bit codes with minimums, or offset 8-bit ones
     return min ? block_linear_a8(x, panels, *scale, *min, bias, out_features)
                : int8_linear_a8(x, panels, *scale, bias, out_features);
+  if (scale->dim() == 1) return int8_panel_linear(x, panels, *scale, bias, out_features);
   return block_linear(x, panels, *scale, min, bias, out_features);
 }
 
