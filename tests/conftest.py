@@ -25,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
+    if carried := os.environ.get("SEDAC_TEST_TOKENIZER"):  # a GPU machine: the tokenizer files travel, the GGUF not
+        return AutoTokenizer.from_pretrained(carried)
     path = smollm2_gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 

@@ -1,9 +1,17 @@
 #!/bin/bash
-# The GPU check to run once on a lent machine (device tool), from the repository root:
-#   carry .gpu_carry: the gguf package (absent there) and engines/smollm2's tokenizer files, e.g.
+# The GPU check (issue 15), from the repository root. With CUDA (a lent H200 through the device tool, which
+# carries .gpu_carry: the gguf package, absent there, and engines/smollm2's tokenizer files):
 #   mkdir -p .gpu_carry && cp -r .venv/lib/python3.11/site-packages/gguf engines/smollm2/tokenizer* \
 #     engines/smollm2/chat_template.jinja .gpu_carry/
-# Figures land in $OUT/gpu_check.json (tools/gpu_check.py says what they are).
+# it runs the CUDA tests and the bench of tools/gpu_check.py ($OUT/gpu_check.json; under 8 minutes on an H200).
+# Without CUDA it runs the GPU kernels' tests under TRITON_INTERPRET=1. Exits nonzero on any failure.
 set -o pipefail
+PYTHON=${PYTHON:-python3}
+KERNEL_TESTS="tests/test_triton_attention.py tests/test_device_sampling.py tests/test_plugins.py"
+if ! $PYTHON -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  TRITON_INTERPRET=1 exec $PYTHON -m pytest -q -p no:cacheprovider $KERNEL_TESTS
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-PYTHONPATH=.gpu_carry:${PYTHONPATH:-} PYTHONUNBUFFERED=1 python3 tools/gpu_check.py 2>&1 | tee "${OUT:-/tmp}/gpu_check.log"
+OUT=${OUT:-/tmp/gpu_check}
+mkdir -p "$OUT"
+PYTHONPATH=.gpu_carry:${PYTHONPATH:-} PYTHONUNBUFFERED=1 $PYTHON tools/gpu_check.py 2>&1 | tee "$OUT/gpu_check.log"

@@ -28,6 +28,28 @@ def clean_errors(fn):
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
+GPU_KEYS = ("gpu_memory_utilization", "enforce_eager", "max_model_len")
+
+
+def gpu_options(fn):
+    """vLLM's engine options for CUDA (and --max-model-len anywhere), passed to the engine as GPU_KEYS."""
+    for opt in reversed(
+        [
+            click.option(
+                "--gpu-memory-utilization",
+                type=float,
+                help="CUDA: share of the GPU's memory the engine may hold; the KV pool gets what the weights and "
+                "a full step leave (default 0.9; alias --kv-cache-free-gpu-memory-fraction)",
+            ),
+            click.option("--kv-cache-free-gpu-memory-fraction", "gpu_memory_utilization", type=float, hidden=True),
+            click.option("--enforce-eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps"),
+            click.option("--max-model-len", type=int, help="a shorter context than the engine's max_seq_len"),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
 KV_FILL = click.option(
     "--sedac-kv-fill",
     type=click.Choice(SEDAC_KV_FILLS),

@@ -9,7 +9,7 @@ import time
 import click
 
 from sedac.cli.bench_commands import bench
-from sedac.cli.common import DEVICE, ENGINE, KV_DTYPE, KV_FILL, LOSSY_EXIT, clean_errors
+from sedac.cli.common import DEVICE, ENGINE, GPU_KEYS, KV_DTYPE, KV_FILL, LOSSY_EXIT, clean_errors, gpu_options
 from sedac.runtime.sampling_params import O1_BRANCHES, O1_MODES, SEDAC_MODES
 
 
@@ -103,6 +103,7 @@ def env():
 @click.option("--input", "input_file", type=click.Path(), help="JSONL with a 'prompt' (or 'messages') per line")
 @click.option("--output", "output_file", type=click.Path(), help="JSONL results for --input")
 @click.option("--chat/--raw", default=True, show_default=True, help="apply the chat template to --prompt")
+@gpu_options
 @sampling_options
 @clean_errors
 def generate(engine, device, kv_cache_dtype, prompt, input_file, output_file, chat, **sampling):
@@ -113,8 +114,9 @@ def generate(engine, device, kv_cache_dtype, prompt, input_file, output_file, ch
         raise ValueError("give exactly one of --prompt or --input")
     if input_file and not output_file:
         raise ValueError("--input needs --output")
+    gpu = {key: sampling.pop(key) for key in GPU_KEYS}
     params = make_params(**sampling)
-    llm = LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype)
+    llm = LLM(engine, device=device, kv_cache_dtype=kv_cache_dtype, **gpu)
     if prompt:
         return _stream_one(llm, prompt, params, chat)
     from sedac.cli.batch import run_batch
@@ -181,6 +183,7 @@ def chat(engine, device, kv_cache_dtype, **sampling):
 @KV_FILL
 @LOSSY_EXIT
 @KV_DTYPE
+@gpu_options
 @click.option(
     "--o1-mode",
     type=click.Choice(O1_MODES),

@@ -1,4 +1,4 @@
-"""Paged attention over a flat slot-indexed KV cache, one code path for CPU and CUDA.
+"""Paged attention over a flat slot-indexed KV cache: the C++ kernel and SDPA on CPU, one Triton kernel on CUDA.
 
 The runner builds one AttentionContext per step (nano-vllm style) instead of threading metadata
 through every layer. A step's tokens are laid out decodes first (one token each), then prefill
@@ -33,6 +33,14 @@ class PrefillChunk:
 
 
 @dataclass
+class VarlenBatch:
+    query_starts: torch.Tensor  # [S + 1] sequence s's rows are query_starts[s]:query_starts[s + 1]
+    context_lens: torch.Tensor  # [S] keys of each sequence, its new rows included
+    block_tables: torch.Tensor  # [S, W] block ids in position order (unused entries never read)
+    max_query_len: int  # the longest sequence's rows (sizes the kernel's grid; known on the host)
+
+
+@dataclass
 class AttentionContext:
     slot_mapping: torch.Tensor  # [T] slot each new token's K/V is written to
     block_size: int
@@ -41,6 +49,8 @@ class AttentionContext:
     decode_lengths: torch.Tensor | None = None  # [B] context length of each decode (its position + 1)
     prefills: list[PrefillChunk] = field(default_factory=list)
     _decode_mask: torch.Tensor | None = None
+    # The Triton kernel's view of the same step (CUDA): every sequence's rows as one varlen batch.
+    varlen: VarlenBatch | None = None
 
     def decode_mask(self, dtype: torch.dtype) -> torch.Tensor:
         """[B, 1, 1, nb * block_size]: 0 on context slots, -inf on padding; built once per step.
@@ -73,6 +83,14 @@ def paged_attention(
     ctx = get_context()
     k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))  # a half pool (kv_cache_dtype) rounds here
     v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
+    if ctx.varlen is not None:
+        from sedac.plugins import triton_attention  # triton is optional: only varlen contexts need it
+
+        b = ctx.varlen
+        return triton_attention.paged_attention(
+            q, k_cache, v_cache, b.block_tables, b.query_starts, b.context_lens, b.max_query_len,
+            ctx.block_size, q.shape[-1] ** -0.5,
+        )  # fmt: skip
     nd = ctx.num_decodes
     if not ctx.prefills:  # a pure decode step: no output buffer to assemble
         return _decode_attention(q, k_cache, v_cache, ctx)

@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
         return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, draft)), draft)
 
     def _fusable(self, h: torch.Tensor, ctx, draft: bool) -> bool:
-        return not ctx.prefills and self.qkv_proj.kernel_weights(draft) is not None and cpu_kernels.usable(h)
+        cpu_decode = not ctx.prefills and ctx.varlen is None
+        return cpu_decode and self.qkv_proj.kernel_weights(draft) is not None and cpu_kernels.usable(h)
 
     def forget_kernel_args(self) -> None:
         """The gathered arguments are stale once the draft copies change."""

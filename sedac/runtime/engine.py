@@ -8,7 +8,7 @@ from pathlib import Path
 from sedac.config import EngineConfig
 from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
-from sedac.runtime.model_runner import ModelRunner, resolve_device
+from sedac.runtime.model_runner import DeviceOptions, ModelRunner, resolve_device
 from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
 from sedac.runtime.outputs import RequestMetrics, RequestOutput
 from sedac.runtime.probes import CertaintyProbes
@@ -50,6 +50,10 @@ class LLMEngine:
         kv_cache_dtype: str = "auto",
         o1_mode: str = "off",
         reasoning_markers: tuple[str, str] | None = None,
+        gpu_memory_utilization: float | None = None,
+        kv_cache_free_gpu_memory_fraction: float | None = None,
+        enforce_eager: bool = False,
+        max_model_len: int | None = None,
     ):
         self.engine_dir = Path(engine_dir)
         if not self.engine_dir.is_dir():
@@ -62,7 +66,15 @@ class LLMEngine:
             )
         self.tokenizer = detokenizer.load_tokenizer(self.engine_dir)
         b = self.config.build
-        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), kv_cache_memory, kv_cache_dtype)
+        b.max_seq_len = _max_model_len(max_model_len, b.max_seq_len)
+        options = DeviceOptions(
+            kv_cache_memory,
+            kv_cache_dtype,
+            _memory_fraction(gpu_memory_utilization, kv_cache_free_gpu_memory_fraction),
+            enforce_eager,
+            max_num_seqs,
+        )
+        self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), options)
         self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
         self.scheduler = Scheduler(
             self.blocks,
@@ -259,9 +271,12 @@ class LLMEngine:
         logits = self.runner.forward(batch, rows, argmax_only(samplers))
         self._computed(batch.seqs, batch.num_new_tokens)
         samplers, logit_rows = self._fork_children(samplers)
-        tokens, logprobs = sample(logits[logit_rows], samplers, self.structured.mask)
+        # A copy only where needed: forks share their parent's row, and grammars mask the rows in place.
+        if logit_rows != list(range(len(logits))) or self.structured.matchers:
+            logits = logits[logit_rows]
+        tokens, logprobs = sample(logits, samplers, self.structured.mask)
         self._full_costs(samplers, sum(batch.num_new_tokens))
-        forks = self.o1.branch_points(samplers, logits[logit_rows], tokens, lambda rid: len(self.requests[rid].seqs))
+        forks = self.o1.branch_points(samplers, logits, tokens, lambda rid: len(self.requests[rid].seqs))
         return [(seq, [t], [lp]) for seq, t, lp in zip(samplers, tokens, logprobs)] + [
             (self._branch(f), [f.token], [f.logprobs]) for f in forks
         ]
@@ -438,3 +453,20 @@ class LLMEngine:
             **self.sedac.rates(self.counters),
             "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None,
         }
+
+
+def _max_model_len(requested: int | None, built: int) -> int:
+    """vLLM's max_model_len: a shorter context than the engine was built for (never a longer one)."""
+    if requested is None:
+        return built
+    if not 0 < requested <= built:
+        raise ValueError(f"max_model_len must be in [1, {built}] (the engine's max_seq_len), got {requested}")
+    return requested
+
+
+def _memory_fraction(gpu_memory_utilization: float | None, kv_cache_free_gpu_memory_fraction: float | None) -> float:
+    """vLLM's gpu_memory_utilization, or TensorRT-LLM's kv_cache_free_gpu_memory_fraction as its alias."""
+    if gpu_memory_utilization is not None and kv_cache_free_gpu_memory_fraction is not None:
+        raise ValueError("give gpu_memory_utilization or its alias kv_cache_free_gpu_memory_fraction, not both")
+    given = gpu_memory_utilization if gpu_memory_utilization is not None else kv_cache_free_gpu_memory_fraction
+    return 0.9 if given is None else given

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -19,10 +21,12 @@ from sedac.config import (
 )
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
+from sedac.models.attention import VarlenBatch
 from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
 from sedac.models.quant import BlockWeight
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
+from sedac.runtime.cuda_graphs import DecodeGraphs
 from sedac.runtime.scheduler import ScheduledBatch
 
 
@@ -73,29 +77,43 @@ def _kv_dtype(name: str, compute_dtype: torch.dtype, precision: str, device: tor
     return torch.float16 if device.type == "cpu" and precision in HALF_KV_PRECISIONS else compute_dtype
 
 
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How the runner uses its device, under vLLM's names."""
+
+    kv_cache_memory: int | None = None  # KV pool bytes; None: max_batch_size full sequences, on CUDA at most
+    # what gpu_memory_utilization leaves after the weights and a full step's activations
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory this engine may hold
+    enforce_eager: bool = False  # no CUDA graphs
+    max_num_seqs: int | None = None  # decode batch sizes to capture graphs for (None: max_batch_size)
+
+    def validate(self) -> None:
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
 class ModelRunner:
-    def __init__(
-        self,
-        engine_dir: Path,
-        config: EngineConfig,
-        device: torch.device,
-        kv_cache_bytes: int | None,
-        kv_cache_dtype: str = "auto",
-    ):
-        self.config, self.device = config, device
+    def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, options: DeviceOptions):
+        options.validate()
+        self.config, self.device, self.options = config, device, options
         # The engine's float weights are stored at its precision; on CPU every step computes in fp32
         # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
         self.weight_dtype = getattr(torch, PRECISIONS[config.build.precision])
         self.dtype = torch.float32 if device.type == "cpu" else self.weight_dtype
-        self.kv_dtype = _kv_dtype(kv_cache_dtype, self.dtype, config.build.precision, device)
+        self.kv_dtype = _kv_dtype(options.kv_cache_dtype, self.dtype, config.build.precision, device)
         self.block_size = config.build.kv_block_size
+        self.varlen = device.type == "cuda" and _has_triton()  # attention through the Triton kernel
         self.model = self._load_model(engine_dir)
         if config.sedac:  # SEDAC's drafter and precision exit: a cheaper copy of the weights
             self.make_draft_copies(config.sedac["draft_precision"])
         if self._cpu_kernels():
             self.model.screen_greedy_head()  # measured on CPU only (sedac.models.greedy_head)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
-        self.num_blocks = self._allocate_kv_cache(kv_cache_bytes)
+        self.num_blocks = self._allocate_kv_cache(options.kv_cache_memory)
+        self.graphs = None
+        if self.varlen and not options.enforce_eager:
+            self.graphs = DecodeGraphs(self, options.max_num_seqs or config.build.max_batch_size)
         if device.type == "cpu":
             logger.info(cpu_kernels.status().line())
 
@@ -190,12 +208,20 @@ class ModelRunner:
         b = self.config.build
         per_block = self.kv_bytes_per_block()
         wanted = b.max_batch_size * -(-b.max_seq_len // self.block_size)
+        if budget is None and self.device.type == "cuda":
+            budget = self._free_kv_memory()
         num_blocks = wanted if budget is None else min(wanted, budget // per_block)
         if num_blocks * self.block_size < b.max_seq_len:
             raise ValueError(
                 f"KV cache budget holds {num_blocks * self.block_size} tokens, "
                 f"less than one max_seq_len={b.max_seq_len} sequence"
             )
+        # One block more on CUDA: the padding rows of a captured decode graph write their K/V there.
+        self._set_kv_pool(num_blocks + (1 if self.varlen else 0))
+        self.kv_cache_bytes = num_blocks * per_block
+        return num_blocks
+
+    def _set_kv_pool(self, num_blocks: int) -> None:
         m = self.config.model
         # Zeroed, not empty: attention reads whole blocks and masks the unused slots, and a masked
         # NaN left in uninitialized memory would still poison the weighted sum (0 * NaN = NaN).
@@ -203,8 +229,42 @@ class ModelRunner:
             shape = (num_blocks * self.block_size, m.num_kv_heads, m.head_dim)
             layer.k_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
             layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
-        self.kv_cache_bytes = num_blocks * per_block
-        return num_blocks
+
+    def _free_kv_memory(self) -> int:
+        """Bytes gpu_memory_utilization leaves for the KV pool once the weights are loaded and a step of
+        max_num_tokens has run (its activation peak measured, vLLM's profile run); too little is an error."""
+        peak = self._activation_peak()
+        free, total = torch.cuda.mem_get_info(self.device)
+        fraction = self.options.gpu_memory_utilization
+        budget = int(fraction * total) - (total - free) - peak
+        gib = 2**30
+        one_sequence = self.kv_bytes_per_block() * -(-self.config.build.max_seq_len // self.block_size)
+        if budget < one_sequence:
+            raise ValueError(
+                f"gpu_memory_utilization {fraction} of {total / gib:.1f} GiB leaves {budget / gib:.2f} GiB for the "
+                f"KV cache ({(total - free) / gib:.1f} GiB in use, {peak / gib:.2f} GiB of activations per step), "
+                f"less than one {self.config.build.max_seq_len}-token sequence needs ({one_sequence / gib:.2f} GiB): "
+                "raise gpu_memory_utilization or lower max_model_len"
+            )
+        return budget
+
+    @torch.inference_mode()
+    def _activation_peak(self) -> int:
+        """Bytes a prefill of max_num_tokens allocates beyond the weights, measured on a one-sequence pool."""
+        n = min(self.config.build.max_num_tokens, self.config.build.max_seq_len)
+        blocks = -(-n // self.block_size)
+        self._set_kv_pool(blocks)
+        torch.cuda.synchronize(self.device)
+        torch.cuda.reset_peak_memory_stats(self.device)
+        before = torch.cuda.memory_allocated(self.device)
+        positions, ctx = self.context([], [(list(range(blocks)), 0, n)])
+        hidden = self.run(torch.zeros(n, dtype=torch.int64, device=self.device), None, positions, ctx)
+        self.model.logits(hidden[-1:]).float()
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - before
+        self._set_kv_pool(0)
+        torch.cuda.empty_cache()
+        return peak
 
     def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate whole blocks before this step writes into the copies."""
@@ -221,9 +281,12 @@ class ModelRunner:
     def forward(self, batch: ScheduledBatch, sample_rows: list[int], argmax_only: bool = False) -> torch.Tensor:
         """Run the step; return logits [len(sample_rows), vocab] for the given token rows (argmax_only:
         see DecoderModel.logits)."""
+        if self.graphs is not None and self.graphs.fits(batch):
+            return self.graphs.replay(batch)
         input_ids, positions, ctx = self.prepare(batch)
         hidden = self.run(input_ids, None, positions, ctx)
-        return self.model.logits(hidden[sample_rows], argmax_only=argmax_only).float()
+        rows = hidden if len(sample_rows) == len(hidden) else hidden[sample_rows]  # every row: no index copy
+        return self.model.logits(rows, argmax_only=argmax_only).float()
 
     def prepare(self, batch: ScheduledBatch):
         """Decodes (one new token) first, then prefill chunks; returns ids, positions, context."""
@@ -236,7 +299,7 @@ class ModelRunner:
             else:
                 chunks.append((seq.block_table, start, n))
         positions, ctx = self.context(decodes, chunks)
-        return torch.tensor(ids, device=self.device), positions, ctx
+        return self.to_device(ids)[0], positions, ctx
 
     def context(self, decodes: list[tuple[list[int], int]], chunks: list[tuple[list[int], int, int]] = ()):
         """Attention context for rows laid out as decodes (block table, position), then chunks
@@ -245,6 +308,8 @@ class ModelRunner:
         pos = [p for _, p in decodes] + [p for _, start, n in chunks for p in range(start, start + n)]
         tables = [t for t, _ in decodes] + [t for t, _, n in chunks for _ in range(n)]
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, pos)]
+        if self.varlen:
+            return self._varlen_context(decodes, chunks, pos, slots)
         ctx = AttentionContext(torch.tensor(slots, device=dev), bs, num_decodes=len(decodes))
         if decodes:
             blocks = [t[: p // bs + 1] for t, p in decodes]
@@ -256,6 +321,27 @@ class ModelRunner:
             ctx.prefills.append(_prefill_chunk(row, row + n, table[: -(-(start + n) // bs)], start, dev))
             row += n
         return torch.tensor(pos, device=dev), ctx
+
+    def _varlen_context(self, decodes, chunks, pos: list[int], slots: list[int]):
+        """The Triton kernel's context: each decode and chunk one sequence of a varlen batch, every
+        integer of the step in one host-to-device copy (-> positions [T], context)."""
+        lengths = [1] * len(decodes) + [n for _, _, n in chunks]
+        context_lens = [p + 1 for _, p in decodes] + [start + n for _, start, n in chunks]
+        tables = [t for t, _ in decodes] + [t for t, _, _ in chunks]
+        width = max(-(-c // self.block_size) for c in context_lens)
+        padded = [b for t in tables for b in t[:width] + [0] * (width - len(t[:width]))]
+        starts = [0, *itertools.accumulate(lengths)]
+        positions, slot_mapping, query_starts, lens, flat = self.to_device(pos, slots, starts, context_lens, padded)
+        varlen = VarlenBatch(query_starts, lens, flat.view(len(tables), width), max(lengths))
+        return positions, AttentionContext(slot_mapping, self.block_size, num_decodes=len(decodes), varlen=varlen)
+
+    def to_device(self, *lists: list[int]) -> list[torch.Tensor]:
+        """Integer lists -> int64 tensors on the device; on CUDA through one pinned buffer and one
+        asynchronous copy (five blocking copies a step otherwise)."""
+        if self.device.type == "cpu":
+            return [torch.tensor(x, dtype=torch.int64) for x in lists]
+        flat = torch.tensor(list(itertools.chain(*lists)), dtype=torch.int64, pin_memory=True)
+        return list(flat.to(self.device, non_blocking=True).split([len(x) for x in lists]))
 
     def span_context(self, spans: list[tuple[list[int], int, int]]):
         """Short spans after a cached context (drafts to verify, deferred exits) as (block table, first
@@ -282,6 +368,12 @@ class ModelRunner:
             return self.model.run_layers(h, positions, start, end, draft)
         finally:
             set_context(None)
+
+
+def _has_triton() -> bool:
+    if not ops.HAS_TRITON:
+        logger.warning("CUDA without triton: attention gathers every block table per layer (pip install triton)")
+    return ops.HAS_TRITON
 
 
 def _prefill_chunk(start, end, blocks, cached, dev) -> PrefillChunk:

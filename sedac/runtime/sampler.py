@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from sedac.plugins.ops import HAS_TRITON
 from sedac.runtime.sequence import Sequence
+
+SEED_RANGE = 2**62  # a draw's Philox seed (device sampling), taken from the request's generator
 
 
 def sample(
@@ -20,9 +23,12 @@ def sample(
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         probs = filtered_probs(logits[random_rows], [seqs[i].params for i in random_rows])
-        for row, i in enumerate(random_rows):
-            tokens[i] = draw(probs[row], seqs[i].generator)
-    token_list = tokens.tolist()
+        if probs.is_cuda and HAS_TRITON:
+            tokens = _draw_on_device(tokens, probs, random_rows, seqs)
+        else:
+            for row, i in enumerate(random_rows):
+                tokens[i] = draw(probs[row], seqs[i].generator)
+    token_list = tokens.tolist()  # the step's one device-to-host copy
     return token_list, token_logprobs(raw_logprobs, token_list, seqs)
 
 
@@ -53,6 +59,16 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     """One token from probs [V]. Exponential race: argmax(p / E), E ~ Exp(1), on the request's own RNG."""
     noise = torch.empty(probs.shape[0]).exponential_(generator=generator).to(probs.device)
     return int((probs / noise).argmax())
+
+
+def _draw_on_device(tokens: torch.Tensor, probs: torch.Tensor, rows: list[int], seqs) -> torch.Tensor:
+    """Every sampled row drawn in one kernel (sedac.plugins.triton_sampling), each with a seed from its
+    request's own generator: reproducible per seed, whatever else is in the batch."""
+    from sedac.plugins.triton_sampling import exponential_race
+
+    seeds = [int(torch.randint(SEED_RANGE, (), generator=seqs[i].generator)) for i in rows]
+    rows_and_seeds = torch.tensor([rows, seeds], dtype=torch.int64).to(probs.device, non_blocking=True)
+    return tokens.index_copy(0, rows_and_seeds[0], exponential_race(probs, rows_and_seeds[1]))
 
 
 def _apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
