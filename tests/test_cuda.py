@@ -2,6 +2,8 @@
 token-identical to HF transformers at fp32 with TF32 off, CUDA-graph decode identical to eager, seeded
 sampling independent of the batch, and the KV pool sized from free memory."""
 
+import os
+
 import pytest
 import torch
 
@@ -65,3 +67,30 @@ def test_kv_pool_sized_from_free_memory(tiny_llama):
         LLM(str(tiny_llama), device="cuda", gpu_memory_utilization=0.0001)
     with pytest.raises(ValueError, match="max_model_len"):
         LLM(str(tiny_llama), device="cuda", max_model_len=build.max_seq_len + 1)
+
+
+@pytest.fixture
+def sedac_engine(request, tmp_path):
+    """The tiny SEDAC engine (its build reads ShareGPT, absent on a GPU machine: gpu_check.sh carries one)."""
+    import shutil
+
+    carried = os.environ.get("SEDAC_TEST_SEDAC_ENGINE")
+    source = carried or request.getfixturevalue("tiny_sedac_engine")
+    shutil.copytree(source, tmp_path / "engine")
+    return tmp_path / "engine"
+
+
+def test_sedac_on_cuda_plans_with_costs_measured_there_and_stays_lossless(sedac_engine):
+    import json
+
+    from sedac.runtime.pass_costs import COSTS_FILE
+
+    llm = LLM(str(sedac_engine), device="cuda", kv_cache_memory=1 << 24)
+    costs = json.loads((sedac_engine / COSTS_FILE).read_text())
+    assert (
+        list(costs) == [torch.cuda.get_device_name()]
+        and llm.engine.sedac.costs["full"] == costs[list(costs)[0]]["full"]
+    )
+    off = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, sedac_mode="off"))
+    lossless = llm.generate(PROMPTS, SamplingParams(max_tokens=16, temperature=0.0, sedac_mode="lossless"))
+    assert [o.token_ids for o in lossless] == [o.token_ids for o in off]

@@ -89,3 +89,28 @@ def test_the_precision_exit_is_priced_with_each_exits_later_full_row():
     assert out["precision_exit_fraction"]["0.99"] == 1.0
     assert out["predicted_precision_lossy_cost_at_0.99"] == pytest.approx(0.3 + 0.1 + 0.1)
     assert out["lossy_exit"] == "depth"  # 0.45 beats it
+
+
+def test_pass_costs_are_measured_once_on_a_device_other_than_the_builds(tiny_sedac_engine, tmp_path, monkeypatch):
+    """A GPU (here: a config claiming another device) plans with costs measured where it serves, cached by device."""
+    import json
+    import shutil
+
+    from sedac.runtime import pass_costs
+
+    engine = tmp_path / "engine"
+    shutil.copytree(tiny_sedac_engine, engine)
+    config = json.loads((engine / "config.json").read_text())
+    assert config["sedac"]["costs_device"] == pass_costs.device_name(torch.device("cpu"))  # recorded by the build
+    config["sedac"]["costs_device"] = "another device"
+    (engine / "config.json").write_text(json.dumps(config))
+    measured = []
+    measure = pass_costs.measure_pass_costs
+    monkeypatch.setattr(pass_costs, "measure_pass_costs", lambda runner: measured.append(1) or measure(runner))
+    first = LLM(str(engine), device="cpu")
+    cached = json.loads((engine / pass_costs.COSTS_FILE).read_text())
+    here = pass_costs.device_name(torch.device("cpu"))
+    assert measured == [1] and set(cached) == {here}
+    assert first.engine.sedac.costs["full"] == cached[here]["full"] != config["sedac"]["costs"]["full"]
+    second = LLM(str(engine), device="cpu")
+    assert measured == [1] and second.engine.sedac.costs["draft"] == cached[here]["draft"]  # read, not measured

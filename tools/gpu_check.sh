@@ -1,9 +1,8 @@
 #!/bin/bash
-# The GPU check (issue 15), from the repository root. With CUDA (a lent H200 through the device tool, which
-# carries .gpu_carry: the gguf package, absent there, and engines/smollm2's tokenizer files):
-#   mkdir -p .gpu_carry && cp -r .venv/lib/python3.11/site-packages/gguf engines/smollm2/tokenizer* \
-#     engines/smollm2/chat_template.jinja .gpu_carry/
-# it runs the CUDA tests and the bench of tools/gpu_check.py ($OUT/gpu_check.json; under 8 minutes on an H200).
+# The GPU check (issue 15), from the repository root. With CUDA (a lent H200 through the device tool, carrying
+# .gpu_carry: the gguf package, the tokenizer files and a tiny SEDAC engine, made here first by
+#   .venv/bin/python tools/gpu_check.py --carry
+# ) it runs the CUDA tests and the bench of tools/gpu_check.py ($OUT/gpu_check.json; under 8 minutes on an H200).
 # Without CUDA it runs the GPU kernels' tests under TRITON_INTERPRET=1. Exits nonzero on any failure.
 set -o pipefail
 PYTHON=${PYTHON:-python3}

@@ -85,7 +85,7 @@ def lossless_speedup(
     """Batch-1 speedup of gated self-speculative decoding with the draft copies, replayed over
     calibration tokens in order (entropy and agree: the draft model's next-token prediction given the
     true prefix). A cycle runs draft passes while they are confident, then one verify pass over the
-    drafts; pass costs as measured by sedac.builder.pass_costs (a batch-1 full pass = 1)."""
+    drafts; pass costs as measured by sedac.runtime.pass_costs (a batch-1 full pass = 1)."""
     confident, correct = (entropy <= max_entropy).tolist(), agree.tolist()
     i, n, tokens, cost = 0, len(correct), 0, 0.0
     while i < n:

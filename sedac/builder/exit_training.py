@@ -9,7 +9,6 @@ so the full model (sedac_mode off, and every lossless verify) stays exactly the 
 from __future__ import annotations
 
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from tqdm import tqdm
 from sedac.models import AttentionContext, PrefillChunk, set_context
 from sedac.models.exit_head import ExitHead
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
+from sedac.runtime.pass_costs import scratch_kv
 
 TEACHER_TOP_K = 8
 
@@ -108,22 +108,6 @@ def teacher_pass(model, ids: list[int], exit_layers: list[int], draft: bool = Fa
         finally:
             set_context(None)
     return states, h
-
-
-@contextmanager
-def scratch_kv(model, num_slots: int):
-    """K/V go to scratch caches of num_slots slots meanwhile: an engine's pool (and the prefix cache
-    in it) is never touched."""
-    m, pools = model.cfg, [(layer.k_cache, layer.v_cache) for layer in model.layers]
-    dtype, dev = model.norm.weight.dtype, model.norm.weight.device  # the compute dtype
-    try:
-        for layer in model.layers:
-            layer.k_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
-            layer.v_cache = torch.zeros(num_slots, m.num_kv_heads, m.head_dim, dtype=dtype, device=dev)
-        yield
-    finally:
-        for layer, (k, v) in zip(model.layers, pools):
-            layer.k_cache, layer.v_cache = k, v
 
 
 def choose_vocab(argmax: torch.Tensor, size: int, always: list[int]) -> torch.Tensor:

@@ -21,9 +21,9 @@ from safetensors.torch import save_file
 from sedac.builder import calibration as cal
 from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
-from sedac.builder.pass_costs import measure_pass_costs
 from sedac.config import SEDAC_WEIGHTS_FILE, WEIGHT_ONLY, EngineConfig
 from sedac.models.layers import DRAFT_PRECISIONS
+from sedac.runtime.pass_costs import device_name, measure_pass_costs
 from sedac.runtime.speculative import pass_cost
 
 CALIBRATION_FILE = "sedac_calibration.json"
@@ -147,6 +147,7 @@ def add_sedac(engine_dir: Path, opts: SedacOptions) -> dict:
         adapter_rank=opts.adapter_rank,
         kept_vocab=len(vocab),
         costs=costs,
+        costs_device=device_name(runner.device),
         vocab_coverage=float(torch.isin(calib.argmax, vocab).float().mean()),
         options=asdict(opts),
         calib_positions=len(calib.argmax),
@@ -241,7 +242,7 @@ def draft_candidates(base_precision: str) -> tuple[str, ...]:
 class DrafterMeasure:
     """One candidate draft copy, measured on the build machine and the calibration answers."""
 
-    costs: dict  # {"full", "draft"}: [fixed, per_row] (sedac.builder.pass_costs)
+    costs: dict  # {"full", "draft"}: [fixed, per_row] (sedac.runtime.pass_costs)
     uncertainty: torch.Tensor  # 1 - top-2 margin of the draft's distribution, per calibration token
     agree: torch.Tensor  # its argmax is the full model's
     lossless: dict  # _choose_lossless: draft length, gate, predicted speedup

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
-from pathlib import Path
 
-# CPU features the kernels and torch's own CPU paths care about
-CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16")
+from sedac.models.cpu_kernels import cpu_description
 
 
 def _version(package: str) -> str:
@@ -16,21 +14,6 @@ def _version(package: str) -> str:
         return importlib.metadata.version(package)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
-
-
-def cpu_description() -> tuple[str, list[str]]:
-    """(model name, the CPU_FLAGS this CPU has), from /proc/cpuinfo where there is one."""
-    model, flags = platform.processor() or platform.machine(), set()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags = set(value.split())
-                break
-    return model, [f for f in CPU_FLAGS if f in flags]
 
 
 def environment() -> dict[str, str]:

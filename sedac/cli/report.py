@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only: bench hosts have no display, and pyplot mus
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from sedac.cli.env import cpu_description  # noqa: E402
+from sedac.models.cpu_kernels import cpu_description  # noqa: E402
 
 FIGSIZE = (7, 4.5)
 DPI = 120

@@ -84,13 +84,7 @@ def paged_attention(
     k_cache.index_copy_(0, ctx.slot_mapping, k.to(k_cache.dtype))  # a half pool (kv_cache_dtype) rounds here
     v_cache.index_copy_(0, ctx.slot_mapping, v.to(v_cache.dtype))
     if ctx.varlen is not None:
-        from sedac.plugins import triton_attention  # triton is optional: only varlen contexts need it
-
-        b = ctx.varlen
-        return triton_attention.paged_attention(
-            q, k_cache, v_cache, b.block_tables, b.query_starts, b.context_lens, b.max_query_len,
-            ctx.block_size, q.shape[-1] ** -0.5,
-        )  # fmt: skip
+        return cached_attention(q, k_cache, v_cache)
     nd = ctx.num_decodes
     if not ctx.prefills:  # a pure decode step: no output buffer to assemble
         return _decode_attention(q, k_cache, v_cache, ctx)
@@ -100,6 +94,18 @@ def paged_attention(
     for chunk in ctx.prefills:
         out[chunk.start : chunk.end] = _prefill_attention(q, k, v, k_cache, v_cache, chunk, ctx.block_size)
     return out
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+    """q [T, H, D] over a varlen context whose K/V, this step's included, are in the caches (the Triton kernel)."""
+    from sedac.plugins import triton_attention  # triton is optional: only varlen contexts need it
+
+    ctx = get_context()
+    b = ctx.varlen
+    return triton_attention.paged_attention(
+        q, k_cache, v_cache, b.block_tables, b.query_starts, b.context_lens, b.max_query_len, ctx.block_size,
+        q.shape[-1] ** -0.5,
+    )  # fmt: skip
 
 
 def gather_blocks(cache: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 import warnings
 from dataclasses import dataclass
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -85,3 +86,22 @@ def usable(x: torch.Tensor) -> bool:
     """The kernels take float32 CPU tensors and have no backward: training (exit heads) and other
     devices or dtypes run the PyTorch path."""
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled() and available()
+
+
+# CPU features the kernels and torch's own CPU paths care about
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16")
+
+
+def cpu_description() -> tuple[str, list[str]]:
+    """(model name, the CPU_FLAGS this CPU has), from /proc/cpuinfo where there is one."""
+    model, flags = platform.processor() or platform.machine(), set()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() in ("flags", "Features"):
+                flags = set(value.split())
+                break
+    return model, [f for f in CPU_FLAGS if f in flags]

@@ -7,9 +7,18 @@ from torch import nn
 
 from sedac.config import ModelConfig
 from sedac.models import cpu_kernels
-from sedac.models.attention import get_context, paged_attention
+from sedac.models.attention import cached_attention, get_context, paged_attention
 from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
-from sedac.models.layers import DRAFT_PRECISIONS, Linear, RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from sedac.models.layers import (
+    DRAFT_PRECISIONS,
+    Linear,
+    RMSNorm,
+    RotaryEmbedding,
+    apply_rotary,
+    fused_kernels,
+    rotary_fits,
+    silu_and_mul,
+)
 from sedac.models.quant import BlockWeight
 
 
@@ -47,14 +56,21 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """h [T, hidden], rotary tables [T, 1, D] -> [T, hidden]; draft: on the draft copies (a draft
         pass). DecoderModel.run_layers takes fused_decode instead on CPU decode steps."""
-        t, heads = h.shape[0], self.num_heads
-        qkv = _project(self.qkv_proj, self.input_norm(h), draft)
+        t = h.shape[0]
+        attn = self._attention(_project(self.qkv_proj, self.input_norm(h), draft), cos, signed_sin)
+        h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), draft))
+        return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, draft)), draft)
+
+    def _attention(self, qkv: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+        """qkv [T, (H + 2 KV) * D] before rotary -> attention output [T, H, D]; this step's K/V enter the cache."""
+        t, heads, ctx = qkv.shape[0], self.num_heads, get_context()
+        if ctx.varlen is not None and (fused := fused_kernels(qkv)) and rotary_fits(self.head_dim):
+            q = fused.rotary_and_cache(qkv, cos, signed_sin, ctx.slot_mapping, self.k_cache, self.v_cache, heads)
+            return cached_attention(q, self.k_cache, self.v_cache)  # CUDA: rotary and the cache write, one kernel
         q_and_k = qkv[:, : self.split[0] + self.split[1]].view(t, heads + self.num_kv_heads, self.head_dim)
         q_and_k = apply_rotary(q_and_k, cos, signed_sin)  # one pass for q and k
         v = qkv[:, -self.split[2] :].view(t, self.num_kv_heads, self.head_dim)
-        attn = paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
-        h, normed = self.post_norm.add_and_norm(h, _project(self.o_proj, attn.reshape(t, -1), draft))
-        return h + _project(self.down_proj, silu_and_mul(_project(self.gate_up_proj, normed, draft)), draft)
+        return paged_attention(q_and_k[:, :heads], q_and_k[:, heads:], v, self.k_cache, self.v_cache)
 
     def _fusable(self, h: torch.Tensor, ctx, draft: bool) -> bool:
         cpu_decode = not ctx.prefills and ctx.varlen is None

@@ -171,6 +171,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and cpu_kernels.usable(x):
             return torch.ops.sedac_cpu.rms_norm(x, self.weight, self.eps)
+        if x.dim() == 2 and (fused := fused_kernels(x)):
+            return fused.rms_norm(x, self.weight, self.eps)
         # fp32: one F.rms_norm call (bit-identical to HF's order here, fewer dispatches);
         # other dtypes: HF's order, normalize in fp32, cast back, then scale.
         if x.dtype == torch.float32:
@@ -183,14 +185,34 @@ class RMSNorm(nn.Module):
         """Residual add then norm: (h + delta, norm(h + delta)), fused on CPU."""
         if h.dim() == 2 and cpu_kernels.usable(h):
             return torch.ops.sedac_cpu.add_rms_norm(h, delta, self.weight, self.eps)
+        if h.dim() == 2 and (fused := fused_kernels(h)):
+            return fused.rms_norm(h, self.weight, self.eps, delta)
         h = h + delta
         return h, self(h)
+
+
+def rotary_fits(head_dim: int) -> bool:
+    """The fused rotary kernels walk each half of a head as one power-of-two block."""
+    half = head_dim // 2
+    return half & (half - 1) == 0
+
+
+def fused_kernels(x: torch.Tensor):
+    """sedac.plugins.triton_fused for CUDA tensors outside autograd (the kernels have no backward), if triton
+    is installed; else None (the PyTorch ops)."""
+    if not (x.is_cuda and ops.HAS_TRITON) or torch.is_grad_enabled():
+        return None
+    from sedac.plugins import triton_fused
+
+    return triton_fused
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate | up) -> silu(gate) * up [T, I], fused on CPU."""
     if cpu_kernels.usable(gate_up):
         return torch.ops.sedac_cpu.silu_and_mul(gate_up)
+    if fused := fused_kernels(gate_up):
+        return fused.silu_and_mul(gate_up)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -237,4 +259,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
     """x [T, heads, D]; HF's q * cos + rotate_half(q) * sin in four ops (one fused op on CPU)."""
     if cpu_kernels.usable(x):
         return torch.ops.sedac_cpu.rotary(x, cos, signed_sin)
+    if rotary_fits(x.shape[-1]) and (fused := fused_kernels(x)):
+        return fused.rotary(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin

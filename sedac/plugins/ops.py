@@ -99,18 +99,18 @@ if HAS_TRITON:
 
     @kv_predict.register_kernel("cuda")
     def _(hidden, weight, bias):
-        from sedac.plugins import triton_kernels
+        from sedac.plugins import triton_linear
 
-        return triton_kernels.kv_predict(hidden, weight, bias)
+        return triton_linear.kv_predict(hidden, weight, bias)
 
     @int8_linear.register_kernel("cuda")
     def _(x, weight, scale, bias):
-        from sedac.plugins import triton_kernels
+        from sedac.plugins import triton_linear
 
-        return triton_kernels.int8_linear(x, weight, scale, bias)
+        return triton_linear.int8_linear(x, weight, scale, bias)
 
     @block_linear.register_kernel("cuda")
     def _(x, codes, scale, minimum, bias):
-        from sedac.plugins import triton_kernels
+        from sedac.plugins import triton_linear
 
-        return triton_kernels.block_linear(x, codes, scale, minimum, bias)
+        return triton_linear.block_linear(x, codes, scale, minimum, bias)

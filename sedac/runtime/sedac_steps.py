@@ -1,10 +1,10 @@
 """SEDAC inside the engine step: which decodes take lossless or lossy mode, and running them
-(self-speculative cycles on the draft copies; the precision exit on them, or the depth exit) under the build's costs.
+(self-speculative cycles on the draft copies; the precision exit on them, or the depth exit).
 
-Each path also reports what it spent per sequence, in batch-1 full-pass units by the build's measured
-pass costs (fixed + per_row * rows; every pass's cost shared among its rows): draft passes, verify rows,
-precision-exit passes, and the rows a later full pass reruns for exited tokens, beside what `off` would spend on
-the same tokens in a batch of the same size. The skip ratio is the share of that saved."""
+Each path also reports what it spent per sequence, in batch-1 full-pass units by the pass costs measured on
+this device (sedac.runtime.pass_costs: fixed + per_row * rows; every pass's cost shared among its rows): draft
+passes, verify rows, precision-exit passes, and the rows a later full pass reruns for exited tokens, beside what
+`off` would spend on the same tokens in a batch of the same size. The skip ratio is the share of that saved."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 from sedac.runtime.early_exit import ExitController, early_exit_step, precision_exit_pays, precision_exit_step
+from sedac.runtime.pass_costs import serving_costs
 from sedac.runtime.sampling_params import SEDAC_KV_FILLS, SEDAC_LOSSY_EXITS
 from sedac.runtime.scheduler import ScheduledBatch
 from sedac.runtime.speculative import draft_plan, pass_cost, speculative_step
@@ -51,11 +52,12 @@ class SedacSteps:
         self.runner, self.kv_fill = runner, kv_fill
         self.speculative_disable_by_batch_size = speculative_disable_by_batch_size
         self.sedac = sedac = runner.config.sedac or {}
+        self.costs = serving_costs(runner, engine_dir, sedac) if sedac else {}  # this device's pass costs
         self.lossy_exit = _check_lossy_exit(sedac, lossy_exit, engine_dir)
         thresholds = "precision_thresholds" if self.lossy_exit == "precision" else "thresholds"
         self.exit_controller = ExitController(sedac[thresholds], sedac["default_agreement"]) if sedac else None
         self.drafts_by_batch = (
-            draft_plan(sedac["costs"], sedac["draft_agreement"], sedac["draft_len"], max_num_seqs) if sedac else []
+            draft_plan(self.costs, sedac["draft_agreement"], sedac["draft_len"], max_num_seqs) if sedac else []
         )
         if sedac and not any(self.drafts_by_batch):
             logger.warning(
@@ -150,18 +152,18 @@ class SedacSteps:
 
     def _share(self, kind: str, total_rows: int, rows: int) -> float:
         """rows' share of a pass of total_rows rows on the "full" weights or the "draft" copies."""
-        return pass_cost(self.sedac["costs"], kind, total_rows) * rows / total_rows if rows else 0.0
+        return pass_cost(self.costs, kind, total_rows) * rows / total_rows if rows else 0.0
 
     def _min_drafting(self, num_seqs: int) -> float:
         """The share of a batch that must draft for a draft round to pay off, by the build's cost model:
         a round is one draft pass for the batch; each accepted draft saves a full pass of the batch."""
-        costs = self.sedac["costs"]
+        costs = self.costs
         return pass_cost(costs, "draft", num_seqs) / pass_cost(costs, "full", num_seqs)
 
     def precision_exit_pays(self, num_seqs: int) -> bool:
         level = self.exit_controller.level(None)
         exit_fraction = self.sedac["precision_exit_fraction"].get(str(level), 0.0)
-        return precision_exit_pays(self.sedac["costs"], exit_fraction, num_seqs)
+        return precision_exit_pays(self.costs, exit_fraction, num_seqs)
 
     def lossy(self, seqs) -> list[SedacTokens]:
         levels = [self.exit_controller.level(s.params.sedac_agreement) for s in seqs]

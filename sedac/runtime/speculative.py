@@ -43,7 +43,7 @@ class _Extended(Sequence):
 
 def pass_cost(costs: dict, kind: str, rows: int) -> float:
     """A decode pass of `rows` rows on the "full" weights or the "draft" copies, by the build's measured costs
-    (sedac.builder.pass_costs: fixed + per_row * rows, a batch-1 full pass = 1)."""
+    (sedac.runtime.pass_costs: fixed + per_row * rows, a batch-1 full pass = 1)."""
     fixed, per_row = costs[kind]
     return fixed + per_row * rows
 
