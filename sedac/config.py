@@ -84,6 +84,41 @@ class BuildConfig:
             raise ValueError("max_num_tokens must be at least max_batch_size")
 
 
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How the engine sizes its steps and uses its device, under vLLM's and TensorRT-LLM's names."""
+
+    max_num_seqs: int  # sequences a step (and decode batch sizes to capture graphs for)
+    max_num_batched_tokens: int  # tokens a step (the activation peak the KV budget leaves room for)
+    # KV pool bytes; None: max_batch_size full sequences, on CUDA at most what the memory options below leave
+    kv_cache_memory: int | None = None
+    kv_cache_dtype: str = "auto"
+    gpu_memory_utilization: float | None = None  # vLLM: the share of the GPU's memory the engine may hold (0.9)
+    kv_cache_free_gpu_memory_fraction: float | None = None  # TensorRT-LLM: the share of what is free after
+    # the weights and a step's activations that the KV pool takes
+    enforce_eager: bool = False  # no CUDA graphs
+
+    def __post_init__(self):
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        fractions = {k: getattr(self, k) for k in ("gpu_memory_utilization", "kv_cache_free_gpu_memory_fraction")}
+        if None not in fractions.values():
+            raise ValueError("give gpu_memory_utilization or kv_cache_free_gpu_memory_fraction, not both")
+        for name, value in fractions.items():
+            if value is not None and not 0.0 < value <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+
+    @staticmethod
+    def context_length(max_model_len: int | None, built: int) -> int:
+        """vLLM's max_model_len: a shorter context than the engine was built for (never a longer one)."""
+        if max_model_len is None:
+            return built
+        if not 0 < max_model_len <= built:
+            raise ValueError(f"max_model_len must be in [1, {built}] (the engine's max_seq_len), got {max_model_len}")
+        return max_model_len
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig

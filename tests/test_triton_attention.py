@@ -4,7 +4,8 @@ batches over a paged KV cache with GQA (on CPU via TRITON_INTERPRET=1, on the GP
 import pytest
 import torch
 
-from sedac.plugins.triton_attention import paged_attention, paged_attention_reference
+from sedac.plugins.reference import paged_attention_reference
+from sedac.plugins.triton_attention import paged_attention
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}

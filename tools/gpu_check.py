@@ -327,7 +327,15 @@ def prepare_carry() -> None:
 
 def main() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    RESULTS.update(gpu=torch.cuda.get_device_name(0), torch=torch.__version__)
+    import transformers
+    import triton
+
+    RESULTS.update(
+        gpu=torch.cuda.get_device_name(0),
+        torch=torch.__version__,
+        triton=triton.__version__,
+        transformers=transformers.__version__,
+    )
     section("cuda_tests")(cuda_tests)()
     bandwidth = section("copy_bandwidth_GBps")(copy_bandwidth)()
     section("bench_llama-3.1-8b")(bench_shape)("llama-3.1-8b", bandwidth)
@@ -336,6 +344,8 @@ def main() -> None:
     section("parity_fp32_llama-3.1-8b_2_layers")(fp32_parity)("llama-3.1-8b", 2)
     section("bench_qwen2.5-7b")(bench_shape)("qwen2.5-7b", bandwidth)
     section("parity_fp32_qwen2.5-7b_2_layers")(fp32_parity)("qwen2.5-7b", 2)
+    RESULTS["seconds"] = round(time.perf_counter() - STARTED, 1)
+    save()
     shutil.rmtree(WORK, ignore_errors=True)
     failed = RESULTS["errors"] or (RESULTS.get("cuda_tests") or {}).get("returncode") != 0
     sys.exit(1 if failed else 0)

@@ -28,20 +28,26 @@ def clean_errors(fn):
 
 ENGINE = click.option("--engine", required=True, type=click.Path(), help="engine directory from sedac-build")
 DEVICE = click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda")
-GPU_KEYS = ("gpu_memory_utilization", "enforce_eager", "max_model_len")
+GPU_KEYS = ("gpu_memory_utilization", "kv_cache_free_gpu_memory_fraction", "enforce_eager", "max_model_len")
 
 
 def gpu_options(fn):
-    """vLLM's engine options for CUDA (and --max-model-len anywhere), passed to the engine as GPU_KEYS."""
+    """vLLM's and TensorRT-LLM's engine options for CUDA (and --max-model-len anywhere), passed to the engine
+    as GPU_KEYS."""
     for opt in reversed(
         [
             click.option(
                 "--gpu-memory-utilization",
                 type=float,
-                help="CUDA: share of the GPU's memory the engine may hold; the KV pool gets what the weights and "
-                "a full step leave (default 0.9; alias --kv-cache-free-gpu-memory-fraction)",
+                help="CUDA: the share of the GPU's memory the engine may hold; the KV pool gets what the weights and "
+                "a full step leave (vLLM's; default 0.9)",
             ),
-            click.option("--kv-cache-free-gpu-memory-fraction", "gpu_memory_utilization", type=float, hidden=True),
+            click.option(
+                "--kv-cache-free-gpu-memory-fraction",
+                type=float,
+                help="CUDA: instead, the share of the memory free after the weights and a full step that the KV pool "
+                "takes (TensorRT-LLM's)",
+            ),
             click.option("--enforce-eager", is_flag=True, help="CUDA: no CUDA graphs for decode steps"),
             click.option("--max-model-len", type=int, help="a shorter context than the engine's max_seq_len"),
         ]

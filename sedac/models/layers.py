@@ -17,7 +17,7 @@ from sedac.models.quant import (
     quantize_rows,
     to_panels,
 )
-from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
+from sedac.plugins import ops  # registers torch.ops.sedac; HAS_TRITON
 
 DRAFT_PRECISIONS = ("int8", "int4")  # SEDAC's draft copies, cheapest last
 DRAFT_GROUP_SIZE = 32  # an int4 draft copy's inputs per scale and minimum (GGUF Q4_1's block)

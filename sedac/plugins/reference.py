@@ -1,4 +1,5 @@
-"""Reference implementations of the SEDAC ops in plain torch (the spec the kernels are tested against)."""
+"""Reference implementations of the SEDAC ops and the paged attention in plain torch (the spec the kernels are
+tested against)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,23 @@ def block_linear(
     w = dequantize_blocks(unpack_nibbles(codes) if codes.dtype == torch.uint8 else codes, scale, minimum)
     out = x.float() @ w.t()
     return (out if bias is None else out + bias.float()).to(x.dtype)
+
+
+def paged_attention_reference(
+    q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, block_size, scale
+) -> torch.Tensor:
+    """Plain torch, one sequence at a time: gather keys through the block table, causal softmax in fp32."""
+    g = q.shape[1] // k_cache.shape[1]
+    out = torch.empty_like(q)
+    starts, ctxs = query_starts.tolist(), context_lens.tolist()
+    for i, ctx in enumerate(ctxs):
+        pos = torch.arange(ctx, device=q.device)
+        slots = block_tables[i, pos // block_size].long() * block_size + pos % block_size
+        k = k_cache[slots].float().repeat_interleave(g, dim=1)  # [ctx, H, D]
+        v = v_cache[slots].float().repeat_interleave(g, dim=1)
+        qs = q[starts[i] : starts[i + 1]].float()  # [q_len, H, D]
+        q_pos = ctx - qs.shape[0] + torch.arange(qs.shape[0], device=q.device)
+        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
+        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
+    return out

@@ -115,9 +115,9 @@ def paged_attention(
     q: torch.Tensor,  # [T, H, D], last dim contiguous
     k_cache: torch.Tensor,  # [num_slots, KV, D], slot = block_id * block_size + offset
     v_cache: torch.Tensor,  # [num_slots, KV, D]
-    block_tables: torch.Tensor,  # [S, W] int32
-    query_starts: torch.Tensor,  # [S + 1] int32
-    context_lens: torch.Tensor,  # [S] int32, including each sequence's new tokens
+    block_tables: torch.Tensor,  # [S, W] int32 or int64 (the runner's)
+    query_starts: torch.Tensor,  # [S + 1] int32 or int64, contiguous
+    context_lens: torch.Tensor,  # [S] int32 or int64, contiguous, including each sequence's new tokens
     max_query_len: int,
     block_size: int,
     scale: float,
@@ -172,24 +172,4 @@ def paged_attention(
         num_warps=4,
         num_stages=3 if half else 2,  # fp32 K/V tiles take twice the shared memory
     )
-    return out
-
-
-def paged_attention_reference(
-    q, k_cache, v_cache, block_tables, query_starts, context_lens, max_query_len, block_size, scale
-) -> torch.Tensor:
-    """Plain torch, one sequence at a time: gather keys through the block table, causal softmax in fp32."""
-    g = q.shape[1] // k_cache.shape[1]
-    out = torch.empty_like(q)
-    starts, ctxs = query_starts.tolist(), context_lens.tolist()
-    for i, ctx in enumerate(ctxs):
-        pos = torch.arange(ctx, device=q.device)
-        slots = block_tables[i, pos // block_size].long() * block_size + pos % block_size
-        k = k_cache[slots].float().repeat_interleave(g, dim=1)  # [ctx, H, D]
-        v = v_cache[slots].float().repeat_interleave(g, dim=1)
-        qs = q[starts[i] : starts[i + 1]].float()  # [q_len, H, D]
-        q_pos = ctx - qs.shape[0] + torch.arange(qs.shape[0], device=q.device)
-        scores = torch.einsum("qhd,khd->hqk", qs, k) * scale
-        scores = scores.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
-        out[starts[i] : starts[i + 1]] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out

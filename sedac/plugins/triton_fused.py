@@ -3,8 +3,8 @@ and SiLU-and-multiply, one launch each where PyTorch takes four to eight.
 
 A batch-1 decode step of an 8B model streams ~15 GB in ~3.5 ms on an H200; its ~900 small kernels cost
 ~1.5 us each even inside a CUDA graph. Each kernel rounds where HF transformers' PyTorch code rounds (to
-the model dtype after each op), so results match that code at fp32 and to the last bit's rounding in
-half precision.
+the model dtype after each op); sums may add in another order and products may fuse into FMAs, so results
+match that code to within a rounding step, not bit for bit.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ def _rms_norm_kernel(
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Tensor | None = None):
     """x [T, H] -> norm(x); with delta: (x + delta, norm(x + delta))."""
     t, h = x.shape
+    assert x.stride(1) == 1 and (delta is None or delta.stride(1) == 1), "rows must be contiguous"
     out = torch.empty_like(x)
     total = torch.empty_like(x) if delta is not None else out
     d = delta if delta is not None else x
@@ -49,20 +50,26 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, delta: torch.Ten
 
 
 @triton.jit
-def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, sxt, sxh, sct, sot, soh, HALF: tl.constexpr):
-    # One program per (token, head): x * cos + roll(x, D/2) * signed_sin, each product and the sum rounded
-    # to the dtype as PyTorch's three ops do.
-    t = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
+def _rotate(src, cos_ptr, sin_ptr, t, sct, HALF: tl.constexpr):
+    """A head's two halves at src, rotated: x * cos + roll(x, D/2) * signed_sin, each product and the sum
+    rounded to the dtype as PyTorch's three ops do."""
     lo = tl.arange(0, HALF)
-    src = x_ptr + t * sxt + head * sxh
     x1, x2 = tl.load(src + lo), tl.load(src + HALF + lo)
     dt = x1.dtype
     c1, c2 = tl.load(cos_ptr + t * sct + lo), tl.load(cos_ptr + t * sct + HALF + lo)
     s1, s2 = tl.load(sin_ptr + t * sct + lo), tl.load(sin_ptr + t * sct + HALF + lo)
-    dst = out_ptr + t * sot + head * soh
-    tl.store(dst + lo, _sum(_mul(x1, c1, dt), _mul(x2, s1, dt), dt))
-    tl.store(dst + HALF + lo, _sum(_mul(x2, c2, dt), _mul(x1, s2, dt), dt))
+    return _sum(_mul(x1, c1, dt), _mul(x2, s1, dt), dt), _sum(_mul(x2, c2, dt), _mul(x1, s2, dt), dt)
+
+
+@triton.jit
+def _rotary_kernel(x_ptr, cos_ptr, sin_ptr, out_ptr, sxt, sxh, sct, sot, soh, HALF: tl.constexpr):
+    # One program per (token, head).
+    t = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    first, second = _rotate(x_ptr + t * sxt + head * sxh, cos_ptr, sin_ptr, t, sct, HALF)
+    lo = tl.arange(0, HALF)
+    tl.store(out_ptr + t * sot + head * soh + lo, first)
+    tl.store(out_ptr + t * sot + head * soh + HALF + lo, second)
 
 
 @triton.jit
@@ -76,11 +83,7 @@ def _rotary_and_cache_kernel(
     head = tl.program_id(1)
     lo = tl.arange(0, D // 2)
     src = qkv_ptr + t * s_qkv + head * D
-    x1, x2 = tl.load(src + lo), tl.load(src + D // 2 + lo)
-    dt = x1.dtype
-    c1, c2 = tl.load(cos_ptr + t * sct + lo), tl.load(cos_ptr + t * sct + D // 2 + lo)
-    s1, s2 = tl.load(sin_ptr + t * sct + lo), tl.load(sin_ptr + t * sct + D // 2 + lo)
-    first, second = _sum(_mul(x1, c1, dt), _mul(x2, s1, dt), dt), _sum(_mul(x2, c2, dt), _mul(x1, s2, dt), dt)
+    first, second = _rotate(src, cos_ptr, sin_ptr, t, sct, D // 2)
     if head < HEADS:
         dst = q_ptr + t * sqt + head * sqh
         tl.store(dst + lo, first)
@@ -100,6 +103,7 @@ def rotary_and_cache(qkv, cos, signed_sin, slots, k_cache, v_cache, heads: int) 
     rotated; K rotated and V written to the caches [num_slots, KV, D] at slots."""
     t = qkv.shape[0]
     kv, d = k_cache.shape[1], k_cache.shape[2]
+    assert qkv.stride(1) == 1 and k_cache.stride(2) == 1 and v_cache.stride(2) == 1, "rows must be contiguous"
     q = torch.empty(t, heads, d, dtype=qkv.dtype, device=qkv.device)
     if t:
         cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
@@ -124,6 +128,7 @@ def _sum(a, b, dt: tl.constexpr):
 def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, D] (rows may be strided), tables [T, 1, D] -> [T, heads, D]."""
     t, heads, d = x.shape
+    assert x.stride(2) == 1, "heads must be contiguous"
     out = torch.empty(t, heads, d, dtype=x.dtype, device=x.device)
     if t:
         cos, signed_sin = cos.contiguous(), signed_sin.contiguous()
@@ -150,6 +155,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n, sx, so, BLOCK: tl.constexpr):
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate | up) -> silu(gate) * up [T, I]."""
     t, width = gate_up.shape
+    assert gate_up.stride(1) == 1, "rows must be contiguous"
     out = torch.empty(t, width // 2, dtype=gate_up.dtype, device=gate_up.device)
     if t:
         grid = (t, triton.cdiv(width // 2, 1024))

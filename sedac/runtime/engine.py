@@ -5,10 +5,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from sedac.config import EngineConfig
+from sedac.config import DeviceOptions, EngineConfig
 from sedac.runtime import detokenizer
 from sedac.runtime.block_manager import BlockManager
-from sedac.runtime.model_runner import DeviceOptions, ModelRunner, resolve_device
+from sedac.runtime.model_runner import ModelRunner, resolve_device
 from sedac.runtime.o1 import DEFAULT_ENTROPY_THRESHOLD, AdaptiveCompute, Fork, with_engine_o1_mode
 from sedac.runtime.outputs import RequestMetrics, RequestOutput
 from sedac.runtime.probes import CertaintyProbes
@@ -66,21 +66,20 @@ class LLMEngine:
             )
         self.tokenizer = detokenizer.load_tokenizer(self.engine_dir)
         b = self.config.build
-        b.max_seq_len = _max_model_len(max_model_len, b.max_seq_len)
         options = DeviceOptions(
-            kv_cache_memory,
-            kv_cache_dtype,
-            _memory_fraction(gpu_memory_utilization, kv_cache_free_gpu_memory_fraction),
-            enforce_eager,
-            max_num_seqs,
+            kv_cache_memory=kv_cache_memory,
+            kv_cache_dtype=kv_cache_dtype,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_free_gpu_memory_fraction=kv_cache_free_gpu_memory_fraction,
+            enforce_eager=enforce_eager,
+            max_num_seqs=b.max_batch_size if max_num_seqs is None else max_num_seqs,
+            max_num_batched_tokens=b.max_num_tokens if max_num_batched_tokens is None else max_num_batched_tokens,
         )
+        b.max_seq_len = options.context_length(max_model_len, b.max_seq_len)
         self.runner = ModelRunner(self.engine_dir, self.config, resolve_device(device), options)
         self.blocks = BlockManager(self.runner.num_blocks, b.kv_block_size)
         self.scheduler = Scheduler(
-            self.blocks,
-            max_num_seqs or b.max_batch_size,
-            max_num_batched_tokens or b.max_num_tokens,
-            lookahead=self._draft_len,
+            self.blocks, options.max_num_seqs, options.max_num_batched_tokens, lookahead=self._draft_len
         )
         self.sedac_mode = self._check_mode(sedac_mode)
         check_o1(o1_mode, 1, None, None)
@@ -453,20 +452,3 @@ class LLMEngine:
             **self.sedac.rates(self.counters),
             "sedac_controller": self.sedac.exit_controller.stats() if self.sedac.exit_controller else None,
         }
-
-
-def _max_model_len(requested: int | None, built: int) -> int:
-    """vLLM's max_model_len: a shorter context than the engine was built for (never a longer one)."""
-    if requested is None:
-        return built
-    if not 0 < requested <= built:
-        raise ValueError(f"max_model_len must be in [1, {built}] (the engine's max_seq_len), got {requested}")
-    return requested
-
-
-def _memory_fraction(gpu_memory_utilization: float | None, kv_cache_free_gpu_memory_fraction: float | None) -> float:
-    """vLLM's gpu_memory_utilization, or TensorRT-LLM's kv_cache_free_gpu_memory_fraction as its alias."""
-    if gpu_memory_utilization is not None and kv_cache_free_gpu_memory_fraction is not None:
-        raise ValueError("give gpu_memory_utilization or its alias kv_cache_free_gpu_memory_fraction, not both")
-    given = gpu_memory_utilization if gpu_memory_utilization is not None else kv_cache_free_gpu_memory_fraction
-    return 0.9 if given is None else given

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,6 +16,7 @@ from sedac.config import (
     SCALE_SUFFIX,
     SEDAC_WEIGHTS_FILE,
     WEIGHTS_FILE,
+    DeviceOptions,
     EngineConfig,
 )
 from sedac.log import logger
@@ -77,26 +77,11 @@ def _kv_dtype(name: str, compute_dtype: torch.dtype, precision: str, device: tor
     return torch.float16 if device.type == "cpu" and precision in HALF_KV_PRECISIONS else compute_dtype
 
 
-@dataclass(frozen=True)
-class DeviceOptions:
-    """How the runner uses its device, under vLLM's names."""
-
-    kv_cache_memory: int | None = None  # KV pool bytes; None: max_batch_size full sequences, on CUDA at most
-    # what gpu_memory_utilization leaves after the weights and a full step's activations
-    kv_cache_dtype: str = "auto"
-    gpu_memory_utilization: float = 0.9  # the share of the GPU's memory this engine may hold
-    enforce_eager: bool = False  # no CUDA graphs
-    max_num_seqs: int | None = None  # decode batch sizes to capture graphs for (None: max_batch_size)
-
-    def validate(self) -> None:
-        if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
-
-
 class ModelRunner:
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, options: DeviceOptions):
-        options.validate()
         self.config, self.device, self.options = config, device, options
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # Triton launches and graph captures go to the current device
         # The engine's float weights are stored at its precision; on CPU every step computes in fp32
         # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
         self.weight_dtype = getattr(torch, PRECISIONS[config.build.precision])
@@ -113,7 +98,7 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache(options.kv_cache_memory)
         self.graphs = None
         if self.varlen and not options.enforce_eager:
-            self.graphs = DecodeGraphs(self, options.max_num_seqs or config.build.max_batch_size)
+            self.graphs = DecodeGraphs(self, options.max_num_seqs)
         if device.type == "cpu":
             logger.info(cpu_kernels.status().line())
 
@@ -231,35 +216,47 @@ class ModelRunner:
             layer.v_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
 
     def _free_kv_memory(self) -> int:
-        """Bytes gpu_memory_utilization leaves for the KV pool once the weights are loaded and a step of
-        max_num_tokens has run (its activation peak measured, vLLM's profile run); too little is an error."""
+        """Bytes the memory options leave for the KV pool once the weights are loaded, a full step's
+        activations measured (vLLM's profile run) and the decode graphs' logits buffer set aside; too
+        little is an error."""
         peak = self._activation_peak()
+        if self.varlen and not self.options.enforce_eager:
+            peak += self.options.max_num_seqs * self.config.model.vocab_size * 4  # DecodeGraphs.logits
         free, total = torch.cuda.mem_get_info(self.device)
-        fraction = self.options.gpu_memory_utilization
-        budget = int(fraction * total) - (total - free) - peak
-        gib = 2**30
+        o, gib = self.options, 2**30
+        if o.kv_cache_free_gpu_memory_fraction is not None:
+            rule = f"kv_cache_free_gpu_memory_fraction {o.kv_cache_free_gpu_memory_fraction} of what is free"
+            budget = int(o.kv_cache_free_gpu_memory_fraction * (free - peak))
+        else:
+            fraction = 0.9 if o.gpu_memory_utilization is None else o.gpu_memory_utilization
+            rule = f"gpu_memory_utilization {fraction} of {total / gib:.1f} GiB"
+            budget = int(fraction * total) - (total - free) - peak
         one_sequence = self.kv_bytes_per_block() * -(-self.config.build.max_seq_len // self.block_size)
         if budget < one_sequence:
             raise ValueError(
-                f"gpu_memory_utilization {fraction} of {total / gib:.1f} GiB leaves {budget / gib:.2f} GiB for the "
-                f"KV cache ({(total - free) / gib:.1f} GiB in use, {peak / gib:.2f} GiB of activations per step), "
-                f"less than one {self.config.build.max_seq_len}-token sequence needs ({one_sequence / gib:.2f} GiB): "
-                "raise gpu_memory_utilization or lower max_model_len"
+                f"{rule} leaves {budget / gib:.2f} GiB for the KV cache ({(total - free) / gib:.1f} GiB in use, "
+                f"{peak / gib:.2f} GiB a step's activations), less than one {self.config.build.max_seq_len}-token "
+                f"sequence needs ({one_sequence / gib:.2f} GiB): raise it, or lower max_model_len or "
+                "max_num_batched_tokens"
             )
         return budget
 
     @torch.inference_mode()
     def _activation_peak(self) -> int:
-        """Bytes a prefill of max_num_tokens allocates beyond the weights, measured on a one-sequence pool."""
-        n = min(self.config.build.max_num_tokens, self.config.build.max_seq_len)
-        blocks = -(-n // self.block_size)
-        self._set_kv_pool(blocks)
+        """Bytes a prefill step of max_num_batched_tokens allocates beyond the weights (sequences of at most
+        max_seq_len on a pool of their own), logits and the sampler's sort for max_num_seqs rows included."""
+        total, length = self.options.max_num_batched_tokens, self.config.build.max_seq_len
+        sizes = [min(length, total - start) for start in range(0, total, length)]
+        per_seq = -(-length // self.block_size)
+        self._set_kv_pool(per_seq * len(sizes))
         torch.cuda.synchronize(self.device)
         torch.cuda.reset_peak_memory_stats(self.device)
         before = torch.cuda.memory_allocated(self.device)
-        positions, ctx = self.context([], [(list(range(blocks)), 0, n)])
-        hidden = self.run(torch.zeros(n, dtype=torch.int64, device=self.device), None, positions, ctx)
-        self.model.logits(hidden[-1:]).float()
+        chunks = [(list(range(i * per_seq, (i + 1) * per_seq)), 0, n) for i, n in enumerate(sizes)]
+        positions, ctx = self.context([], chunks)
+        hidden = self.run(torch.zeros(total, dtype=torch.int64, device=self.device), None, positions, ctx)
+        rows = min(total, self.options.max_num_seqs)
+        self.model.logits(hidden[:rows]).float().sort(dim=-1, descending=True)  # as filtered_probs sorts
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - before
         self._set_kv_pool(0)
@@ -282,7 +279,8 @@ class ModelRunner:
         """Run the step; return logits [len(sample_rows), vocab] for the given token rows (argmax_only:
         see DecoderModel.logits)."""
         if self.graphs is not None and self.graphs.fits(batch):
-            return self.graphs.replay(batch)
+            logits = self.graphs.replay(batch)  # a row per sequence; a one-token prompt chunk samples nothing
+            return logits if len(sample_rows) == len(logits) else logits[sample_rows]
         input_ids, positions, ctx = self.prepare(batch)
         hidden = self.run(input_ids, None, positions, ctx)
         rows = hidden if len(sample_rows) == len(hidden) else hidden[sample_rows]  # every row: no index copy

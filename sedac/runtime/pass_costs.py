@@ -59,7 +59,10 @@ def measure_pass_costs(runner, repeats: int = 20) -> dict:
         positions, ctx = runner.context([(list(range(i * per_seq, (i + 1) * per_seq)), CONTEXT) for i in range(rows)])
         ids = torch.zeros(rows, dtype=torch.long, device=runner.device)
         for draft in (False, True):
-            passes[(rows, draft)] = partial(_decode_pass, runner, ids, positions, ctx, draft)
+            graph = None if draft or runner.graphs is None else runner.graphs.graphs.get(rows)
+            # the full pass as `off` decodes: a CUDA graph's replay where there is one (its padding rows
+            # write only the scratch block), else eager; draft passes run eagerly
+            passes[(rows, draft)] = graph.replay if graph else partial(_decode_pass, runner, ids, positions, ctx, draft)
     seconds = {key: float("inf") for key in passes}
     with scratch_kv(runner.model, max(ROWS) * per_seq * bs):
         for fn in passes.values():
