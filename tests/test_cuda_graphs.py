@@ -8,6 +8,7 @@ import torch
 from sedac import LLM
 from sedac.config import DeviceOptions
 from sedac.runtime.cuda_graphs import INPUTS, StagedInputs, batch_sizes
+from sedac.runtime.model_runner import kv_budget
 from sedac.runtime.sampling_params import SamplingParams
 from sedac.runtime.scheduler import ScheduledBatch
 from sedac.runtime.sequence import Sequence
@@ -81,3 +82,63 @@ def test_engine_options_are_checked(tiny_llama):
     with pytest.raises(ValueError, match=r"max_model_len must be in \[1, 256\]"):
         LLM(str(tiny_llama), device="cpu", max_model_len=257)
     assert LLM(str(tiny_llama), device="cpu", max_model_len=100).engine.config.build.max_seq_len == 100
+
+
+def test_kv_budget_rules():
+    gib = 2**30
+    vllm = DeviceOptions(max_num_seqs=8, max_num_batched_tokens=64, gpu_memory_utilization=0.5)
+    budget, rule = kv_budget(vllm, free=60 * gib, total=100 * gib, peak=2 * gib)
+    assert budget == 50 * gib - 40 * gib - 2 * gib and rule == "gpu_memory_utilization 0.5 of 100.0 GiB"
+    default = DeviceOptions(max_num_seqs=8, max_num_batched_tokens=64)
+    assert kv_budget(default, free=60 * gib, total=100 * gib, peak=0)[0] == 90 * gib - 40 * gib
+    trt = DeviceOptions(max_num_seqs=8, max_num_batched_tokens=64, kv_cache_free_gpu_memory_fraction=0.5)
+    assert kv_budget(trt, free=60 * gib, total=100 * gib, peak=2 * gib)[0] == 29 * gib
+
+
+class _EagerGraph:
+    """A CUDA graph stand-in that replays by running the step again (the bookkeeping around it is real)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def replay(self):
+        self.step()
+
+    def pool(self):
+        return None
+
+
+class _Event:
+    def record(self):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+def test_graph_decode_bookkeeping_end_to_end_on_cpu(tiny_llama, monkeypatch):
+    """DecodeGraphs as on CUDA (staging, padding rows on the scratch block, the shared logits buffer, the
+    runner's graph branch), with the graph itself replaced by an eager rerun: the CPU path's greedy tokens
+    while sequences finish at different steps (padding rows write beside live blocks), then again on the
+    prefix cache."""
+    from sedac import SamplingParams
+    from sedac.runtime import cuda_graphs
+
+    prompts = [[5, 6, 7], list(range(40, 60)), [9] * 5, list(range(100, 133))]
+    greedy = [SamplingParams(max_tokens=n, temperature=0.0) for n in (8, 5, 3, 8)]  # batches of 4, 3 (padded), 2
+    expected = [o.token_ids for o in LLM(str(tiny_llama), device="cpu").generate(prompts, greedy)]
+    monkeypatch.setattr(cuda_graphs.DecodeGraphs, "_capture", lambda self, size, pool: _EagerGraph(
+        lambda: self._step(size)))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    llm = LLM(str(tiny_llama), device="cpu")
+    runner = llm.engine.runner
+    runner.varlen = True
+    runner._set_kv_pool(runner.num_blocks + 1)  # the scratch block a CUDA pool has
+    runner.graphs = cuda_graphs.DecodeGraphs(runner, 4)
+    assert sorted(runner.graphs.graphs) == [1, 2, 4]
+    outs = llm.generate(prompts, greedy)
+    assert [o.token_ids for o in outs] == expected and runner.graphs.replays > 0
+    replays = runner.graphs.replays
+    outs = llm.generate(prompts[:3], greedy[:3])
+    assert [o.token_ids for o in outs] == expected[:3] and runner.graphs.replays > replays

@@ -63,7 +63,8 @@ class DecodeGraphs:
         self.sizes = batch_sizes(max_num_seqs)
         n = self.rows = self.sizes[-1]
         width = -(-runner.config.build.max_seq_len // self.block_size)
-        self.inputs_host = StagedInputs(n, width, self.block_size, runner.num_blocks, pinned=True)
+        pinned = runner.device.type == "cuda"
+        self.inputs_host = StagedInputs(n, width, self.block_size, runner.num_blocks, pinned)
         self.inputs = self.inputs_host.host.to(runner.device)
         ids, positions, slots, lens, tables = self.inputs.split([n] * INPUTS + [n * width])
         self.ids, self.positions, self.slots, self.lens = ids, positions, slots, lens
@@ -82,11 +83,15 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # the largest first: the smaller graphs reuse its memory pool
             self._step(size)  # warm-up: Triton compiles, the allocator grows outside the capture
             torch.cuda.synchronize(self.runner.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                self._step(size)
-            self.graphs[size], pool = graph, graph.pool()
+            self.graphs[size] = self._capture(size, pool)
+            pool = self.graphs[size].pool()
         torch.cuda.synchronize(self.runner.device)
+
+    def _capture(self, size: int, pool) -> torch.cuda.CUDAGraph:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            self._step(size)
+        return graph
 
     def _step(self, size: int) -> None:
         """The captured work: [size] token ids -> logits[:size] (fp32)."""

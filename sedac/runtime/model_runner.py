@@ -26,7 +26,7 @@ from sedac.models.exit_head import ExitHead
 from sedac.models.layers import Linear
 from sedac.models.quant import BlockWeight
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
-from sedac.runtime.cuda_graphs import DecodeGraphs
+from sedac.runtime.cuda_graphs import DecodeGraphs, batch_sizes
 from sedac.runtime.scheduler import ScheduledBatch
 
 
@@ -80,8 +80,8 @@ def _kv_dtype(name: str, compute_dtype: torch.dtype, precision: str, device: tor
 class ModelRunner:
     def __init__(self, engine_dir: Path, config: EngineConfig, device: torch.device, options: DeviceOptions):
         self.config, self.device, self.options = config, device, options
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # Triton launches and graph captures go to the current device
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)  # cuda:N: Triton launches and graph captures go to the current device
         # The engine's float weights are stored at its precision; on CPU every step computes in fp32
         # (the kernels widen fp16/bf16 weights in registers; torch's own half matmuls are ~17x slower).
         self.weight_dtype = getattr(torch, PRECISIONS[config.build.precision])
@@ -221,16 +221,10 @@ class ModelRunner:
         little is an error."""
         peak = self._activation_peak()
         if self.varlen and not self.options.enforce_eager:
-            peak += self.options.max_num_seqs * self.config.model.vocab_size * 4  # DecodeGraphs.logits
+            peak += batch_sizes(self.options.max_num_seqs)[-1] * self.config.model.vocab_size * 4  # graphs' logits
         free, total = torch.cuda.mem_get_info(self.device)
-        o, gib = self.options, 2**30
-        if o.kv_cache_free_gpu_memory_fraction is not None:
-            rule = f"kv_cache_free_gpu_memory_fraction {o.kv_cache_free_gpu_memory_fraction} of what is free"
-            budget = int(o.kv_cache_free_gpu_memory_fraction * (free - peak))
-        else:
-            fraction = 0.9 if o.gpu_memory_utilization is None else o.gpu_memory_utilization
-            rule = f"gpu_memory_utilization {fraction} of {total / gib:.1f} GiB"
-            budget = int(fraction * total) - (total - free) - peak
+        budget, rule = kv_budget(self.options, free, total, peak)
+        gib = 2**30
         one_sequence = self.kv_bytes_per_block() * -(-self.config.build.max_seq_len // self.block_size)
         if budget < one_sequence:
             raise ValueError(
@@ -366,6 +360,18 @@ class ModelRunner:
             return self.model.run_layers(h, positions, start, end, draft)
         finally:
             set_context(None)
+
+
+def kv_budget(options: DeviceOptions, free: int, total: int, peak: int) -> tuple[int, str]:
+    """(KV pool bytes, the rule that gave them) from the device's free and total bytes once the weights are
+    loaded and a step's activation peak: vLLM's gpu_memory_utilization (default 0.9) of the total less what
+    is in use and the peak, or TensorRT-LLM's kv_cache_free_gpu_memory_fraction of what is free after both."""
+    if options.kv_cache_free_gpu_memory_fraction is not None:
+        fraction = options.kv_cache_free_gpu_memory_fraction
+        return int(fraction * (free - peak)), f"kv_cache_free_gpu_memory_fraction {fraction} of what is free"
+    fraction = 0.9 if options.gpu_memory_utilization is None else options.gpu_memory_utilization
+    rule = f"gpu_memory_utilization {fraction} of {total / 2**30:.1f} GiB"
+    return int(fraction * total) - (total - free) - peak, rule
 
 
 def _has_triton() -> bool:
