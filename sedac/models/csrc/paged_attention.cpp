@@ -12,6 +12,7 @@
 // (attend_span_avx512): with one horizontal sum per score, an fp16 pool decoded int4 SmolLM2 at 1,024
 // positions no faster than fp32 (124 vs 123 tok/s); after, 154 vs 126.
 #include "kernels.h"
+#include "parallel_tasks.h"
 #include <ATen/Parallel.h>
 
 #if defined(__F16C__) || defined(__AVX512F__)
@@ -287,31 +288,30 @@ void attend(const torch::Tensor& q, const T* kp, const T* vp, const int64_t* tp,
   for (int64_t b = 0; b < B; ++b) span_start[b + 1] = span_start[b] + (lp[b] + kSpan - 1) / kSpan;
   const int64_t spans = span_start[B];
   std::vector<float> maxes(spans * H), sums(spans * H), accs(spans * H * D);   // [span, H (, D)]
-  at::parallel_for(0, spans, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t span = begin; span < end; ++span) {
-      const int64_t b = std::upper_bound(span_start.begin(), span_start.end(), span) - span_start.begin() - 1;
-      const int64_t first = (span - span_start[b]) * kSpan, last = std::min(lp[b], first + kSpan);
-      const Partial out{maxes.data() + span * H, sums.data() + span * H, accs.data() + span * H * D};
+  // Spans across threads with work stealing (parallel_tasks.h): a preempted thread holds up no one.
+  sedac_panels::parallel_tasks(spans, [&](int64_t span) {
+    const int64_t b = std::upper_bound(span_start.begin(), span_start.end(), span) - span_start.begin() - 1;
+    const int64_t first = (span - span_start[b]) * kSpan, last = std::min(lp[b], first + kSpan);
+    const Partial out{maxes.data() + span * H, sums.data() + span * H, accs.data() + span * H * D};
 #if defined(__AVX512F__)
-      if (D == 64 || D == 128) {
-        std::vector<int64_t> slots(last - first);   // position -> slot, once for every head
-        for (int64_t p = first; p < last; ++p) slots[p - first] = tp[b * nb + p / block_size] * block_size + p % block_size;
-        const float* qb = qp + b * q.stride(0);
-        if (D == 64) attend_span_avx512<T, 64>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
-        else attend_span_avx512<T, 128>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
-        continue;
-      }
-#endif
-      // A loop of a runtime length per position and head cost more than its 64 multiply-adds.
-      if (D == 64)
-        attend_span(qp + b * q.stride(0), H, KV, std::integral_constant<int64_t, 64>{}, kp, vp, tp + b * nb, first,
-                    last, block_size, scale, out);
-      else if (D == 128)
-        attend_span(qp + b * q.stride(0), H, KV, std::integral_constant<int64_t, 128>{}, kp, vp, tp + b * nb, first,
-                    last, block_size, scale, out);
-      else
-        attend_span(qp + b * q.stride(0), H, KV, D, kp, vp, tp + b * nb, first, last, block_size, scale, out);
+    if (D == 64 || D == 128) {
+      std::vector<int64_t> slots(last - first);   // position -> slot, once for every head
+      for (int64_t p = first; p < last; ++p) slots[p - first] = tp[b * nb + p / block_size] * block_size + p % block_size;
+      const float* qb = qp + b * q.stride(0);
+      if (D == 64) attend_span_avx512<T, 64>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
+      else attend_span_avx512<T, 128>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
+      return;
     }
+#endif
+    // A loop of a runtime length per position and head cost more than its 64 multiply-adds.
+    if (D == 64)
+      attend_span(qp + b * q.stride(0), H, KV, std::integral_constant<int64_t, 64>{}, kp, vp, tp + b * nb, first,
+                  last, block_size, scale, out);
+    else if (D == 128)
+      attend_span(qp + b * q.stride(0), H, KV, std::integral_constant<int64_t, 128>{}, kp, vp, tp + b * nb, first,
+                  last, block_size, scale, out);
+    else
+      attend_span(qp + b * q.stride(0), H, KV, D, kp, vp, tp + b * nb, first, last, block_size, scale, out);
   });
   at::parallel_for(0, B * H, 16, [&](int64_t begin, int64_t end) {   // merge each head's spans in order
     for (int64_t i = begin; i < end; ++i) {

@@ -8,6 +8,8 @@
 
 #include <algorithm>
 
+#include "parallel_tasks.h"
+
 namespace sedac_panels {
 
 constexpr int64_t kPanel = 16;      // outputs per panel: one AVX-512 or two AVX2 registers
@@ -58,12 +60,10 @@ torch::Tensor run_panels(const Kernel& k, const torch::Tensor& x, int64_t num_pa
   auto y = torch::empty({t, m}, x.options());
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (num_panels + kGroup - 1) / kGroup, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t first = g * kGroup, count = std::min(kGroup, num_panels - first);
-      if (!k.run_group(first, count, xp, t, yp + first * kPanel, m))
-        panel_group(k, first, count, xp, t, n, yp + first * kPanel, m);
-    }
+  parallel_tasks((num_panels + kGroup - 1) / kGroup, [&](int64_t g) {
+    const int64_t first = g * kGroup, count = std::min(kGroup, num_panels - first);
+    if (!k.run_group(first, count, xp, t, yp + first * kPanel, m))
+      panel_group(k, first, count, xp, t, n, yp + first * kPanel, m);
   });
   return m == out_features ? y : y.narrow(1, 0, out_features).contiguous();   // a padded last panel
 }
