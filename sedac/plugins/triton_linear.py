@@ -266,34 +266,26 @@ def _store(out_ptr, acc, b_ptr, rm, rn, M, N, som, son, HAS_BIAS: tl.constexpr):
     )
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, swk: int, swn: int, n: int, bias, scale) -> torch.Tensor:
-    m, k = x.shape
-    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    half = _is_half(x) and weight.dtype in (x.dtype, torch.int8)  # int8 is exact in fp16 and bf16
+def _tiled(kernel, x: torch.Tensor, out: torch.Tensor, half: bool, pointers: tuple, strides: tuple, **consts):
+    """x [M, K] -> out [M, N] on a tl.dot kernel: pointers (the weights', bias or out) go between x and out,
+    the weights' strides between x's and out's."""
+    (m, k), n = x.shape, out.shape[1]
     tiles = _dot_tiles(m, half)
     if m:
-        grid = (triton.cdiv(m, tiles["BM"]), triton.cdiv(n, tiles["BN"]))
-        _linear_kernel[grid](
-            x,
-            weight,
-            bias if bias is not None else out,
-            scale if scale is not None else out,
-            out,
-            m,
-            n,
-            k,
-            x.stride(0),
-            x.stride(1),
-            swk,
-            swn,
-            out.stride(0),
-            out.stride(1),
-            HAS_BIAS=bias is not None,
-            HAS_SCALE=scale is not None,
-            HALF=half,
-            **tiles,
-        )
+        kernel[(triton.cdiv(m, tiles["BM"]), triton.cdiv(n, tiles["BN"]))](
+            x, *pointers, out, m, n, k, x.stride(0), x.stride(1), *strides, out.stride(0), out.stride(1),
+            HALF=half, **consts, **tiles,
+        )  # fmt: skip
     return out
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, swk: int, swn: int, n: int, bias, scale) -> torch.Tensor:
+    out = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    half = _is_half(x) and weight.dtype in (x.dtype, torch.int8)  # int8 is exact in fp16 and bf16
+    pointers = (weight, bias if bias is not None else out, scale if scale is not None else out)
+    return _tiled(
+        _linear_kernel, x, out, half, pointers, (swk, swn), HAS_BIAS=bias is not None, HAS_SCALE=scale is not None
+    )
 
 
 def kv_predict(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -347,29 +339,6 @@ def block_linear(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mini
         weights = (codes, scale, minimum if minimum is not None else scale, codes.stride(0), scale.stride(0))
         return _gemv(_gemv_block_kernel, x, n, group, bias, weights, **consts)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    half = _is_half(x)
-    tiles = _dot_tiles(m, half)
-    if m:
-        grid = (triton.cdiv(m, tiles["BM"]), triton.cdiv(n, tiles["BN"]))
-        _block_linear_kernel[grid](
-            x,
-            codes,
-            scale,
-            minimum if minimum is not None else scale,
-            bias if bias is not None else out,
-            out,
-            m,
-            n,
-            k,
-            x.stride(0),
-            x.stride(1),
-            codes.stride(0),
-            scale.stride(0),
-            out.stride(0),
-            out.stride(1),
-            HALF=half,
-            HAS_BIAS=bias is not None,
-            **consts,
-            **tiles,
-        )
-    return out
+    pointers = (codes, scale, minimum if minimum is not None else scale, bias if bias is not None else out)
+    strides = (codes.stride(0), scale.stride(0))
+    return _tiled(_block_linear_kernel, x, out, _is_half(x), pointers, strides, HAS_BIAS=bias is not None, **consts)
