@@ -117,6 +117,20 @@ def test_int8_activation_kernel_on_int8_weights_is_near_exact_and_batch_invarian
         torch.ops.sedac_cpu.int8_linear_a8(x[:, :48], codes[:, :12], scale, None, out)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("int8_activations", [False, True])
+def test_packed_rows_dequantize_like_the_reference(bits, int8_activations):
+    """The embedding lookup of block-quantized tables (block_rows.cpp) reads each packed layout exactly as
+    the by-rows reference dequantizes it, rows in any order and repeated, and rejects rows outside it."""
+    blocks = _random_blocks(40, 96, 32, bits)  # 40 rows: a padded last panel
+    packed = blocks.panels(int8_activations)
+    index = torch.tensor([0, 39, 17, 17, 5])
+    assert torch.equal(packed.dense(index), blocks.dense(index))
+    assert torch.equal(packed.dense(), blocks.dense())
+    with pytest.raises(RuntimeError, match="row 48 outside the weight"):
+        packed.dense(torch.tensor([48]))
+
+
 def test_int4_quantization_rounds_to_nearest_within_half_a_step():
     torch.manual_seed(0)
     w = torch.randn(24, 64)

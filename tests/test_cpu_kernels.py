@@ -152,8 +152,25 @@ def test_rms_norm_matches_torch():
     assert torch.allclose(normed, F.rms_norm(h + delta, (576,), w, 1e-5), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("width", [7, 16, 49152 + 5])
+def test_argmax_rows_is_torch_argmax(width):
+    """Ties go to the first maximum (within a lane and across lanes), a NaN counts as the maximum, a row of
+    -inf answers 0, strided rows and a tail past the vector width: the same indices as torch.argmax."""
+    torch.manual_seed(0)
+    x = torch.randint(-3, 3, (6, width)).float()  # many ties
+    x[1] = float("-inf")
+    x[2, width // 2] = float("nan")
+    x[2, width - 1] = float("nan")
+    x[3, width - 1] = 10.0  # the tail's maximum
+    x[4, 0] = 10.0
+    x[5, width // 3] = x[5, width // 3 + 1 % width] = 10.0
+    for rows in (x, x[:, : width - 2], x[::2]):
+        assert torch.equal(torch.ops.sedac_cpu.argmax_rows(rows), rows.argmax(dim=-1))
+
+
 def test_silu_and_mul_matches_torch():
-    gate_up = torch.randn(3, 2 * 1536) * 4
+    gate_up = torch.randn(3, 2 * 1536 + 6) * 4  # + a tail past the vector width
+    gate_up[0, :4] = torch.tensor([-200.0, 200.0, -88.0, 0.0])  # exp(-g) beyond fp32's range either way
     gate, up = gate_up.chunk(2, dim=-1)
     assert torch.allclose(torch.ops.sedac_cpu.silu_and_mul(gate_up), F.silu(gate) * up, rtol=1e-6, atol=1e-7)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from sedac.config import MIN_SUFFIX, SCALE_SUFFIX
+from sedac.models import cpu_kernels
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac.block_linear)
 from sedac.plugins.reference import dequantize_blocks, unpack_nibbles
 
@@ -138,6 +139,9 @@ class BlockWeight:
     def dense(self, index: torch.Tensor | None = None) -> torch.Tensor:
         """Dequantized fp32 rows [len(index) or out, in]: q * d + m, as the kernel computes each weight
         (the product of a code and an fp16 scale is exact in fp32, so this rounds once, like its fma)."""
+        if self.packed and cpu_kernels.available():  # the embedding lookup of a decode step: one C++ call
+            index = torch.arange(self.out_features) if index is None else index
+            return torch.ops.sedac_cpu.block_rows(self.codes, self.scale, self.minimum, index)
         return dequantize_blocks(*self.rows(index))
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

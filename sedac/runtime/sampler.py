@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from sedac.models import cpu_kernels
 from sedac.plugins.ops import HAS_TRITON
 from sedac.runtime.sequence import Sequence
 
@@ -19,7 +20,7 @@ def sample(
     logits = process(logits, seqs)
     if constrain is not None:
         logits = constrain(logits, seqs)
-    tokens = logits.argmax(dim=-1)
+    tokens = greedy_tokens(logits)
     random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
     if random_rows:
         probs = filtered_probs(logits[random_rows], [seqs[i].params for i in random_rows])
@@ -30,6 +31,13 @@ def sample(
                 tokens[i] = draw(probs[row], seqs[i].generator)
     token_list = tokens.tolist()  # the step's one device-to-host copy
     return token_list, token_logprobs(raw_logprobs, token_list, seqs)
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[R, V] -> each row's argmax [R]: the C++ kernel on CPU (torch's took ~44 us a 49,152-token row)."""
+    if cpu_kernels.usable(logits) and logits.dim() == 2 and logits.stride(-1) == 1:
+        return torch.ops.sedac_cpu.argmax_rows(logits)
+    return logits.argmax(dim=-1)
 
 
 def argmax_only(seqs: list[Sequence]) -> bool:

@@ -5,6 +5,7 @@
 // -ffp-contract=off and written in HF's operation order, so the elementwise results round like
 // torch's; only the RMS reduction order differs (a last-bit difference in the variance).
 #include "kernels.h"
+#include "vector_exp.h"
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -94,7 +95,8 @@ std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(const torch::Tensor& h, co
   return {sum, out};
 }
 
-// gate_up [T, 2I] (gate | up) -> silu(gate) * up [T, I].
+// gate_up [T, 2I] (gate | up) -> silu(gate) * up [T, I]: g / (1 + exp(-g)) * u, with e = exp(-|g|) so that
+// nothing overflows (g / (1 + e) for g >= 0, g e / (1 + e) below); 16 or 8 at a time on AVX-512 or AVX2.
 torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
   check_rows(gate_up, "silu_and_mul");
   const int64_t t = gate_up.size(0), n = gate_up.size(1) / 2, stride = gate_up.stride(0);
@@ -104,7 +106,27 @@ torch::Tensor silu_and_mul(const torch::Tensor& gate_up) {
   at::parallel_for(0, t, 4, [&](int64_t b, int64_t e) {
     for (int64_t r = b; r < e; ++r) {
       const float *g = gp + r * stride, *u = g + n;
-      for (int64_t i = 0; i < n; ++i) op[r * n + i] = (g[i] / (1.f + std::exp(-g[i]))) * u[i];
+      float* o = op + r * n;
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 ex = sedac_exp::exp_nonpositive(-_mm512_abs_ps(x));
+        const __m512 num = _mm512_mask_mul_ps(x, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), x, ex);
+        _mm512_storeu_ps(o + i, (num / (ex + 1.f)) * _mm512_loadu_ps(u + i));
+      }
+#elif defined(__AVX2__)
+      for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i), zero = _mm256_setzero_ps();
+        const __m256 ex = sedac_exp::exp_nonpositive(_mm256_sub_ps(zero, _mm256_max_ps(x, _mm256_sub_ps(zero, x))));
+        const __m256 num = _mm256_blendv_ps(x, _mm256_mul_ps(x, ex), _mm256_cmp_ps(x, zero, _CMP_LT_OQ));
+        _mm256_storeu_ps(o + i, (num / (ex + 1.f)) * _mm256_loadu_ps(u + i));
+      }
+#endif
+      for (; i < n; ++i) {
+        const float ex = sedac_exp::exp_nonpositive(-std::abs(g[i]));
+        o[i] = ((g[i] < 0.f ? g[i] * ex : g[i]) / (ex + 1.f)) * u[i];
+      }
     }
   });
   return out;

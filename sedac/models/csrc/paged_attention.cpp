@@ -13,6 +13,7 @@
 // positions no faster than fp32 (124 vs 123 tok/s); after, 154 vs 126.
 #include "kernels.h"
 #include "parallel_tasks.h"
+#include "vector_exp.h"
 #include <ATen/Parallel.h>
 
 #if defined(__F16C__) || defined(__AVX512F__)
@@ -27,6 +28,8 @@
 #include <vector>
 
 namespace {
+
+using sedac_exp::exp_nonpositive;
 
 constexpr int64_t kSpan = 64;    // positions per task
 
@@ -73,37 +76,6 @@ inline const float* widen(const at::BFloat16* row, float* buf, int64_t D) {
 #pragma omp simd
   for (int64_t d = 0; d < D; ++d) buf[d] = static_cast<float>(row[d]);
   return buf;
-}
-
-// exp(x) for x <= 0 (a softmax numerator): Cephes' expf polynomial (within 2 ulp), one body for a float
-// and for 16 of them in an AVX-512 register; std::exp one score at a time was ~20 cycles per position and head.
-inline float vmax(float a, float b) { return std::max(a, b); }
-inline float vfloor(float a) { return std::floor(a); }
-inline float pow2(float n) {
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float out;
-  std::memcpy(&out, &bits, sizeof out);
-  return out;
-}
-#if defined(__AVX512F__)
-inline __m512 vmax(__m512 a, float b) { return _mm512_max_ps(a, _mm512_set1_ps(b)); }
-inline __m512 vfloor(__m512 a) { return _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
-inline __m512 pow2(__m512 n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
-}
-#endif
-
-template <class V>
-inline V exp_nonpositive(V x) {
-  x = vmax(x, -87.f);                                             // 2^n stays a normal float
-  const V n = vfloor(x * 1.44269504f + 0.5f);
-  const V r = (x - n * 0.693359375f) + n * 2.12194440e-4f;        // x - n ln 2, in two parts
-  V y = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  return (y * (r * r) + r + 1.f) * pow2(n);
 }
 
 // s[i] = exp(s[i] - m) over [0, n); returns their sum.
@@ -225,7 +197,29 @@ inline __m512 sum16(const __m512* v) {
 }
 
 inline void prefetch_row(const void* row, int64_t bytes) {
-  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b, 0, 2);
+}
+
+// acc [R, D] = sum over the span's positions i, in order, of w[r * n + i] * V row i, for R query heads
+// sharing one KV head (v: that head's row in slot 0, slot_stride apart): the sums stay in registers, where
+// adding into L1 loaded and stored them for every position. The score pass has prefetched the rows.
+template <int R, class T, int64_t D>
+inline void weigh_values(const float* w, int64_t n, const T* v, const int64_t* slots, int64_t slot_stride, float* acc) {
+  constexpr int C = D / 16;
+  __m512 sums[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) sums[r][c] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; ++i) {
+    const T* row = v + slots[i] * slot_stride;
+    __m512 vc[C];
+    for (int c = 0; c < C; ++c) vc[c] = load16(row + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m512 weight = _mm512_set1_ps(w[r * n + i]);
+      for (int c = 0; c < C; ++c) sums[r][c] = _mm512_fmadd_ps(weight, vc[c], sums[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + r * D + 16 * c, sums[r][c]);
 }
 
 // attend_span for a head size D of 16-lane chunks on AVX-512. Positions outer and KV heads inner, as
@@ -239,6 +233,7 @@ void attend_span_avx512(const float* q, int64_t H, int64_t KV, const T* k_pool, 
   std::vector<float> scores(H * n), qs(H * D);   // [H, n] and the queries times the scale
   std::vector<__m512> partial(H * 16);            // [H, 16 positions]: a dot product's 16 lanes each
   for (int64_t i = 0; i < H * D; ++i) qs[i] = q[i] * scale;
+  for (int64_t i = 0; i < std::min<int64_t>(16, n); ++i) prefetch_row(k_pool + slots[i] * KV * D, slot_bytes);
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
     for (int64_t j = 0; j < 16; ++j) {
@@ -247,6 +242,7 @@ void attend_span_avx512(const float* q, int64_t H, int64_t KV, const T* k_pool, 
         continue;
       }
       if (i + 16 + j < n) prefetch_row(k_pool + slots[i + 16 + j] * KV * D, slot_bytes);   // blocks lie anywhere
+      prefetch_row(v_pool + slots[i + j] * KV * D, slot_bytes);   // the V pass then reads the span from cache
       for (int64_t kv = 0; kv < KV; ++kv) {
         const T* k = k_pool + (slots[i + j] * KV + kv) * D;
         __m512 kc[C];
@@ -262,18 +258,13 @@ void attend_span_avx512(const float* q, int64_t H, int64_t KV, const T* k_pool, 
       _mm512_mask_storeu_ps(scores.data() + h * n + i, static_cast<__mmask16>((1u << m) - 1), sum16(&partial[h * 16]));
   }
   softmax_numerators(scores.data(), H, n, D, out);
-  for (int64_t i = 0; i < n; ++i) {
-    if (i + 16 < n) prefetch_row(v_pool + slots[i + 16] * KV * D, slot_bytes);
-    for (int64_t kv = 0; kv < KV; ++kv) {
-      const T* v = v_pool + (slots[i] * KV + kv) * D;
-      __m512 vc[C];
-      for (int c = 0; c < C; ++c) vc[c] = load16(v + 16 * c);
-      for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
-        const __m512 w = _mm512_set1_ps(scores[h * n + i]);
-        float* acc = out.acc + h * D;
-        for (int c = 0; c < C; ++c) _mm512_storeu_ps(acc + 16 * c, _mm512_fmadd_ps(w, vc[c], _mm512_loadu_ps(acc + 16 * c)));
-      }
-    }
+  constexpr int64_t kChunk = D == 64 ? 4 : 2;   // query heads whose sums stay in registers (16 of 32)
+  for (int64_t kv = 0; kv < KV; ++kv) {
+    int64_t h = kv * G;
+    for (; h + kChunk <= (kv + 1) * G; h += kChunk)
+      weigh_values<kChunk, T, D>(scores.data() + h * n, n, v_pool + kv * D, slots, KV * D, out.acc + h * D);
+    for (; h < (kv + 1) * G; ++h)
+      weigh_values<1, T, D>(scores.data() + h * n, n, v_pool + kv * D, slots, KV * D, out.acc + h * D);
   }
 }
 #endif
