@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sedac import LLM, SamplingParams
-from sedac.runtime.sampler import filtered_probs
+from sedac.runtime.sampler import filtered_probs, greedy_tokens
 
 PROMPT = [1, 520, 9531, 198, 33]
 
@@ -64,6 +64,18 @@ def test_top_k_one_is_greedy(llm):
     greedy = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))[0].token_ids
     top1 = llm.generate([PROMPT], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, ignore_eos=True))[0]
     assert top1.token_ids == greedy
+
+
+def test_greedy_choices_take_the_cpu_argmax_kernel(llm, monkeypatch):
+    """Greedy rows are chosen by argmax_rows (sampling runs with autograd on, outside the model's
+    inference mode), and the tokens are torch.argmax's."""
+    calls = []
+    kernel = torch.ops.sedac_cpu.argmax_rows
+    monkeypatch.setattr(torch.ops.sedac_cpu, "argmax_rows", lambda x: calls.append(x.shape) or kernel(x))
+    out = llm.generate(["Hello there"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4 and len(calls) == 4
+    logits = torch.randn(3, 1000, requires_grad=False)
+    assert torch.equal(greedy_tokens(logits), logits.argmax(dim=-1))
 
 
 def test_filters_mask_the_right_tokens():

@@ -35,7 +35,8 @@ def sample(
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """[R, V] -> each row's argmax [R]: the C++ kernel on CPU (torch's took ~44 us a 49,152-token row)."""
-    if cpu_kernels.usable(logits) and logits.dim() == 2 and logits.stride(-1) == 1:
+    on_kernel = logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_kernels.available()
+    if on_kernel and logits.dim() == 2 and logits.stride(-1) == 1:  # no autograd here: sampling runs outside it
         return torch.ops.sedac_cpu.argmax_rows(logits)
     return logits.argmax(dim=-1)
 
