@@ -196,6 +196,7 @@ inline __m512 sum16(const __m512* v) {
   return _mm512_permutexvar_ps(lane_of, sum16_unordered(v));
 }
 
+// Into L2 (the T1 hint): slightly faster than into L1 here, the score pass's prefetches queue behind each other.
 inline void prefetch_row(const void* row, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(row) + b, 0, 2);
 }
