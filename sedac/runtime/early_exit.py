@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
-from sedac.runtime.sampler import argmax_only, sample
+from sedac.runtime.sampler import argmax_only, greedy_tokens, sample
 from sedac.runtime.speculative import pass_cost
 
 NEVER = -1.0  # entropy is >= 0: a threshold no token meets
@@ -181,7 +181,7 @@ def precision_exit_step(
     if staying:
         logits[staying] = _full_pass(runner, [seqs[i] for i in staying], controller)
     tokens, lps = sample(logits, seqs)
-    greedy = logits.argmax(-1).tolist()
+    greedy = greedy_tokens(logits).tolist()
     for i, exits in enumerate(go):
         audit = controller.should_audit(levels[i], exits)  # checked against the exit's greedy choice
         if exits:
@@ -204,7 +204,7 @@ def _full_pass(runner, seqs, controller: ExitController) -> torch.Tensor:
     h = runner.run(ids, None, positions, ctx)
     wanted = [row for row, _, _ in audits] + list(range(len(rows) - len(seqs), len(rows)))
     logits = runner.model.logits(h[wanted], argmax_only=argmax_only(seqs)).float()
-    for (_, predicted, level), choice in zip(audits, logits[: len(audits)].argmax(-1).tolist()):
+    for (_, predicted, level), choice in zip(audits, greedy_tokens(logits[: len(audits)]).tolist()):
         controller.record(level, predicted == choice)
     for s in seqs:
         s.precision_exits, s.approximate_kv_from = [], None

@@ -36,7 +36,7 @@ def sample(
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """[R, V] -> each row's argmax [R]: the C++ kernel on CPU (torch's took ~44 us a 49,152-token row)."""
     on_kernel = logits.device.type == "cpu" and logits.dtype == torch.float32 and cpu_kernels.available()
-    if on_kernel and logits.dim() == 2 and logits.stride(-1) == 1:  # no autograd here: sampling runs outside it
+    if on_kernel and logits.dim() == 2 and logits.stride(-1) == 1:  # autograd may be on here: argmax has no gradient
         return torch.ops.sedac_cpu.argmax_rows(logits)
     return logits.argmax(dim=-1)
 

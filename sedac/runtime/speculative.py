@@ -17,7 +17,15 @@ from dataclasses import dataclass
 import torch
 
 from sedac.plugins import ops  # noqa: F401  (registers torch.ops.sedac)
-from sedac.runtime.sampler import argmax_only, draw, filtered_probs, process, sample, token_logprobs
+from sedac.runtime.sampler import (
+    argmax_only,
+    draw,
+    filtered_probs,
+    greedy_tokens,
+    process,
+    sample,
+    token_logprobs,
+)
 from sedac.runtime.sequence import Sequence
 
 
@@ -115,7 +123,7 @@ def _draft(runner, seqs, starts, draft_lens, max_entropy, min_rows, grammar):
         logits = process(raw, [_Extended(seqs[i], drafts[i]) for i in active])
         if grammar:
             grammar.mask(logits, [seqs[i] for i in active])  # their matchers stand after their drafts
-        greedy = logits.argmax(-1).tolist()
+        greedy = greedy_tokens(logits).tolist()
         still = []
         for n, i in enumerate(active):
             if not confident[n]:
