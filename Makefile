@@ -50,7 +50,7 @@ bench-sedac: install $(SEDAC_ENGINE)/sedac.safetensors
 # fp32 engine vs the same model at every other precision (engines/smollm2-PRECISION, built when missing);
 # LLAMA_CPP=path/to/llama.cpp/build/bin adds llama.cpp's llama-bench on the same GGUF to the same run.
 bench-precisions: install $(ENGINE)/config.json
-	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,gguf --report reports/precision_bench \
+	$(VENV)/bin/sedac-run bench --engine $(ENGINE) --precisions fp32,fp16,bf16,int8,int4,w4a8,gguf --report reports/precision_bench \
 		$(if $(LLAMA_CPP),--llama-cpp $(LLAMA_CPP))
 
 # o1 reasoning control: accuracy vs generated tokens on generated arithmetic (greedy, self-consistency, adaptive)

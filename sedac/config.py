@@ -22,11 +22,24 @@ PRECISIONS = {
     "bf16": "bfloat16",
     "int8": "float16",
     "int4": "float16",
+    "w8a8": "float16",
+    "w4a8": "float16",
     "gguf": "float32",
 }
 # weight-only precisions: linear weights stored quantized (int8: one scale per output channel; int4:
 # a scale and a minimum per group of inputs; gguf: the source file's own blocks)
 WEIGHT_ONLY = ("int8", "int4", "gguf")
+# w8a8 and w4a8 store int8's and int4's weights; the CPU's integer (VNNI) kernels quantize their activations
+# to one int8 level per group of 32 inputs, as llama.cpp does (half the dot products of a batched step, at
+# some accuracy), where int8 and int4 take a 16-bit grid (csrc/int8_activations.h)
+INT8_ACTIVATION_PRECISIONS = {"w8a8": "int8", "w4a8": "int4"}
+
+
+def weight_format(precision: str) -> str:
+    """The precision an engine's weights are stored at: w8a8's and w4a8's are int8's and int4's."""
+    return INT8_ACTIVATION_PRECISIONS.get(precision, precision)
+
+
 # --kv-cache-dtype -> the KV pool's dtype; "auto": the compute dtype (fp32 on CPU, the weights' on CUDA), except
 # HALF_KV_PRECISIONS on CPU (sedac.runtime.model_runner._kv_dtype)
 KV_CACHE_DTYPES = {
@@ -78,8 +91,8 @@ class BuildConfig:
         for name in ("max_batch_size", "max_seq_len", "max_num_tokens", "kv_block_size"):
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer")
-        if self.group_size is not None and (self.precision != "int4" or int(self.group_size) <= 0):
-            raise ValueError("group_size (--group-size) applies to precision int4 only, as a positive integer")
+        if self.group_size is not None and (weight_format(self.precision) != "int4" or int(self.group_size) <= 0):
+            raise ValueError("group_size (--group-size) applies to precisions int4 and w4a8 only, a positive integer")
         if self.max_num_tokens < self.max_batch_size:
             raise ValueError("max_num_tokens must be at least max_batch_size")
 

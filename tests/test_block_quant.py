@@ -117,6 +117,44 @@ def test_int8_activation_kernel_on_int8_weights_is_near_exact_and_batch_invarian
         torch.ops.sedac_cpu.int8_linear_a8(x[:, :48], codes[:, :12], scale, None, out)
 
 
+def _int8_grid(x: torch.Tensor, group: int = 32) -> torch.Tensor:
+    """x [T, in] on one int8 level per row and group: round(x * 127 / max |x|) * max |x| / 127, in
+    csrc/int8_activations.h's fp32 steps."""
+    g = x.unflatten(1, (-1, group))
+    amax = g.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(g * inv) * (amax / 127)).flatten(1)
+
+
+@pytest.mark.parametrize("weights", ["4-bit", "8-bit blocks", "int8 rows"])
+def test_one_activation_level_is_int8_activations(weights):
+    """With one level (w4a8 and w8a8 engines) the integer kernels compute on activations rounded to
+    int8 per row and group of 32, llama.cpp's Q8 grid: the reference on those activations up to summation
+    order (4-bit blocks' minimums meet the exact activations' sums), coarser than two levels, batch-invariant."""
+    torch.manual_seed(3)
+    out, inp = 200, 96
+    x = torch.randn(13, inp) * torch.linspace(0.1, 3, inp)
+    x[2, :32] = 0  # a zero group
+    if weights == "int8 rows":
+        weight, scale = quantize_rows(torch.randn(out, inp))
+        dense, codes = weight.float() * scale[:, None], int8_a8_panels(weight)
+        run = lambda rows, levels: torch.ops.sedac_cpu.int8_linear_a8(rows, codes, scale, None, out, levels)  # noqa: E731
+        reference = _int8_grid(x) @ dense.t()
+    else:
+        blocks = _random_blocks(out, inp, 32, 4 if weights == "4-bit" else 8)
+        packed, dense = blocks.panels(int8_activations=True), blocks.dense()
+        run = lambda rows, levels: BlockWeight(**{**vars(packed), "activation_levels": levels}).linear(rows, None)  # noqa: E731
+        minimum = torch.zeros_like(dense) if blocks.minimum is None else blocks.minimum.float().repeat_interleave(32, 1)
+        reference = _int8_grid(x) @ (dense - minimum).t() + x @ minimum.t()
+    one, two, exact = run(x, 1), run(x, 2), x @ dense.t()
+    assert (one - reference).norm() < 1e-5 * reference.norm()
+    assert (two - exact).norm() < (one - exact).norm() < 1e-2 * exact.norm()  # the fine level is gone
+    for rows in range(1, 14):
+        assert torch.equal(run(x[:rows], 1), one[:rows])
+    with pytest.raises(RuntimeError, match="activation levels: 1 \\(int8\\) or 2"):
+        run(x, 3)
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("int8_activations", [False, True])
 def test_packed_rows_dequantize_like_the_reference(bits, int8_activations):
@@ -210,6 +248,43 @@ def test_int4_engine_follows_hf_on_dequantized_weights(tmp_path, tiny_models, ar
     assert fused  # decode steps ran the fused layer on the blocks
 
 
+@pytest.mark.parametrize("precision,twin", [("w4a8", "int4"), ("w8a8", "int8")])
+def test_int8_activation_engines_hold_int4_and_int8_weights(tmp_path, tiny_models, precision, twin, monkeypatch):
+    """w4a8 and w8a8 engines store exactly int4's and int8's weights; their integer kernels take one int8
+    level per activation group (llama.cpp's Q8 grid): HF on the dequantized weights picks the same token at
+    most positions, and the logits are not the two-level engine's."""
+    engines = {p: _engine(tmp_path, tiny_models["llama"], p) for p in (precision, twin)}
+    ours, theirs = (load_file(str(engines[p] / "model.safetensors")) for p in (precision, twin))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    llm, twin_llm = (LLM(str(engines[p]), device="cpu", kv_cache_dtype="fp32") for p in (precision, twin))
+    qkv = llm.engine.runner.model.layers[0].qkv_proj
+    assert qkv.activation_levels == 1 and qkv.kernel_levels(draft=False) == 1
+    assert twin_llm.engine.runner.model.layers[0].qkv_proj.kernel_levels(draft=False) == 2
+    fused = fused_steps(monkeypatch)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0))
+    assert fused  # decode steps ran the fused layer, with one level
+    hf = load_hf_model(engines[precision])
+    same = total = 0
+    for prompt, out in zip(PROMPTS, outs):
+        with torch.inference_mode():
+            choices = hf(torch.tensor([prompt + out.token_ids])).logits[0, len(prompt) - 1 : -1].argmax(-1)
+        same += sum(a == b for a, b in zip(choices.tolist(), out.token_ids))
+        total += len(out.token_ids)
+    assert same >= 0.8 * total, (same, total)
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    one, two = (m.generate([PROMPTS[0]], params)[0].outputs[0].logprobs[0] for m in (llm, twin_llm))
+    assert one != two
+
+
+def test_w4a8_without_integer_kernels_says_it_runs_as_int4(tmp_path, tiny_models, monkeypatch, caplog):
+    engine = _engine(tmp_path, tiny_models["llama"], "w4a8")
+    monkeypatch.setattr(cpu_kernels, "integer_dot_products", lambda: False)
+    llm = LLM(str(engine), device="cpu")
+    assert "w4a8: activations stay float32 on cpu here (int8 activations need the C++ CPU kernels" in caplog.text
+    assert not llm.engine.runner.model.layers[0].qkv_proj.blocks.int8_activations  # the fp32-activation kernel
+    assert len(llm.generate(PROMPTS[:1], SamplingParams(max_tokens=4, temperature=0.0))[0].outputs[0].token_ids) == 4
+
+
 def test_int4_engine_without_kernels_dequantizes_at_load(tmp_path, tiny_models, monkeypatch, caplog):
     engine = _engine(tmp_path, tiny_models["llama"], "int4", group_size=16)  # fp32 K/V: the weights' paths compared
     with_kernels = [
@@ -234,7 +309,7 @@ def test_quantized_precision_errors(tmp_path, tiny_models):
         out.exit_code != 0 and "--precision gguf keeps a GGUF file's own blocks and needs a .gguf source" in out.output
     )
     out = runner.invoke(build_main, [*base, "--precision", "int8", "--group-size", "64"])
-    assert out.exit_code != 0 and "group_size (--group-size) applies to precision int4 only" in out.output
+    assert out.exit_code != 0 and "group_size (--group-size) applies to precisions int4 and w4a8 only" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--group-size", "48"])
     assert out.exit_code != 0 and "--group-size 48 must be even and divide" in out.output
     out = runner.invoke(build_main, [*base, "--precision", "int4", "--sedac"])

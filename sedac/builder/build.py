@@ -15,7 +15,15 @@ from sedac.builder.convert import convert_checkpoint, model_config_from_hf, quan
 from sedac.builder.gguf_blocks import gguf_engine_weights
 from sedac.builder.sedac_build import SedacOptions, add_sedac
 from sedac.builder.sources import resolve_source
-from sedac.config import DEFAULT_GROUP_SIZE, PRECISIONS, WEIGHT_ONLY, WEIGHTS_FILE, BuildConfig, EngineConfig
+from sedac.config import (
+    DEFAULT_GROUP_SIZE,
+    PRECISIONS,
+    WEIGHT_ONLY,
+    WEIGHTS_FILE,
+    BuildConfig,
+    EngineConfig,
+    weight_format,
+)
 from sedac.runtime.reasoning import ReasoningMarkers
 
 
@@ -87,9 +95,9 @@ def _engine_weights(source, cfg, build: BuildConfig) -> dict[str, torch.Tensor]:
                 "for this model use int4 or int8"
             )
         return gguf_engine_weights(source.gguf_path, cfg)
-    if build.precision in WEIGHT_ONLY:  # quantized from the source's own precision, not a rounded copy
+    if (weights := weight_format(build.precision)) in WEIGHT_ONLY:  # from the source's own precision
         fp32 = convert_checkpoint(source.tensors(), cfg, torch.float32)
-        return quantize_linears(fp32, dtype, build.precision, build.group_size or DEFAULT_GROUP_SIZE)
+        return quantize_linears(fp32, dtype, weights, build.group_size or DEFAULT_GROUP_SIZE)
     return convert_checkpoint(source.tensors(), cfg, dtype)
 
 

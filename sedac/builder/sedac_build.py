@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from sedac.builder import calibration as cal
 from sedac.builder import exit_training as et
 from sedac.builder import ghost_kv as gk
-from sedac.config import SEDAC_WEIGHTS_FILE, WEIGHT_ONLY, EngineConfig
+from sedac.config import SEDAC_WEIGHTS_FILE, WEIGHT_ONLY, EngineConfig, weight_format
 from sedac.models.layers import DRAFT_PRECISIONS
 from sedac.runtime.pass_costs import device_name, measure_pass_costs
 from sedac.runtime.speculative import pass_cost
@@ -63,7 +63,7 @@ class SedacOptions:
         if not candidates:
             raise ValueError(
                 f"--sedac needs a base with a cheaper copy for its drafter and precision exit: fp32, fp16, bf16 "
-                f"(int8 or int4 drafts) or int8 (int4 drafts); {base_precision} weights are already 4-5 bits"
+                f"(int8 or int4 drafts) or int8, w8a8 (int4 drafts); {base_precision} weights are already 4-5 bits"
             )
         if self.draft_precision == "auto":
             return candidates
@@ -233,6 +233,7 @@ def _choose(layers, entropy, agree, costs, documents, learn) -> dict:
 def draft_candidates(base_precision: str) -> tuple[str, ...]:
     """The draft precisions cheaper than an engine's base (DRAFT_PRECISIONS, cheapest last); none for
     int4 and gguf engines, whose weights are already 4 to 5 bits."""
+    base_precision = weight_format(base_precision)
     if base_precision not in WEIGHT_ONLY:
         return DRAFT_PRECISIONS
     return DRAFT_PRECISIONS[DRAFT_PRECISIONS.index(base_precision) + 1 :] if base_precision in DRAFT_PRECISIONS else ()

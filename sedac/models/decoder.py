@@ -114,6 +114,7 @@ def fused_decode(layers: list[DecoderLayer], h, cos, signed_sin, ctx, draft: boo
         h, cos, signed_sin, *layers[0].fused_weights(layers, draft),
         [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
         ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths, layers[0].num_heads, ctx.block_size,
+        activation_levels=layers[0].qkv_proj.kernel_levels(draft),
     )  # fmt: skip
 
 

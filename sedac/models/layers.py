@@ -42,14 +42,16 @@ class Linear(nn.Module):
         self.int8: tuple[torch.Tensor, torch.Tensor] | None = None
         self.blocks: BlockWeight | None = None  # block-quantized weight (int4 and gguf engines)
         self.draft_blocks: BlockWeight | None = None  # an int4 draft copy (make_draft_copy), else drafts use int8
+        self.activation_levels = 2  # the integer kernels' int8 levels per activation group (1: w8a8, w4a8)
 
-    def pack_for_cpu(self, int8_activations: bool = False) -> None:
+    def pack_for_cpu(self, int8_activations: bool = False, activation_levels: int = 2) -> None:
         """Panels [ceil(out / 16), in, 16] (zero-padded): panel p holds outputs 16p..16p+15 by input,
         at the weight's own precision (fp32, fp16, bf16; int8 with its scales; blocks with theirs). With
         int8_activations, 4-bit blocks and int8 weights take the layouts of the integer kernels
-        (BlockWeight.panels, int8_a8_panels)."""
+        (BlockWeight.panels, int8_a8_panels), whose activations take activation_levels int8 levels."""
+        self.activation_levels = activation_levels
         if self.blocks is not None:
-            self.blocks = self.blocks.panels(int8_activations)
+            self.blocks = self.blocks.panels(int8_activations, activation_levels)
         elif self.weight_only_int8:
             weight, scale = self.int8
             a8 = int8_activations and weight.shape[1] % INT8_ACTIVATION_GROUP == 0
@@ -135,6 +137,11 @@ class Linear(nn.Module):
             return (*self.int8, None) if self.int8 is not None and self.int8[0].dim() == 3 else None
         return None if self.packed is None else (self.packed, None, None)
 
+    def kernel_levels(self, draft: bool) -> int:
+        """The int8 levels per activation group that kernel_weights(draft)'s integer kernel takes."""
+        blocks = self.draft_blocks if draft else self.blocks
+        return self.activation_levels if blocks is None else blocks.activation_levels
+
     def draft(self, x: torch.Tensor) -> torch.Tensor:
         """The layer on its draft copy (make_draft_copy)."""
         if self.draft_blocks is not None:
@@ -145,7 +152,9 @@ class Linear(nn.Module):
         """The layer on its int8 weights (an int8 engine's, or a copy): the C++ kernel on CPU, else the sedac op."""
         weight, scale = self.int8
         if weight.dtype == torch.uint8:
-            return torch.ops.sedac_cpu.int8_linear_a8(x, weight, scale, self.bias, self.out_features)
+            return torch.ops.sedac_cpu.int8_linear_a8(
+                x, weight, scale, self.bias, self.out_features, self.activation_levels
+            )
         if weight.dim() == 3:
             return torch.ops.sedac_cpu.int8_panel_linear(x, weight, scale, self.bias, self.out_features)
         return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)  # Triton on CUDA

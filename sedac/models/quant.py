@@ -74,6 +74,7 @@ class BlockWeight:
     minimum: torch.Tensor | None
     out_features: int
     packed: bool = False
+    activation_levels: int = 2  # int8 levels per activation group of the integer kernels (1: w4a8 engines)
 
     def __post_init__(self):
         eight_bit = torch.uint8 if self.int8_activations else torch.int8
@@ -96,10 +97,11 @@ class BlockWeight:
     def group_size(self) -> int:
         return self.in_features // self.scale.shape[-2 if self.packed else 1]
 
-    def panels(self, int8_activations: bool = False) -> "BlockWeight":
+    def panels(self, int8_activations: bool = False, activation_levels: int = 2) -> "BlockWeight":
         """The layout csrc/block_linear.cpp reads, or with int8_activations that of csrc/block_linear_a8.cpp
         (4-bit codes) or csrc/int8_linear_a8.cpp (8-bit codes in groups of 32: GGUF Q8_0's), whose activations
-        are quantized per group at run time, as llama.cpp's kernels do."""
+        are quantized per group at run time, as llama.cpp's kernels do, to activation_levels int8 levels
+        (csrc/int8_activations.h)."""
         if self.packed:
             return self
         if int8_activations and self.bits == 4:  # [P, in/8, 16 outputs, 4 inputs], k + 4 in the high nibble
@@ -115,6 +117,7 @@ class BlockWeight:
             None if self.minimum is None else to_panels(self.minimum),
             self.out_features,
             packed=True,
+            activation_levels=activation_levels,
         )
 
     def rows(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -147,9 +150,13 @@ class BlockWeight:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x [T, in] -> [T, out] on the CPU kernels (packed), else the sedac op (Triton on CUDA)."""
         if self.int8_activations and self.bits == 8:
-            return torch.ops.sedac_cpu.int8_linear_a8(x, self.codes, self.scale, bias, self.out_features)
+            return torch.ops.sedac_cpu.int8_linear_a8(
+                x, self.codes, self.scale, bias, self.out_features, self.activation_levels
+            )
         if self.int8_activations:
-            return torch.ops.sedac_cpu.block_linear_a8(x, self.codes, self.scale, self.minimum, bias, self.out_features)
+            return torch.ops.sedac_cpu.block_linear_a8(
+                x, self.codes, self.scale, self.minimum, bias, self.out_features, self.activation_levels
+            )
         if self.packed:
             return torch.ops.sedac_cpu.block_linear(x, self.codes, self.scale, self.minimum, bias, self.out_features)
         return torch.ops.sedac.block_linear(x, self.codes, self.scale, self.minimum, bias)  # Triton on CUDA

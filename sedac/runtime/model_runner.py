@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from sedac.config import (
+    INT8_ACTIVATION_PRECISIONS,
     KV_CACHE_DTYPES,
     MIN_SUFFIX,
     PRECISIONS,
@@ -18,6 +19,7 @@ from sedac.config import (
     WEIGHTS_FILE,
     DeviceOptions,
     EngineConfig,
+    weight_format,
 )
 from sedac.log import logger
 from sedac.models import AttentionContext, DecoderModel, PrefillChunk, cpu_kernels, set_context
@@ -74,7 +76,8 @@ def _kv_dtype(name: str, compute_dtype: torch.dtype, precision: str, device: tor
         raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
     if KV_CACHE_DTYPES[name] is not None:
         return getattr(torch, KV_CACHE_DTYPES[name])
-    return torch.float16 if device.type == "cpu" and precision in HALF_KV_PRECISIONS else compute_dtype
+    half = device.type == "cpu" and weight_format(precision) in HALF_KV_PRECISIONS
+    return torch.float16 if half else compute_dtype
 
 
 class ModelRunner:
@@ -122,16 +125,21 @@ class ModelRunner:
         if tied:
             model.tie_lm_head()
         block_kernels = self._cpu_kernels() if self.device.type == "cpu" else ops.HAS_TRITON
-        if self.config.build.precision in ("int4", "gguf") and not block_kernels:
+        if weight_format(self.config.build.precision) in ("int4", "gguf") and not block_kernels:
             self._dequantize_blocks(model)
         model = self._pack_for_cpu(model.to(self.device).eval()).to(self.dtype)  # packed panels keep their dtype
+        if (precision := self.config.build.precision) in INT8_ACTIVATION_PRECISIONS and not self._integer_kernels():
+            logger.warning(
+                f"{precision}: activations stay {str(self.dtype).removeprefix('torch.')} on {self.device.type} here "
+                f"(int8 activations need the C++ CPU kernels on AVX-512 VNNI): it runs as {weight_format(precision)}"
+            )
         model.embed_tokens.to(self.weight_dtype)  # gathered rows are widened (DecoderModel.embed)
         return model
 
     def make_draft_copies(self, precision: str) -> None:
         """The model's draft copies at `precision` ("int8" or "int4"), on the kernels this device runs:
         an int4 copy takes int8 activations where the CPU has VNNI, like an int4 engine."""
-        self.model.make_draft_copies(precision, self._cpu_kernels() and cpu_kernels.integer_dot_products())
+        self.model.make_draft_copies(precision, self._integer_kernels())
 
     def _dequantize_blocks(self, model: DecoderModel) -> None:
         """Block weights need the C++ kernels on CPU, Triton on CUDA: without them they are dequantized
@@ -173,14 +181,19 @@ class ModelRunner:
     def _pack_for_cpu(self, module: nn.Module) -> nn.Module:
         """On CPU every Linear runs on panels packed at the weights' precision (see Linear.pack_for_cpu);
         int4 and int8 engines' weight-only layers take int8 activations (csrc/block_linear_a8.cpp,
-        csrc/int8_linear_a8.cpp) where the CPU has VNNI, else the kernels on fp32 activations."""
+        csrc/int8_linear_a8.cpp) where the CPU has VNNI, else the kernels on fp32 activations; w4a8 and
+        w8a8 engines' one int8 level per group, int4 and int8 engines' two."""
         if self._cpu_kernels():
-            quantized = self.config.build.precision in ("int4", "int8")
-            int8_activations = quantized and cpu_kernels.integer_dot_products()
+            precision = self.config.build.precision
+            int8_activations = weight_format(precision) in ("int4", "int8") and self._integer_kernels()
+            levels = 1 if precision in INT8_ACTIVATION_PRECISIONS else 2
             for linear in module.modules():
                 if isinstance(linear, Linear):
-                    linear.pack_for_cpu(int8_activations)
+                    linear.pack_for_cpu(int8_activations, levels)
         return module
+
+    def _integer_kernels(self) -> bool:
+        return self._cpu_kernels() and cpu_kernels.integer_dot_products()
 
     def _cpu_kernels(self) -> bool:
         return self.device.type == "cpu" and cpu_kernels.available()

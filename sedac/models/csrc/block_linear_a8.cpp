@@ -5,7 +5,7 @@
 // ops per 32 weights, so at batch 1 it is compute-bound at ~int8's speed (SmolLM2's 30 layers' GEMVs
 // 4.4 ms for 66 MB). One vpdpbusd multiplies 64 codes by 64 int8 activations; with the nibble
 // unpacking that is ~8 ops per 128 weights for two activation levels.
-// Activations in two int8 levels per group (int8_activations.h).
+// Activations in two int8 levels per group, or one (w4a8 engines) (int8_activations.h).
 // Per output and group: y += float(254 sum(q c) + sum(q f)) * (d * s / 254), then y += m * sum(x), in
 // that order (the integer is exact, below 2^24 for groups of 32), and a row's result is the same alone
 // or in any batch.
@@ -21,6 +21,7 @@ namespace {
 using namespace sedac_panels;
 using namespace sedac_a8;
 
+template <int Levels>   // activation levels: 2, or 1 without the fine dot products
 struct A8Kernel {
   const uint8_t* codes;
   const at::Half *scales, *mins;
@@ -54,8 +55,10 @@ struct A8Kernel {
         for (int r = 0; r < R; ++r) {
           ca[r] = broadcast4(xc + r * n + k);
           cb[r] = broadcast4(xc + r * n + k + 4);
-          fa[r] = broadcast4(xf + r * n + k);
-          fb[r] = broadcast4(xf + r * n + k + 4);
+          if constexpr (Levels == 2) {
+            fa[r] = broadcast4(xf + r * n + k);
+            fb[r] = broadcast4(xf + r * n + k + 4);
+          }
         }
         if constexpr (P == kGroup) prefetch_l2(c + kGroup * code_stride() + k / 8 * 64 * kGroup, 64 * kGroup);
 #pragma GCC unroll 16
@@ -67,7 +70,8 @@ struct A8Kernel {
 #pragma GCC unroll 16
           for (int r = 0; r < R; ++r) {
             coarse[r * P + p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(coarse[r * P + p], lo, ca[r]), hi, cb[r]);
-            fine[r * P + p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(fine[r * P + p], lo, fa[r]), hi, fb[r]);
+            if constexpr (Levels == 2)
+              fine[r * P + p] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(fine[r * P + p], lo, fa[r]), hi, fb[r]);
           }
         }
       }
@@ -110,7 +114,8 @@ struct A8Kernel {
 
 // x [T, in] fp32 against 4-bit block panels in the layout above -> [T, out] (+ bias).
 torch::Tensor block_linear_a8(const torch::Tensor& x_in, const torch::Tensor& codes, const torch::Tensor& scales,
-                              const torch::Tensor& mins, const std::optional<torch::Tensor>& bias, int64_t out_features) {
+                              const torch::Tensor& mins, const std::optional<torch::Tensor>& bias, int64_t out_features,
+                              int64_t levels) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "block_linear_a8: x float32 [T, in]");
   const auto x = x_in.contiguous();
   const int64_t t = x.size(0), n = x.size(1), num_panels = codes.size(0);
@@ -123,14 +128,19 @@ torch::Tensor block_linear_a8(const torch::Tensor& x_in, const torch::Tensor& co
               mins.scalar_type() == at::kHalf && mins.is_contiguous(),
               "block_linear_a8: scales and minimums fp16 [panels, groups, 16], groups of a multiple of 8 inputs");
   const int64_t group = n / scales.size(1);
-  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, group);
-  auto y = run_panels(A8Kernel{codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), mins.data_ptr<at::Half>(),
-                               x.data_ptr<float>(), &rows, n, group}, x, num_panels, out_features);
+  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, group, levels);
+  const auto run = [&](auto kernel) {
+    kernel = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), mins.data_ptr<at::Half>(), x.data_ptr<float>(),
+              &rows, n, group};
+    return run_panels(kernel, x, num_panels, out_features);
+  };
+  auto y = levels == 2 ? run(A8Kernel<2>{}) : run(A8Kernel<1>{});
   if (bias) y.add_(*bias);
   return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
-  m.def("block_linear_a8(Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor? bias, int out_features) -> Tensor");
+  m.def("block_linear_a8(Tensor x, Tensor codes, Tensor scales, Tensor mins, Tensor? bias, int out_features, "
+        "int levels=2) -> Tensor");
   m.impl("block_linear_a8", torch::kCPU, &block_linear_a8);
 }

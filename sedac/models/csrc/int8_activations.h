@@ -1,8 +1,10 @@
-// Activations quantized per row and group of inputs to two int8 levels, for the integer dot products
+// Activations quantized per row and group of inputs to two int8 levels (or one), for the integer dot products
 // of block_linear_a8.cpp (4-bit codes) and int8_linear_a8.cpp (int8 weights), on AVX-512 VNNI.
 // Per row and group: c = round(x / s) with s = max |x| / 127, and the residual in steps of s / 254,
 // f = round((x - c s) / (s / 254)): x ~= (254 c + f) s / 254, a 15-bit grid (one int8 level, llama.cpp's,
 // cost SmolLM2 5 points of greedy agreement, 0.949; two levels measured 1.000 in `make bench-precisions`).
+// With one level (w4a8 and w8a8 engines: llama.cpp's Q8 activations) f = 0 and the kernels skip the fine
+// dot products, half the vpdpbusd work of a batched step.
 // Rows are quantized independently, so a row's result is the same alone or in any batch.
 #pragma once
 #include <torch/extension.h>
@@ -34,8 +36,9 @@ struct GroupSums {
   int32_t levels;
 };
 
-// One group of inputs v[0, group) -> coarse and fine codes; returns its step and sums.
-inline GroupSums quantize_group(const float* v, int64_t group, int8_t* coarse, int8_t* fine) {
+// One group of inputs v[0, group) -> coarse and fine codes (zeros with one level); returns its step and sums.
+inline GroupSums quantize_group(const float* v, int64_t group, int8_t* coarse, int8_t* fine, int64_t num_levels) {
+  const float fine_on = num_levels == 2 ? 1.f : 0.f;
 #if SEDAC_VNNI
   if (group % 16 == 0) {   // the same steps on 16 lanes (sums in another order: bitwise per build, not per ISA)
     __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
@@ -52,7 +55,8 @@ inline GroupSums quantize_group(const float* v, int64_t group, int8_t* coarse, i
       const __m512 c = _mm512_roundscale_ps(_mm512_mul_ps(x, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
       const __m512 f = _mm512_roundscale_ps(_mm512_mul_ps(_mm512_sub_ps(x, _mm512_mul_ps(c, vd)), fine_scale),
                                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-      const __m512 bound = _mm512_set1_ps(127.f), clamped = _mm512_min_ps(_mm512_max_ps(f, -bound), bound);
+      const __m512 bound = _mm512_set1_ps(127.f);
+      const __m512 clamped = _mm512_mul_ps(_mm512_min_ps(_mm512_max_ps(f, -bound), bound), _mm512_set1_ps(fine_on));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(coarse + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(c)));
       _mm_storeu_si128(reinterpret_cast<__m128i*>(fine + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(clamped)));
       levels = _mm512_add_ps(levels, _mm512_fmadd_ps(c, _mm512_set1_ps(kFine), clamped));
@@ -70,20 +74,21 @@ inline GroupSums quantize_group(const float* v, int64_t group, int8_t* coarse, i
   for (int64_t k = 0; k < group; ++k) {
     const float c = std::nearbyint(v[k] * inv);
     coarse[k] = static_cast<int8_t>(c);
-    fine[k] = static_cast<int8_t>(std::clamp(std::nearbyint((v[k] - c * d) * (inv * kFine)), -127.f, 127.f));
+    fine[k] = static_cast<int8_t>(fine_on * std::clamp(std::nearbyint((v[k] - c * d) * (inv * kFine)), -127.f, 127.f));
     levels += kFine * coarse[k] + fine[k];
   }
   return {d / kFine, sum, levels};
 }
 
-inline QuantizedRows quantize_rows(const float* x, int64_t t, int64_t n, int64_t group) {
+inline QuantizedRows quantize_rows(const float* x, int64_t t, int64_t n, int64_t group, int64_t num_levels) {
+  TORCH_CHECK(num_levels == 1 || num_levels == 2, "activation levels: 1 (int8) or 2 (a 16-bit grid), got ", num_levels);
   const int64_t groups = n / group;
   QuantizedRows out{std::vector<int8_t>(t * n), std::vector<int8_t>(t * n), std::vector<float>(t * groups),
                     std::vector<float>(t * groups), std::vector<int32_t>(t * groups)};
   at::parallel_for(0, t * groups, 256, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t first = (i / groups) * n + (i % groups) * group;
-      const GroupSums sums = quantize_group(x + first, group, out.coarse.data() + first, out.fine.data() + first);
+      const GroupSums sums = quantize_group(x + first, group, out.coarse.data() + first, out.fine.data() + first, num_levels);
       out.step[i] = sums.step;
       out.sum[i] = sums.sum;
       out.levels[i] = sums.levels;

@@ -1,6 +1,7 @@
 // Weight-only int8 panels (int8 engines: one scale per output; 8-bit blocks, GGUF Q8_0's scheme: one per
 // output and group of 32 inputs, int4 engines' LM head) against activations quantized to two int8 levels
-// per group of 32 inputs (int8_activations.h): integer dot products on AVX-512 VNNI.
+// per group of 32 inputs, or one (w8a8 engines, a w4a8 engine's head) (int8_activations.h): integer dot
+// products on AVX-512 VNNI.
 //
 // Why: int8_panel_linear widens every weight to fp32 (three ops per 16 weights before its FMA), so at
 // batch 1 an int8 engine was compute-bound: SmolLM2's 30 layers at ~21 GB/s against fp32's ~30. One
@@ -23,6 +24,7 @@ using namespace sedac_a8;
 
 constexpr int64_t kActivationGroup = 32;
 
+template <int Levels>   // activation levels: 2, or 1 without the fine dot products
 struct Int8A8Kernel {
   const uint8_t* codes;
   const at::Half* group_scales;   // [P, n / 32, 16], or nullptr: one scale per output, applied after
@@ -55,7 +57,7 @@ struct Int8A8Kernel {
 #pragma GCC unroll 16
         for (int r = 0; r < R; ++r) {
           ca[r] = broadcast4(xc + r * n + k);
-          fa[r] = broadcast4(xf + r * n + k);
+          if constexpr (Levels == 2) fa[r] = broadcast4(xf + r * n + k);
         }
         if constexpr (P == kGroup) prefetch_l2(c + kGroup * code_stride() + k / 4 * 64 * kGroup, 64 * kGroup);
 #pragma GCC unroll 16
@@ -65,7 +67,7 @@ struct Int8A8Kernel {
 #pragma GCC unroll 16
           for (int r = 0; r < R; ++r) {
             coarse[r * P + p] = _mm512_dpbusd_epi32(coarse[r * P + p], v, ca[r]);
-            fine[r * P + p] = _mm512_dpbusd_epi32(fine[r * P + p], v, fa[r]);
+            if constexpr (Levels == 2) fine[r * P + p] = _mm512_dpbusd_epi32(fine[r * P + p], v, fa[r]);
           }
         }
       }
@@ -105,7 +107,7 @@ struct Int8A8Kernel {
 // x [T, in] fp32 against offset int8 panels in the layout above, scale [out] fp32 or group scales
 // [P, in / 32, 16] fp16 -> [T, out] (+ bias).
 torch::Tensor int8_linear_a8(const torch::Tensor& x_in, const torch::Tensor& codes, const torch::Tensor& scale,
-                             const std::optional<torch::Tensor>& bias, int64_t out_features) {
+                             const std::optional<torch::Tensor>& bias, int64_t out_features, int64_t levels) {
   TORCH_CHECK(x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "int8_linear_a8: x float32 [T, in]");
   const auto x = x_in.contiguous();
   const int64_t t = x.size(0), n = x.size(1), num_panels = codes.size(0);
@@ -118,16 +120,18 @@ torch::Tensor int8_linear_a8(const torch::Tensor& x_in, const torch::Tensor& cod
                             scale.size(1) * kActivationGroup == n && scale.size(2) == kPanel
                       : scale.scalar_type() == at::kFloat && scale.numel() == out_features,
               "int8_linear_a8: scale float32 [out], or fp16 [panels, in / 32, 16] per group of 32 inputs");
-  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, kActivationGroup);
-  auto y = run_panels(Int8A8Kernel{codes.data_ptr<uint8_t>(), grouped ? scale.data_ptr<at::Half>() : nullptr,
-                                   x.data_ptr<float>(), &rows, n},
-                      x, num_panels, out_features);
+  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, kActivationGroup, levels);
+  const auto run = [&](auto kernel) {
+    kernel = {codes.data_ptr<uint8_t>(), grouped ? scale.data_ptr<at::Half>() : nullptr, x.data_ptr<float>(), &rows, n};
+    return run_panels(kernel, x, num_panels, out_features);
+  };
+  auto y = levels == 2 ? run(Int8A8Kernel<2>{}) : run(Int8A8Kernel<1>{});
   if (!grouped) y.mul_(scale);
   if (bias) y.add_(*bias);
   return y;
 }
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
-  m.def("int8_linear_a8(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int out_features) -> Tensor");
+  m.def("int8_linear_a8(Tensor x, Tensor codes, Tensor scale, Tensor? bias, int out_features, int levels=2) -> Tensor");
   m.impl("int8_linear_a8", torch::kCPU, &int8_linear_a8);
 }

@@ -24,8 +24,9 @@ torch::Tensor block_linear(const torch::Tensor& x, const torch::Tensor& codes, c
                            const std::optional<torch::Tensor>& mins, const std::optional<torch::Tensor>& bias,
                            int64_t out_features);
 torch::Tensor block_linear_a8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scales,
-                              const torch::Tensor& mins, const std::optional<torch::Tensor>& bias, int64_t out_features);
+                              const torch::Tensor& mins, const std::optional<torch::Tensor>& bias, int64_t out_features,
+                              int64_t levels);
 torch::Tensor int8_linear_a8(const torch::Tensor& x, const torch::Tensor& codes, const torch::Tensor& scale,
-                             const std::optional<torch::Tensor>& bias, int64_t out_features);
+                             const std::optional<torch::Tensor>& bias, int64_t out_features, int64_t levels);
 // `count` fp32 panels [count, n, 16] against x [T, n] -> y (row stride ldy), panel_linear's tiles.
 void fp32_panel_group(const float* panels, int64_t n, int64_t count, const float* x, int64_t t, float* y, int64_t ldy);
