@@ -35,8 +35,8 @@ class DecoderLayer(nn.Module):
         self.gate_up_proj = Linear(cfg.hidden_size, 2 * cfg.intermediate_size)
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.k_cache = self.v_cache = torch.empty(0)  # [num_slots, KV, D], set by the runner
-        self._kernel_args: dict[bool, tuple] = {}  # draft -> decode_layers' weight arguments, once packed
-        self._fused_weights: dict[tuple, tuple] = {}  # (layers from here, draft) -> those of the whole range
+        self._kernel_args: dict[bool, tuple] = {}  # draft -> DecodeStack's weight arguments, once packed
+        self._decode_stacks: dict[tuple, object] = {}  # (layers from here, draft) -> their C++ DecodeStack
 
     def kv_projection(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] (already normed) -> this layer's K and V before rotary, [T, 2 * KV * D]."""
@@ -79,27 +79,29 @@ class DecoderLayer(nn.Module):
     def forget_kernel_args(self) -> None:
         """The gathered arguments are stale once the draft copies change."""
         self._kernel_args.clear()
-        self._fused_weights.clear()
+        self._decode_stacks.clear()
 
-    def fused_weights(self, layers: list["DecoderLayer"], draft: bool) -> tuple:
-        """decode_layers' weight arguments for the range `layers` that starts at this layer, gathered
-        once (rebuilding them every step was ~0.1 ms of Python on SmolLM2's 30 layers)."""
+    def decode_stack(self, layers: list["DecoderLayer"], draft: bool):
+        """The C++ DecodeStack of the range `layers` that starts at this layer (base or draft copies): their
+        weights gathered once, so a step passes only its own tensors."""
         key = (len(layers), draft)
-        if key not in self._fused_weights:
+        if key not in self._decode_stacks:
             panels, scales, mins = [], [], []
             for layer in layers:
                 layer_panels, layer_scales, layer_mins, out_features = layer.kernel_args(draft)
                 panels += layer_panels
                 scales += layer_scales
                 mins += layer_mins
-            norms = [layer.input_norm.weight for layer in layers], [layer.post_norm.weight for layer in layers]
-            biases = [layer.qkv_proj.bias for layer in layers]
-            self._fused_weights[key] = (*norms, self.input_norm.eps, panels, scales, mins, out_features, biases)
-        return self._fused_weights[key]
+            self._decode_stacks[key] = torch.classes.sedac_cpu.DecodeStack(
+                [layer.input_norm.weight for layer in layers], [layer.post_norm.weight for layer in layers],
+                self.input_norm.eps, panels, scales, mins, out_features, [layer.qkv_proj.bias for layer in layers],
+                self.num_heads, self.qkv_proj.kernel_levels(draft),
+            )  # fmt: skip
+        return self._decode_stacks[key]
 
     def kernel_args(self, draft: bool) -> tuple:
         """(panels, scales, mins, out_features) of the four projections (base or draft copies) as
-        decode_layers takes them, gathered once."""
+        DecodeStack takes them, gathered once."""
         if draft not in self._kernel_args:
             projections = (self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj)
             panels, scales, mins = zip(*(p.kernel_weights(draft) for p in projections))
@@ -110,11 +112,9 @@ class DecoderLayer(nn.Module):
 def fused_decode(layers: list[DecoderLayer], h, cos, signed_sin, ctx, draft: bool = False) -> torch.Tensor:
     """Consecutive layers as one C++ call, bit-identical to their forward: a CPU decode step on the
     packed weights (fp32, fp16, bf16, int8 or blocks), or on the draft copies."""
-    return torch.ops.sedac_cpu.decode_layers(
-        h, cos, signed_sin, *layers[0].fused_weights(layers, draft),
-        [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
-        ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths, layers[0].num_heads, ctx.block_size,
-        activation_levels=layers[0].qkv_proj.kernel_levels(draft),
+    return layers[0].decode_stack(layers, draft).run(
+        h, cos, signed_sin, [layer.k_cache for layer in layers], [layer.v_cache for layer in layers],
+        ctx.slot_mapping, ctx.decode_blocks, ctx.decode_lengths, ctx.block_size,
     )  # fmt: skip
 
 

@@ -4,6 +4,8 @@
 // was left on top was Python: ~25 op dispatches and module calls per layer, ~0.3 ms, a fifth of the
 // token time over 30 layers. This is the same sequence of ops as DecoderLayer.forward with the CPU
 // kernels (so the result is bit-identical to it), dispatched from C++.
+#include <torch/custom_class.h>
+
 #include "kernels.h"
 
 namespace {
@@ -53,43 +55,57 @@ torch::Tensor packed_linear(const torch::Tensor& x, const torch::Tensor& panels,
   return block_linear(x, panels, *scale, min, bias, out_features);
 }
 
-// Consecutive decoder layers of a CPU decode step in one call: layer l's weights are panels[4l..4l+3]
-// (scales, mins alike, out_features the same for every layer), its norms input_norms[l] and
-// post_norms[l], its caches k_caches[l] and v_caches[l]. One call per step instead of one per layer
-// saves the argument conversion and dispatch of the other 29 (~10 us each on SmolLM2). activation_levels:
-// the integer kernels' (2, or 1 for w4a8 and w8a8 engines).
-torch::Tensor decode_layers(const torch::Tensor& h_in, const torch::Tensor& cos, const torch::Tensor& signed_sin,
-                            at::TensorList input_norms, at::TensorList post_norms, double eps, at::TensorList panels,
-                            const c10::List<std::optional<torch::Tensor>>& scales,
-                            const c10::List<std::optional<torch::Tensor>>& mins, at::IntArrayRef out_features,
-                            const c10::List<std::optional<torch::Tensor>>& qkv_biases, at::TensorList k_caches,
-                            at::TensorList v_caches, const torch::Tensor& slots, const torch::Tensor& tables,
-                            const torch::Tensor& lengths, int64_t num_heads, int64_t block_size,
-                            int64_t activation_levels) {
-  const size_t layers = input_norms.size();
-  TORCH_CHECK(post_norms.size() == layers && panels.size() == 4 * layers && scales.size() == 4 * layers &&
-              mins.size() == 4 * layers && out_features.size() == 4 && qkv_biases.size() == layers &&
-              k_caches.size() == layers && v_caches.size() == layers,
-              "decode_layers: per layer one input norm, post norm, qkv bias (or None), K and V cache, and four "
-              "projections");
-  auto h = h_in;
-  for (size_t l = 0; l < layers; ++l) {
-    auto linear = [&](const torch::Tensor& x, int i) {
-      const size_t at = 4 * l + i;
-      return packed_linear(x, panels[at], scales.get(at), mins.get(at), i == 0 ? qkv_biases.get(l) : std::nullopt,
-                           out_features[i], activation_levels);
-    };
-    auto k_cache = k_caches[l], v_cache = v_caches[l];
-    h = layer(h, cos, signed_sin, input_norms[l], post_norms[l], eps, linear, k_cache, v_cache, slots, tables,
-              lengths, num_heads, block_size);
+// Consecutive decoder layers of a CPU decode step in one call, their weights held here once: layer l's
+// are panels[4l..4l+3] (scales, mins alike, out_features the same for every layer), its norms input_norms[l]
+// and post_norms[l]. One call per step instead of one per layer saves the argument conversion and dispatch
+// of the other 29 (~10 us each on SmolLM2), and holding the ~450 weight tensors here saves converting them
+// from Python lists every step (~0.4 ms a token). activation_levels: the integer kernels' (2, or 1 for w4a8
+// and w8a8 engines).
+struct DecodeStack : torch::CustomClassHolder {
+  std::vector<torch::Tensor> input_norms, post_norms, panels;
+  c10::List<std::optional<torch::Tensor>> scales, mins, qkv_biases;
+  std::vector<int64_t> out_features;
+  double eps;
+  int64_t num_heads, activation_levels;
+
+  DecodeStack(std::vector<torch::Tensor> input_norms, std::vector<torch::Tensor> post_norms, double eps,
+              std::vector<torch::Tensor> panels, c10::List<std::optional<torch::Tensor>> scales,
+              c10::List<std::optional<torch::Tensor>> mins, std::vector<int64_t> out_features,
+              c10::List<std::optional<torch::Tensor>> qkv_biases, int64_t num_heads, int64_t activation_levels)
+      : input_norms(std::move(input_norms)), post_norms(std::move(post_norms)), panels(std::move(panels)),
+        scales(std::move(scales)), mins(std::move(mins)), qkv_biases(std::move(qkv_biases)),
+        out_features(std::move(out_features)), eps(eps), num_heads(num_heads), activation_levels(activation_levels) {
+    const size_t layers = this->input_norms.size();
+    TORCH_CHECK(this->post_norms.size() == layers && this->panels.size() == 4 * layers &&
+                this->scales.size() == 4 * layers && this->mins.size() == 4 * layers &&
+                this->out_features.size() == 4 && this->qkv_biases.size() == layers,
+                "DecodeStack: per layer one input norm, post norm, qkv bias (or None) and four projections");
   }
-  return h;
-}
+
+  // h [B, hidden] through every layer; k_caches[l], v_caches[l] the layer's caches; the rest as in `layer`.
+  torch::Tensor run(const torch::Tensor& h_in, const torch::Tensor& cos, const torch::Tensor& signed_sin,
+                    std::vector<torch::Tensor> k_caches, std::vector<torch::Tensor> v_caches, const torch::Tensor& slots,
+                    const torch::Tensor& tables, const torch::Tensor& lengths, int64_t block_size) const {
+    const size_t layers = input_norms.size();
+    TORCH_CHECK(k_caches.size() == layers && v_caches.size() == layers, "DecodeStack.run: a K and V cache per layer");
+    auto h = h_in;
+    for (size_t l = 0; l < layers; ++l) {
+      auto linear = [&](const torch::Tensor& x, int i) {
+        const size_t at = 4 * l + i;
+        return packed_linear(x, panels[at], scales.get(at), mins.get(at), i == 0 ? qkv_biases.get(l) : std::nullopt,
+                             out_features[i], activation_levels);
+      };
+      h = layer(h, cos, signed_sin, input_norms[l], post_norms[l], eps, linear, k_caches[l], v_caches[l], slots,
+                tables, lengths, num_heads, block_size);
+    }
+    return h;
+  }
+};
 
 TORCH_LIBRARY_FRAGMENT(sedac_cpu, m) {
-  m.def("decode_layers(Tensor h, Tensor cos, Tensor signed_sin, Tensor[] input_norms, Tensor[] post_norms, "
-        "float eps, Tensor[] panels, Tensor?[] scales, Tensor?[] mins, int[] out_features, Tensor?[] qkv_biases, "
-        "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor slots, Tensor tables, Tensor lengths, int num_heads, "
-        "int block_size, int activation_levels=2) -> Tensor");
-  m.impl("decode_layers", torch::kCPU, &decode_layers);
+  m.class_<DecodeStack>("DecodeStack")
+      .def(torch::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>, double, std::vector<torch::Tensor>,
+                       c10::List<std::optional<torch::Tensor>>, c10::List<std::optional<torch::Tensor>>,
+                       std::vector<int64_t>, c10::List<std::optional<torch::Tensor>>, int64_t, int64_t>())
+      .def("run", &DecodeStack::run);
 }
