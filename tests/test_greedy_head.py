@@ -11,14 +11,20 @@ from sedac.models.greedy_head import MAX_SCREEN_ROWS, GreedyScreen
 from sedac.models.layers import Linear
 
 
-def _screen(rows: torch.Tensor, packed: bool) -> GreedyScreen:
-    """The screen on a head as the engine keeps it on CPU (packed into panels) or plain."""
+def _screen(rows: torch.Tensor, layout: str) -> GreedyScreen:
+    """The screen on a head as the engine keeps it on CPU (packed into panels; with VNNI, its int8 copy on
+    int8 activations) or plain."""
     head = Linear(rows.shape[1], rows.shape[0])
     head.weight.data = rows.t().contiguous()
-    if packed:
+    if layout != "plain":
         head.pack_for_cpu()
-    head.quantize_int8()
-    return GreedyScreen(head), head
+    head.quantize_int8(int8_activations=layout == "int8 activations")
+    screen = GreedyScreen(head)
+    assert (screen.activation_bound is not None) == (layout == "int8 activations")
+    return screen, head
+
+
+LAYOUTS = ["plain", "packed"] + (["int8 activations"] if cpu_kernels.integer_dot_products() else [])
 
 
 @pytest.fixture(autouse=True)
@@ -28,11 +34,11 @@ def _inference():
         yield
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_screen_argmax_is_the_full_heads_on_random_heads(packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_screen_argmax_is_the_full_heads_on_random_heads(layout):
     torch.manual_seed(0)
     rows = torch.randn(4096, 64) * 0.05
-    screen, head = _screen(rows, packed)
+    screen, head = _screen(rows, layout)
     x = torch.randn(MAX_SCREEN_ROWS, 64) * 20
     out = screen.logits(x)
     exact = x @ rows.t()
@@ -42,13 +48,13 @@ def test_screen_argmax_is_the_full_heads_on_random_heads(packed):
     assert kept.sum(-1).max() < 4096 // 10  # and few tokens are candidates
 
 
-@pytest.mark.parametrize("packed", [True, False])
-def test_screen_resolves_near_ties_the_int8_copy_gets_wrong(packed):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_screen_resolves_near_ties_the_int8_copy_gets_wrong(layout):
     """Pairs of rows a hair apart: int8 rounding alone often picks the wrong one of the pair."""
     torch.manual_seed(1)
     base = torch.randn(512, 32) * 0.1
     rows = torch.cat([base, base + torch.randn(512, 32) * 1e-4])
-    screen, head = _screen(rows, packed)
+    screen, head = _screen(rows, layout)
     x = torch.randn(2000, 32) * 10
     exact = (x @ rows.t()).argmax(-1)
     assert not torch.equal(head.draft(x).argmax(-1), exact)  # the test has teeth

@@ -29,12 +29,20 @@ class GreedyScreen:
         # fp32 rounding of the two dot products, each within hidden * eps of |x| |w| (with room to spare)
         rounding = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * rows.norm(dim=1)
         self.row_bound = (error + rounding).float()  # [V]
+        # On int8 activations (the VNNI kernel at two levels, csrc/int8_activations.h) each input is also off
+        # by at most max |x| / (2 * 127 * 254), so a logit by at most that times sqrt(hidden) |w~|
+        # (Cauchy-Schwarz); 64,000 leaves room for the fp32 rounding of the quantization itself.
+        self.activation_bound = None
+        if head.int8[0].dtype == torch.uint8:
+            self.activation_bound = (head.int8_rows().double().norm(dim=1) * rows.shape[1] ** 0.5 / 64_000).float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,
         -inf elsewhere."""
-        approx = self.head.int8_linear(x)  # [R, V] on the int8 copy
+        approx = self.head.int8_linear(x, activation_levels=2)  # [R, V] on the int8 copy
         bound = x.norm(dim=1, keepdim=True) * self.row_bound  # [R, V]
+        if self.activation_bound is not None:
+            bound += x.abs().amax(dim=1, keepdim=True) * self.activation_bound
         best_lower = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
         rows, cols = torch.nonzero(approx + bound >= best_lower, as_tuple=True)
         out = torch.full_like(approx, float("-inf"))

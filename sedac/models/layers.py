@@ -54,17 +54,17 @@ class Linear(nn.Module):
             self.blocks = self.blocks.panels(int8_activations, activation_levels)
         elif self.weight_only_int8:
             weight, scale = self.int8
-            a8 = int8_activations and weight.shape[1] % INT8_ACTIVATION_GROUP == 0
-            self.int8 = (int8_a8_panels(weight) if a8 else to_panels(weight), scale)
+            self.int8 = (_int8_panels(weight, int8_activations), scale)
         else:
             self.packed = to_panels(self.weight.t())
             self.weight = None  # the packed copy replaces it: one copy of the weights in memory
 
-    def quantize_int8(self) -> None:
-        """Keep a weight-only int8 copy, one scale per output row (a quarter of fp32's bytes to stream;
-        activations stay at full precision): an int8 draft copy, or the greedy screen's head."""
+    def quantize_int8(self, int8_activations: bool = False) -> None:
+        """Keep a weight-only int8 copy, one scale per output row (a quarter of fp32's bytes to stream): an
+        int8 draft copy, or the greedy screen's head; when packed, on int8 activations (the VNNI kernel's
+        layout) with int8_activations, else on full-precision ones."""
         weight, scale = quantize_rows(self.dense_rows())
-        self.int8 = (weight if self.packed is None else to_panels(weight), scale)
+        self.int8 = (weight if self.packed is None else _int8_panels(weight, int8_activations), scale)
 
     def make_draft_copy(self, precision: str, int8_activations: bool = False) -> None:
         """SEDAC's draft copy of this layer at `precision` (DRAFT_PRECISIONS): int8 rows (an int8 layer is
@@ -148,13 +148,13 @@ class Linear(nn.Module):
             return self.draft_blocks.linear(x, self.bias)
         return self.int8_linear(x)
 
-    def int8_linear(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer on its int8 weights (an int8 engine's, or a copy): the C++ kernel on CPU, else the sedac op."""
+    def int8_linear(self, x: torch.Tensor, activation_levels: int | None = None) -> torch.Tensor:
+        """The layer on its int8 weights (an int8 engine's, or a copy): the C++ kernel on CPU, else the sedac
+        op; on int8 activations at the layer's levels unless activation_levels says otherwise."""
         weight, scale = self.int8
         if weight.dtype == torch.uint8:
-            return torch.ops.sedac_cpu.int8_linear_a8(
-                x, weight, scale, self.bias, self.out_features, self.activation_levels
-            )
+            levels = activation_levels or self.activation_levels
+            return torch.ops.sedac_cpu.int8_linear_a8(x, weight, scale, self.bias, self.out_features, levels)
         if weight.dim() == 3:
             return torch.ops.sedac_cpu.int8_panel_linear(x, weight, scale, self.bias, self.out_features)
         return torch.ops.sedac.int8_linear(x, weight, scale, self.bias)  # Triton on CUDA
@@ -169,6 +169,14 @@ class Linear(nn.Module):
         if self.bias is None:
             return x @ self.weight
         return torch.addmm(self.bias, x, self.weight)
+
+
+def _int8_panels(weight: torch.Tensor, int8_activations: bool) -> torch.Tensor:
+    """int8 rows [out, in] as panels: int8_linear_a8's layout where activations go int8 (and the inputs
+    fill its groups), else int8_panel_linear's."""
+    if int8_activations and weight.shape[1] % INT8_ACTIVATION_GROUP == 0:
+        return int8_a8_panels(weight)
+    return to_panels(weight)
 
 
 class RMSNorm(nn.Module):

@@ -96,7 +96,7 @@ class ModelRunner:
         if config.sedac:  # SEDAC's drafter and precision exit: a cheaper copy of the weights
             self.make_draft_copies(config.sedac["draft_precision"])
         if self._cpu_kernels():
-            self.model.screen_greedy_head()  # measured on CPU only (sedac.models.greedy_head)
+            self.model.screen_greedy_head(self._integer_kernels())  # measured on CPU only (models/greedy_head.py)
         self.exit_heads, self.ghost_kv = self._load_sedac_weights(engine_dir) if config.sedac else ({}, None)
         self.num_blocks = self._allocate_kv_cache(options.kv_cache_memory)
         self.graphs = None
