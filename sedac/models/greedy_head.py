@@ -40,11 +40,8 @@ class GreedyScreen:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,
         -inf elsewhere."""
         approx = self.head.int8_linear(x, activation_levels=2)  # [R, V] on the int8 copy
-        bound = x.norm(dim=1, keepdim=True) * self.row_bound  # [R, V]
-        if self.activation_bound is not None:
-            bound += x.abs().amax(dim=1, keepdim=True) * self.activation_bound
-        best_lower = (approx - bound).amax(dim=1, keepdim=True)  # [R, 1]
-        rows, cols = torch.nonzero(approx + bound >= best_lower, as_tuple=True)
+        # per row: tokens with approx + bound >= max(approx - bound), bound = |x| row_bound (+ activations')
+        rows, cols = torch.ops.sedac_cpu.screen_candidates(approx, x, self.row_bound, self.activation_bound)
         out = torch.full_like(approx, float("-inf"))
         out[rows, cols] = (x[rows] * self.head.output_rows(cols)).sum(dim=1)
         return out
