@@ -128,7 +128,7 @@ torch::Tensor block_linear_a8(const torch::Tensor& x_in, const torch::Tensor& co
               mins.scalar_type() == at::kHalf && mins.is_contiguous(),
               "block_linear_a8: scales and minimums fp16 [panels, groups, 16], groups of a multiple of 8 inputs");
   const int64_t group = n / scales.size(1);
-  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, group, levels);
+  const QuantizedRows& rows = quantize_rows(x.data_ptr<float>(), t, n, group, levels);
   const auto run = [&](auto kernel) {
     kernel = {codes.data_ptr<uint8_t>(), scales.data_ptr<at::Half>(), mins.data_ptr<at::Half>(), x.data_ptr<float>(),
               &rows, n, group};

@@ -120,7 +120,7 @@ torch::Tensor int8_linear_a8(const torch::Tensor& x_in, const torch::Tensor& cod
                             scale.size(1) * kActivationGroup == n && scale.size(2) == kPanel
                       : scale.scalar_type() == at::kFloat && scale.numel() == out_features,
               "int8_linear_a8: scale float32 [out], or fp16 [panels, in / 32, 16] per group of 32 inputs");
-  const QuantizedRows rows = quantize_rows(x.data_ptr<float>(), t, n, kActivationGroup, levels);
+  const QuantizedRows& rows = quantize_rows(x.data_ptr<float>(), t, n, kActivationGroup, levels);
   const auto run = [&](auto kernel) {
     kernel = {codes.data_ptr<uint8_t>(), grouped ? scale.data_ptr<at::Half>() : nullptr, x.data_ptr<float>(), &rows, n};
     return run_panels(kernel, x, num_panels, out_features);
