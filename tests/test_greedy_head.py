@@ -79,3 +79,19 @@ def test_engine_screens_only_plain_greedy_rows_and_output_is_unchanged(tiny_llam
     assert not calls  # those need the whole distribution
     model.greedy_screen = None
     assert [o.token_ids for o in llm.generate(prompts, greedy)] == screened
+
+
+@pytest.mark.parametrize("activations", [False, True])
+def test_screen_candidates_are_the_torch_reference(activations):
+    """The C++ op picks exactly the tokens whose bound reaches the best lower bound, row by row."""
+    torch.manual_seed(2)
+    approx, x = torch.randn(3, 1000), torch.randn(3, 64)
+    row_bound, activation_bound = torch.rand(1000) * 0.05, torch.rand(1000) * 0.5 if activations else None
+    bound = x.norm(dim=1, keepdim=True) * row_bound
+    if activations:
+        bound = bound + x.abs().amax(dim=1, keepdim=True) * activation_bound
+    best_lower = (approx - bound).amax(dim=1, keepdim=True)
+    expected = torch.nonzero(approx + bound >= best_lower, as_tuple=True)
+    rows, cols = torch.ops.sedac_cpu.screen_candidates(approx, x, row_bound, activation_bound)
+    assert torch.equal(rows, expected[0]) and torch.equal(cols, expected[1])
+    assert len(set(rows.tolist())) == 3 and 3 < len(cols) < 3000  # every row keeps some, not all
