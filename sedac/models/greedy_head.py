@@ -24,8 +24,8 @@ class GreedyScreen:
         """head: the LM head Linear, with its int8 copy (quantize_int8); the screen reads its rows in
         place, so no second copy of the head is kept."""
         self.head = head
-        rows = head.dense_rows().double()  # [V, H], at start-up only
-        error = (rows - head.int8_rows().double()).norm(dim=1)
+        rows, int8 = head.dense_rows().double(), head.int8_rows().double()  # [V, H], at start-up only
+        error = (rows - int8).norm(dim=1)
         # fp32 rounding of the two dot products, each within hidden * eps of |x| |w| (with room to spare)
         rounding = 4 * rows.shape[1] * torch.finfo(torch.float32).eps * rows.norm(dim=1)
         self.row_bound = (error + rounding).float()  # [V]
@@ -34,7 +34,7 @@ class GreedyScreen:
         # (Cauchy-Schwarz); 64,000 leaves room for the fp32 rounding of the quantization itself.
         self.activation_bound = None
         if head.int8[0].dtype == torch.uint8:
-            self.activation_bound = (head.int8_rows().double().norm(dim=1) * rows.shape[1] ** 0.5 / 64_000).float()
+            self.activation_bound = (int8.norm(dim=1) * rows.shape[1] ** 0.5 / 64_000).float()
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [R, H] (final-normed) -> [R, V]: the exact logits of every token that may be the argmax,

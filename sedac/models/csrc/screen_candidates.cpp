@@ -4,7 +4,7 @@
 // activations.
 //
 // Why: the same steps as torch ops (bounds, their maximum, a compare, nonzero) made five passes over the
-// 49,152 logits, ~0.19 ms of a ~5 ms SmolLM2 token; here two passes, the second skipping 16 at a time.
+// 49,152 logits, ~0.13 ms of a ~5 ms SmolLM2 token; here two passes (24 us), the second skipping 16 at a time.
 #include <torch/extension.h>
 
 #include <cmath>
