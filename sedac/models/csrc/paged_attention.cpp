@@ -10,7 +10,9 @@
 // is the same alone or in any batch. A half-precision pool (`kv_cache_dtype`) is widened in registers,
 // so a step streams half the KV bytes. Head sizes 64 and 128 on AVX-512 reduce 16 scores at a time
 // (attend_span_avx512): with one horizontal sum per score, an fp16 pool decoded int4 SmolLM2 at 1,024
-// positions no faster than fp32 (124 vs 123 tok/s); after, 154 vs 126.
+// positions no faster than fp32 (124 vs 123 tok/s); after, 154 vs 126. At 16 sequences of 60-300 positions
+// (fp16 pool, SmolLM2's heads) a call took 109-120 us with the pool in cache; 72-80 us after four positions'
+// score chains interleaved, a KV head's query heads shared one V pass, a vector max and reused buffers.
 #include "kernels.h"
 #include "parallel_tasks.h"
 #include "vector_exp.h"
@@ -123,11 +125,25 @@ struct Partial {
   float* acc;
 };
 
+// max of s[0, n): 16 at a time on AVX-512 (softmax_numerators with std::max_element's scalar loop took 11% of
+// the kernel's perf samples at 16 sequences, 9% after).
+inline float max_of(const float* s, int64_t n) {
+#if defined(__AVX512F__)
+  int64_t i = 0;
+  __m512 v = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; i + 16 <= n; i += 16) v = _mm512_max_ps(v, _mm512_loadu_ps(s + i));
+  if (i < n) v = _mm512_max_ps(v, _mm512_mask_loadu_ps(v, static_cast<__mmask16>((1u << (n - i)) - 1), s + i));
+  return _mm512_reduce_max_ps(v);
+#else
+  return *std::max_element(s, s + n);
+#endif
+}
+
 // scores [H, n] -> exp(score - its head's max) in place, the maxes and sums into out, out.acc [H, D] zeroed.
 inline void softmax_numerators(float* scores, int64_t H, int64_t n, int64_t D, Partial out) {
   for (int64_t h = 0; h < H; ++h) {
     float* s = scores + h * n;
-    const float m = *std::max_element(s, s + n);
+    const float m = max_of(s, n);
     out.max[h] = m;
     out.sum[h] = exp_shifted(s, n, m);
   }
@@ -231,42 +247,61 @@ void attend_span_avx512(const float* q, int64_t H, int64_t KV, const T* k_pool, 
                         int64_t n, float scale, Partial out) {
   constexpr int C = D / 16;
   const int64_t G = H / KV, slot_bytes = KV * D * sizeof(T);
-  std::vector<float> scores(H * n), qs(H * D);   // [H, n] and the queries times the scale
-  std::vector<__m512> partial(H * 16);            // [H, 16 positions]: a dot product's 16 lanes each
+  // [H, n] scores, the queries times the scale [H, D], and [H, 16 positions] a dot product's 16 lanes each:
+  // the thread's, reused (allocating and zeroing them cost a twentieth of a span)
+  thread_local std::vector<float> scores, qs;
+  thread_local std::vector<__m512> partial;
+  scores.resize(H * n);
+  qs.resize(H * D);
+  partial.resize(H * 16);
   for (int64_t i = 0; i < H * D; ++i) qs[i] = q[i] * scale;
   for (int64_t i = 0; i < std::min<int64_t>(16, n); ++i) prefetch_row(k_pool + slots[i] * KV * D, slot_bytes);
   for (int64_t i = 0; i < n; i += 16) {
     const int64_t m = std::min<int64_t>(16, n - i);
-    for (int64_t j = 0; j < 16; ++j) {
-      if (j >= m) {
-        for (int64_t h = 0; h < H; ++h) partial[h * 16 + j] = _mm512_setzero_ps();
-        continue;
+    // P positions at a time: their scores' chains (each its C multiply-adds in order) interleave, where one
+    // position's G chains of dependent multiply-adds waited on each other's latency.
+    const auto score_positions = [&]<int P>(int64_t j) {
+      for (int p = 0; p < P; ++p) {
+        if (i + 16 + j + p < n) prefetch_row(k_pool + slots[i + 16 + j + p] * KV * D, slot_bytes);   // blocks lie anywhere
+        prefetch_row(v_pool + slots[i + j + p] * KV * D, slot_bytes);   // the V pass then reads the span from cache
       }
-      if (i + 16 + j < n) prefetch_row(k_pool + slots[i + 16 + j] * KV * D, slot_bytes);   // blocks lie anywhere
-      prefetch_row(v_pool + slots[i + j] * KV * D, slot_bytes);   // the V pass then reads the span from cache
       for (int64_t kv = 0; kv < KV; ++kv) {
-        const T* k = k_pool + (slots[i + j] * KV + kv) * D;
-        __m512 kc[C];
-        for (int c = 0; c < C; ++c) kc[c] = load16(k + 16 * c);
+        __m512 kc[P][C];
+        for (int p = 0; p < P; ++p)
+          for (int c = 0; c < C; ++c) kc[p][c] = load16(k_pool + (slots[i + j + p] * KV + kv) * D + 16 * c);
         for (int64_t h = kv * G; h < (kv + 1) * G; ++h) {
-          __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + h * D), kc[0]);
-          for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + h * D + 16 * c), kc[c], acc);
-          partial[h * 16 + j] = acc;
+          __m512 acc[P];
+          for (int p = 0; p < P; ++p) acc[p] = _mm512_mul_ps(_mm512_loadu_ps(qs.data() + h * D), kc[p][0]);
+          for (int c = 1; c < C; ++c)
+            for (int p = 0; p < P; ++p) acc[p] = _mm512_fmadd_ps(_mm512_loadu_ps(qs.data() + h * D + 16 * c), kc[p][c], acc[p]);
+          for (int p = 0; p < P; ++p) partial[h * 16 + j + p] = acc[p];
         }
       }
-    }
+    };
+    constexpr int kPositions = D == 64 ? 4 : 2;   // their K rows in 16 registers
+    int64_t j = 0;
+    for (; j + kPositions <= m; j += kPositions) score_positions.template operator()<kPositions>(j);
+    for (; j < m; ++j) score_positions.template operator()<1>(j);
+    for (; j < 16; ++j)
+      for (int64_t h = 0; h < H; ++h) partial[h * 16 + j] = _mm512_setzero_ps();
     for (int64_t h = 0; h < H; ++h)
       _mm512_mask_storeu_ps(scores.data() + h * n + i, static_cast<__mmask16>((1u << m) - 1), sum16(&partial[h * 16]));
   }
   softmax_numerators(scores.data(), H, n, D, out);
-  constexpr int64_t kChunk = D == 64 ? 4 : 2;   // query heads whose sums stay in registers (16 of 32)
-  for (int64_t kv = 0; kv < KV; ++kv) {
-    int64_t h = kv * G;
-    for (; h + kChunk <= (kv + 1) * G; h += kChunk)
-      weigh_values<kChunk, T, D>(scores.data() + h * n, n, v_pool + kv * D, slots, KV * D, out.acc + h * D);
-    for (; h < (kv + 1) * G; ++h)
-      weigh_values<1, T, D>(scores.data() + h * n, n, v_pool + kv * D, slots, KV * D, out.acc + h * D);
-  }
+  // Up to 4 (D 64) or 2 query heads at a time, their sums in registers (16 of 32): all of a KV head's G
+  // heads in one pass over its V rows where they fit (SmolLM2's 3 took three passes of one head before).
+  constexpr int64_t kChunk = D == 64 ? 4 : 2;
+  for (int64_t kv = 0; kv < KV; ++kv)
+    for (int64_t h = kv * G; h < (kv + 1) * G; h += kChunk) {
+      const T* v = v_pool + kv * D;
+      float *w = scores.data() + h * n, *acc = out.acc + h * D;
+      switch (std::min(kChunk, (kv + 1) * G - h)) {
+        case 1: weigh_values<1, T, D>(w, n, v, slots, KV * D, acc); break;
+        case 2: weigh_values<2, T, D>(w, n, v, slots, KV * D, acc); break;
+        case 3: weigh_values<3, T, D>(w, n, v, slots, KV * D, acc); break;
+        default: weigh_values<4, T, D>(w, n, v, slots, KV * D, acc);
+      }
+    }
 }
 #endif
 
@@ -279,15 +314,21 @@ void attend(const torch::Tensor& q, const T* kp, const T* vp, const int64_t* tp,
   std::vector<int64_t> span_start(B + 1, 0);          // sequence b's spans are [span_start[b], span_start[b + 1])
   for (int64_t b = 0; b < B; ++b) span_start[b + 1] = span_start[b] + (lp[b] + kSpan - 1) / kSpan;
   const int64_t spans = span_start[B];
-  std::vector<float> maxes(spans * H), sums(spans * H), accs(spans * H * D);   // [span, H (, D)]
+  // Each span's max, sum [span, H] and weighted values [span, H, D], every entry written by its span: the
+  // calling thread's buffer, reused (zeroing ~90 KB a layer at 16 sequences cost as much as a span). Named
+  // through pointers: in the workers' lambdas a thread_local's name would be each worker's own.
+  thread_local std::vector<float> span_results;
+  span_results.resize(spans * H * (D + 2));
+  float *maxes = span_results.data(), *sums = maxes + spans * H, *accs = sums + spans * H;
   // Spans across threads with work stealing (parallel_tasks.h): a preempted thread holds up no one.
   sedac_panels::parallel_tasks(spans, [&](int64_t span) {
     const int64_t b = std::upper_bound(span_start.begin(), span_start.end(), span) - span_start.begin() - 1;
     const int64_t first = (span - span_start[b]) * kSpan, last = std::min(lp[b], first + kSpan);
-    const Partial out{maxes.data() + span * H, sums.data() + span * H, accs.data() + span * H * D};
+    const Partial out{maxes + span * H, sums + span * H, accs + span * H * D};
 #if defined(__AVX512F__)
     if (D == 64 || D == 128) {
-      std::vector<int64_t> slots(last - first);   // position -> slot, once for every head
+      thread_local std::vector<int64_t> slots;   // position -> slot, once for every head
+      slots.resize(last - first);
       for (int64_t p = first; p < last; ++p) slots[p - first] = tp[b * nb + p / block_size] * block_size + p % block_size;
       const float* qb = qp + b * q.stride(0);
       if (D == 64) attend_span_avx512<T, 64>(qb, H, KV, kp, vp, slots.data(), last - first, scale, out);
@@ -314,7 +355,7 @@ void attend(const torch::Tensor& q, const T* kp, const T* vp, const int64_t* tp,
       std::fill(o, o + D, 0.f);
       for (int64_t span = span_start[b]; span < span_start[b + 1]; ++span) {
         const float w = std::exp(maxes[span * H + h] - m);
-        const float* acc = accs.data() + (span * H + h) * D;
+        const float* acc = accs + (span * H + h) * D;
         sum += w * sums[span * H + h];
 #pragma omp simd
         for (int64_t d = 0; d < D; ++d) o[d] += w * acc[d];
