@@ -22,6 +22,7 @@ class PrefillChunk:
     blocks: torch.Tensor  # [num_blocks] the sequence's block table
     context_lengths: torch.Tensor | None = None  # [q_len] positions each row attends (cached + i + 1);
     # None when there is no cached context
+    cached: int = 0  # the sequence's positions before the chunk
     _mask: torch.Tensor | None = None
 
     def mask(self, block_size: int) -> torch.Tensor:
@@ -132,13 +133,24 @@ def _decode_attention(q, k_cache, v_cache, ctx):
 
 
 # Short chunks after a cached context (a prompt's tail after a prefix-cache hit) run as decode rows
-# in the CPU kernel, each row attending to its own causal length; long prompt chunks keep SDPA's blocked GEMMs.
+# in the CPU kernel, each row attending to its own causal length; longer chunks take the causal prefill
+# kernel (csrc/prefill_attention.cpp) where the library has AVX-512, else SDPA's blocked GEMMs.
 KERNEL_MAX_CHUNK = 16
+
+
+def _prefill_kernel_fits(q: torch.Tensor) -> bool:
+    head_dim = q.shape[-1]
+    return head_dim % 16 == 0 and head_dim <= 256 and cpu_kernels.usable(q) and cpu_kernels.causal_prefill()
 
 
 def _prefill_attention(q, k, v, k_cache, v_cache, chunk, block_size):
     n = chunk.end - chunk.start
-    if chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK and cpu_kernels.usable(q):
+    short_after_cache = chunk.context_lengths is not None and n <= KERNEL_MAX_CHUNK
+    if not short_after_cache and len(chunk.blocks) and _prefill_kernel_fits(q):
+        return torch.ops.sedac_cpu.prefill_attention(
+            q[chunk.start : chunk.end], k_cache, v_cache, chunk.blocks, chunk.cached, block_size, q.shape[-1] ** -0.5
+        )
+    if short_after_cache and cpu_kernels.usable(q):
         tables = chunk.blocks.expand(n, -1).contiguous()
         return torch.ops.sedac_cpu.paged_decode_attention(
             q[chunk.start : chunk.end], k_cache, v_cache, tables, chunk.context_lengths, block_size, q.shape[-1] ** -0.5

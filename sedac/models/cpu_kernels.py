@@ -82,6 +82,12 @@ def integer_dot_products() -> bool:
     return available() and "VNNI" in status().detail
 
 
+def causal_prefill() -> bool:
+    """Whether the loaded library has the causal prefill attention kernel (AVX-512 builds); elsewhere
+    prompts take torch's SDPA."""
+    return available() and "isa=AVX-512" in status().detail
+
+
 def usable(x: torch.Tensor) -> bool:
     """The kernels take float32 CPU tensors and have no backward: training (exit heads) and other
     devices or dtypes run the PyTorch path."""

@@ -394,8 +394,7 @@ def _has_triton() -> bool:
 
 
 def _prefill_chunk(start, end, blocks, cached, dev) -> PrefillChunk:
+    table = torch.tensor(blocks, device=dev)
     if cached == 0:
-        return PrefillChunk(start, end, torch.empty(0, dtype=torch.long))
-    return PrefillChunk(
-        start, end, torch.tensor(blocks, device=dev), torch.arange(cached + 1, cached + 1 + end - start, device=dev)
-    )
+        return PrefillChunk(start, end, table)
+    return PrefillChunk(start, end, table, torch.arange(cached + 1, cached + 1 + end - start, device=dev), cached)
