@@ -9,6 +9,7 @@
 #include "kernels.h"
 #include "parallel_tasks.h"
 #include "vector_exp.h"
+#include "widen.h"
 
 #include <algorithm>
 #include <cmath>
@@ -27,32 +28,32 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 // Keys [0, Lp) of the sequence as fp32: kt [KV, D, Lp] (a key block's dim d is one vector), v [KV, Lp, D];
 // positions >= L zero. Position p lives in slot blocks[p / block_size] * block_size + p % block_size.
-// A task is one KV head's 16 positions: their K rows go through a [16, D] buffer so that each of kt's rows
-// is written 16 contiguous values at a time.
+// A task is one KV head's 16 positions: their K rows are transposed from fp32 rows (widen.h) so that each
+// of kt's rows is written 16 contiguous values at a time.
 template <class T>
 void widen_keys(const T* k_pool, const T* v_pool, const int64_t* blocks, int64_t L, int64_t Lp, int64_t KV,
                 int64_t D, int64_t block_size, float* kt, float* v) {
+  static const float zeros[kMaxDim] = {};
   const int64_t spans = Lp / kKeys;
   sedac_panels::parallel_tasks(KV * spans, [&](int64_t task) {
     const int64_t kv = task / spans, first = task % spans * kKeys;
-    alignas(64) float rows[kKeys * kMaxDim];
+    alignas(64) float buf[kKeys * kMaxDim];
+    const float* k_rows[kKeys];
     for (int64_t j = 0; j < kKeys; ++j) {
       const int64_t p = first + j;
-      float *k_out = rows + j * D, *v_out = v + (kv * Lp + p) * D;
+      float* v_out = v + (kv * Lp + p) * D;
       if (p >= L) {
-        std::fill(k_out, k_out + D, 0.f);
+        k_rows[j] = zeros;
         std::fill(v_out, v_out + D, 0.f);
         continue;
       }
-      const int64_t slot = blocks[p / block_size] * block_size + p % block_size;
-      const T *k_row = k_pool + (slot * KV + kv) * D, *v_row = v_pool + (slot * KV + kv) * D;
-      for (int64_t d = 0; d < D; ++d) {
-        k_out[d] = static_cast<float>(k_row[d]);
-        v_out[d] = static_cast<float>(v_row[d]);
-      }
+      const int64_t at = (blocks[p / block_size] * block_size + p % block_size) * KV + kv;
+      k_rows[j] = widen(k_pool + at * D, buf + j * D, D);
+      const float* v_row = widen(v_pool + at * D, v_out, D);
+      if (v_row != v_out) std::copy(v_row, v_row + D, v_out);
     }
     for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = 0; j < kKeys; ++j) kt[(kv * D + d) * Lp + first + j] = rows[j * D + d];
+      for (int64_t j = 0; j < kKeys; ++j) kt[(kv * D + d) * Lp + first + j] = k_rows[j][d];
   });
 }
 
