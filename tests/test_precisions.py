@@ -32,7 +32,8 @@ def _kernels():
 
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("shape", [(44, 13), (576, 960)])
-def test_half_panels_equal_fp32_panels_on_widened_weights(dtype, shape):
+@pytest.mark.parametrize("batch", [17, 300])  # 300 rows: bf16 panels are widened once per task (kWidenRows)
+def test_half_panels_equal_fp32_panels_on_widened_weights(dtype, shape, batch):
     torch.manual_seed(0)
     n_in, n_out = shape
     half, wide = Linear(n_in, n_out, bias=True), Linear(n_in, n_out, bias=True)
@@ -42,7 +43,7 @@ def test_half_panels_equal_fp32_panels_on_widened_weights(dtype, shape):
     half.pack_for_cpu()
     wide.pack_for_cpu()
     assert half.packed.dtype == dtype  # streamed at half the bytes
-    x = torch.randn(17, n_in)
+    x = torch.randn(batch, n_in)
     with torch.inference_mode():
         y = half(x)
         assert torch.equal(y, wide(x))

@@ -14,8 +14,6 @@
 #include "kernels.h"
 #include "panel_schedule.h"
 
-#include <vector>
-
 #if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
@@ -23,8 +21,6 @@
 namespace {
 
 using namespace sedac_panels;
-
-constexpr int64_t kDequantizeRows = 12;   // from this many rows a task dequantizes its panels once
 
 // 16 fp32 lanes, one panel row: one AVX-512 register, two AVX2 ones, or plain floats.
 #if defined(__AVX512F__)
@@ -153,10 +149,8 @@ struct BlockKernel {
   // dequantizing again per tile of rows (prefill ran 13% slower than fp32 that way).
   bool run_group(int64_t first, int64_t count, const float* x, int64_t t, float* y, int64_t ldy) const {
     if (t < kDequantizeRows) return false;
-    thread_local std::vector<float> dense;
-    dense.resize(count * n * kPanel);
-    for (int64_t p = 0; p < count; ++p) dequantize(first + p, dense.data() + p * n * kPanel);
-    fp32_panel_group(dense.data(), n, count, x, t, y, ldy);
+    const float* dense = widened_panels(count, n * kPanel, [&](int64_t p, float* out) { dequantize(first + p, out); });
+    fp32_panel_group(dense, n, count, x, t, y, ldy);
     return true;
   }
 

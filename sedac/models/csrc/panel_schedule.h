@@ -7,6 +7,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <vector>
 
 #include "parallel_tasks.h"
 
@@ -14,6 +15,7 @@ namespace sedac_panels {
 
 constexpr int64_t kPanel = 16;      // outputs per panel: one AVX-512 or two AVX2 registers
 constexpr int64_t kGroup = 6;       // panels per parallel task (a multiple of every tile's P)
+constexpr int64_t kDequantizeRows = 12;   // from this many rows a task widens narrow panels to fp32 once
 
 // A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
 // hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes,
@@ -54,6 +56,16 @@ void panel_group(const Kernel& k, int64_t first, int64_t count, const float* x, 
 // x [T, n] fp32 against `num_panels` panels -> [T, out_features], the task groups across threads.
 // A kernel may run a task's panels its own way (`k.run_group(...)` returns true): the block kernel
 // dequantizes them once when many rows share them.
+// `count` panels (stride `stride` elements) widened to fp32 with widen(from, to, elements), into this
+// thread's buffer, reused call after call: valid until the thread's next call.
+template <class Widen>
+inline const float* widened_panels(int64_t count, int64_t stride, Widen&& widen) {
+  thread_local std::vector<float> dense;
+  dense.resize(count * stride);
+  for (int64_t p = 0; p < count; ++p) widen(p, dense.data() + p * stride);
+  return dense.data();
+}
+
 template <class Kernel>
 torch::Tensor run_panels(const Kernel& k, const torch::Tensor& x, int64_t num_panels, int64_t out_features) {
   const int64_t t = x.size(0), n = x.size(1), m = num_panels * kPanel;
