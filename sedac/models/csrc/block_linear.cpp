@@ -22,6 +22,8 @@ namespace {
 
 using namespace sedac_panels;
 
+constexpr int64_t kDequantizeRows = 12;   // from this many rows a task dequantizes its panels once
+
 // 16 fp32 lanes, one panel row: one AVX-512 register, two AVX2 ones, or plain floats.
 #if defined(__AVX512F__)
 struct Vec {

@@ -15,7 +15,6 @@ namespace sedac_panels {
 
 constexpr int64_t kPanel = 16;      // outputs per panel: one AVX-512 or two AVX2 registers
 constexpr int64_t kGroup = 6;       // panels per parallel task (a multiple of every tile's P)
-constexpr int64_t kDequantizeRows = 12;   // from this many rows a task widens narrow panels to fp32 once
 
 // A batch-1 tile reads a whole task (kGroup panels) as kGroup interleaved streams, faster than the
 // hardware prefetcher follows them from memory. So while it runs, the next task's bytes (in codes,
