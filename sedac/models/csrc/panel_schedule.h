@@ -52,11 +52,8 @@ void panel_group(const Kernel& k, int64_t first, int64_t count, const float* x, 
   if (t - r == 1) row_block<1>(k, first, count, x + r * n, n, y + r * ldy, ldy);
 }
 
-// x [T, n] fp32 against `num_panels` panels -> [T, out_features], the task groups across threads.
-// A kernel may run a task's panels its own way (`k.run_group(...)` returns true): the block kernel
-// dequantizes them once when many rows share them.
-// `count` panels (stride `stride` elements) widened to fp32 with widen(from, to, elements), into this
-// thread's buffer, reused call after call: valid until the thread's next call.
+// `count` panels (stride `stride` elements) widened to fp32 by widen(p, out) (panel p of the task into out),
+// into this thread's buffer, reused call after call: valid until the thread's next call.
 template <class Widen>
 inline const float* widened_panels(int64_t count, int64_t stride, Widen&& widen) {
   thread_local std::vector<float> dense;
@@ -65,6 +62,9 @@ inline const float* widened_panels(int64_t count, int64_t stride, Widen&& widen)
   return dense.data();
 }
 
+// x [T, n] fp32 against `num_panels` panels -> [T, out_features], the task groups across threads.
+// A kernel may run a task's panels its own way (`k.run_group(...)` returns true): the block kernel and bf16
+// panels widen them to fp32 once (widened_panels) when many rows share them.
 template <class Kernel>
 torch::Tensor run_panels(const Kernel& k, const torch::Tensor& x, int64_t num_panels, int64_t out_features) {
   const int64_t t = x.size(0), n = x.size(1), m = num_panels * kPanel;
